@@ -1,0 +1,1 @@
+"""Risk engine (no gRPC, no protobuf)."""
