@@ -1,0 +1,157 @@
+"""`rgw`: the gateway's command line - serve, migrate, campaigns and codes, and a small client for operators."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import asyncpg
+import uvloop
+
+from gateway import issuance
+from gateway.client_cli import add_client_commands
+from gateway.db.migrate import migrate
+from gateway.redis_store import connect
+from gateway.settings import Settings, SettingsError
+
+Command = Callable[[argparse.Namespace, Settings], Awaitable[int]]
+
+
+def _when(text: str) -> datetime:
+    moment = datetime.fromisoformat(text)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+async def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    from gateway.grpc_api.server import serve  # grpc is only imported by the commands that need it
+
+    await serve(settings)
+    return 0
+
+
+async def _migrate(args: argparse.Namespace, settings: Settings) -> int:
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        applied = await migrate(conn)
+    finally:
+        await conn.close()
+    print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
+    return 0
+
+
+async def _with_stores(settings: Settings, action: Callable[..., Awaitable[int]]) -> int:
+    conn = await asyncpg.connect(settings.database_url)
+    redis = connect(settings.redis_url, pool_size=4, timeout_s=settings.redis_timeout_seconds)
+    try:
+        return await action(conn, redis)
+    finally:
+        await redis.aclose()
+        await conn.close()
+
+
+async def _campaign_create(args: argparse.Namespace, settings: Settings) -> int:
+    keyring = settings.keyring()
+
+    async def create(conn: asyncpg.Connection, redis: object) -> int:
+        campaign = await issuance.create_campaign(
+            conn, redis, keyring,  # type: ignore[arg-type]
+            name=args.name, valid_from=args.valid_from, valid_until=args.valid_until,
+            uses_per_code=args.uses_per_code, shards=args.shards,
+        )  # fmt: skip
+        print(campaign.id)
+        return 0
+
+    return await _with_stores(settings, create)
+
+
+async def _codes_generate(args: argparse.Namespace, settings: Settings) -> int:
+    keyring = settings.keyring()
+
+    async def generate(conn: asyncpg.Connection, redis: object) -> int:
+        campaign = await issuance.get_campaign(conn, args.campaign)
+        n = await issuance.issue_codes(conn, redis, keyring, campaign, count=args.count, out=args.out)  # type: ignore[arg-type]
+        print(f"issued {n} codes for campaign {campaign.id} into {args.out}", file=sys.stderr)
+        return 0
+
+    return await _with_stores(settings, generate)
+
+
+async def _codes_load(args: argparse.Namespace, settings: Settings) -> int:
+    async def load(conn: asyncpg.Connection, redis: object) -> int:
+        campaign = await issuance.get_campaign(conn, args.campaign)
+        await issuance.load_campaign(redis, campaign)  # type: ignore[arg-type]
+        n = await issuance.load_codes(conn, redis, campaign_id=campaign.id)  # type: ignore[arg-type]
+        print(f"loaded {n} codes of campaign {campaign.id} into Redis", file=sys.stderr)
+        return 0
+
+    return await _with_stores(settings, load)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be a positive whole number")
+    return value
+
+
+def _add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sub.add_parser("serve", help="serve the gRPC API").set_defaults(run=_serve)
+    sub.add_parser("migrate", help="apply pending database migrations").set_defaults(run=_migrate)
+    campaign = sub.add_parser("campaign", help="campaigns").add_subparsers(dest="action", required=True)
+    create = campaign.add_parser("create", help="create a campaign; prints its id")
+    create.add_argument("--name", required=True)
+    now = datetime.now(UTC).replace(microsecond=0)
+    create.add_argument("--valid-from", type=_when, default=now, help="ISO 8601 (default: now)")
+    create.add_argument(
+        "--valid-until", type=_when, default=now + timedelta(days=30), help="ISO 8601 (default: +30 days)"
+    )
+    create.add_argument("--uses-per-code", type=_positive, default=1)
+    create.add_argument("--shards", type=_positive, default=1, help="campaign shards (Redis hash tags)")
+    create.set_defaults(run=_campaign_create)
+    code_cmds = sub.add_parser("codes", help="codes").add_subparsers(dest="action", required=True)
+    gen = code_cmds.add_parser("generate", help="issue new codes; plaintext goes only to --out")
+    gen.add_argument("--campaign", type=_positive, required=True)
+    gen.add_argument("--count", type=_positive, required=True)
+    gen.add_argument("--out", type=Path, required=True)
+    gen.set_defaults(run=_codes_generate)
+    load = code_cmds.add_parser("load", help="(re)load a campaign's issued codes from Postgres into Redis")
+    load.add_argument("--campaign", type=_positive, required=True)
+    load.set_defaults(run=_codes_load)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The `rgw` argument parser."""
+    top = argparse.ArgumentParser(prog="rgw", description="Redemption gateway")
+    sub = top.add_subparsers(dest="command", required=True)
+    _add_admin_commands(sub)
+    add_client_commands(sub)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `rgw` console script."""
+    args = parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"rgw: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr
+    )
+    try:
+        code: int = uvloop.run(args.run(args, settings))
+        return code
+    except (SettingsError, LookupError, FileExistsError, issuance.IssuanceIncomplete) as exc:
+        print(f"rgw: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

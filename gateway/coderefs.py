@@ -1,0 +1,52 @@
+"""code_ref: how a code is stored and looked up without its plaintext (invariant 4).
+
+code_ref = HMAC-SHA256(key, campaign id ‖ 0x00 ‖ normalised code), hex. The key id is stored beside every
+code_ref so keys can rotate: a campaign's codes are hashed with the key that was active when it was created,
+and the gateway looks a code up under every configured key (one candidate per key, in the same script call).
+Identical codes of two campaigns (or brands) never share a code_ref.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+MIN_KEY_BYTES = 32
+
+
+@dataclass(frozen=True, slots=True)
+class CodeRef:
+    """A code's reference under one key."""
+
+    key_id: str
+    ref: str  # 64 hex characters
+
+    @property
+    def prefix(self) -> str:
+        """A short, non-secret prefix for logs and support tickets."""
+        return self.ref[:12]
+
+
+class KeyRing:
+    """The HMAC keys, by id; `active_id` hashes new campaigns' codes."""
+
+    def __init__(self, keys: Mapping[str, bytes], active_id: str) -> None:
+        if active_id not in keys:
+            raise ValueError(f"active key id {active_id!r} is not among the keys")
+        for key_id, key in keys.items():
+            if len(key) < MIN_KEY_BYTES:
+                raise ValueError(f"key {key_id!r} is shorter than {MIN_KEY_BYTES} bytes")
+        self._keys = dict(keys)
+        self.active_id = active_id
+        self.key_ids = tuple(self._keys)
+
+    def ref(self, key_id: str, campaign_id: int, code: str) -> CodeRef:
+        """The code_ref of a normalised code under one key."""
+        message = f"{campaign_id}\x00{code}".encode()
+        return CodeRef(key_id, hmac.digest(self._keys[key_id], message, "sha256").hex())
+
+    def candidates(self, campaign_id: int, code: str) -> tuple[CodeRef, ...]:
+        """The code_ref under every key, the active one first."""
+        ids = (self.active_id, *(k for k in self.key_ids if k != self.active_id))
+        return tuple(self.ref(k, campaign_id, code) for k in ids)

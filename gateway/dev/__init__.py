@@ -1,0 +1,1 @@
+"""Developer tooling: throw-away redis-server / PostgreSQL processes for tests and `make run`."""

@@ -1,0 +1,108 @@
+"""The gateway's domain objects: plain data, no gRPC, no Redis."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from gateway.coderefs import CodeRef
+from gateway.codes import Route
+
+
+class Outcome(StrEnum):
+    """The business decision on a code (mirrors redemption.v1.Outcome)."""
+
+    REDEEMED = "REDEEMED"
+    ALREADY_REDEEMED = "ALREADY_REDEEMED"
+    NOT_FOUND = "NOT_FOUND"
+    EXPIRED = "EXPIRED"
+    NOT_YET_VALID = "NOT_YET_VALID"
+    REDEEMABLE = "REDEEMABLE"
+
+
+# The machine-readable reason sent with each outcome; stable, documented in the proto.
+REASONS: dict[Outcome, str] = {
+    Outcome.REDEEMED: "REDEEMED",
+    Outcome.ALREADY_REDEEMED: "NO_USES_LEFT",
+    Outcome.NOT_FOUND: "CODE_NOT_FOUND",
+    Outcome.EXPIRED: "CODE_EXPIRED",
+    Outcome.NOT_YET_VALID: "CODE_NOT_YET_VALID",
+    Outcome.REDEEMABLE: "REDEEMABLE",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    """Where a redemption happens (WGS 84 degrees, accuracy in metres)."""
+
+    latitude: float
+    longitude: float
+    accuracy_m: float
+
+
+@dataclass(frozen=True, slots=True)
+class RedeemInput:
+    """A redeem or validate request as the caller sent it, not yet checked."""
+
+    code: str
+    idempotency_key: str
+    store_id: str
+    terminal_id: str
+    customer_device_id: str
+    location: Location | None
+
+
+@dataclass(frozen=True, slots=True)
+class CodeLookup:
+    """A well-formed code: its route and its code_ref under every key."""
+
+    route: Route
+    refs: tuple[CodeRef, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RedeemCommand:
+    """A checked request, ready for the atomic script."""
+
+    lookup: CodeLookup
+    caller: str
+    idempotency_key: str
+    fingerprint: str
+    store_id: str
+    terminal_id: str
+    customer_device_id: str
+    location: Location | None
+
+
+@dataclass(frozen=True, slots=True)
+class RedeemResult:
+    """The answer for one code."""
+
+    outcome: Outcome
+    campaign_id: int
+    uses_left: int
+    redemption_id: str = ""
+    redeemed_at_ms: int = 0
+    use_number: int = 0
+    replayed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CodeState:
+    """A code's stored state (GetCode)."""
+
+    campaign_id: int
+    code_ref_prefix: str
+    uses_total: int
+    uses_used: int
+    valid_from_ms: int
+    valid_until_ms: int
+    last_redeemed_ms: int
+
+
+class IdempotencyConflict(Exception):
+    """The idempotency key was used before for this code with a different request."""
+
+
+class CodeNotFound(Exception):
+    """No such code (GetCode)."""

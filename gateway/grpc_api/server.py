@@ -1,0 +1,111 @@
+"""The composition root of `rgw serve`: wires settings, Redis, the service, health and reflection into one
+grpc.aio server, and shuts it down gracefully."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from redis.asyncio import Redis
+
+from gateway.clock import Clock, SystemClock
+from gateway.coderefs import KeyRing
+from gateway.grpc_api.servicer import RedemptionServicer
+from gateway.pb.redemption.v1 import redemption_pb2 as pb
+from gateway.pb.redemption.v1 import redemption_pb2_grpc as pb_grpc
+from gateway.redis_store import RedisCodeStore, connect
+from gateway.service import RedemptionService
+from gateway.settings import Settings
+
+log = logging.getLogger("rgw.server")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RedemptionService"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    """Channel arguments: bounded messages; SO_REUSEPORT so several processes can share the port."""
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 1),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ]
+
+
+@dataclass
+class Gateway:
+    """A running gateway: the server, its Redis client and its health state."""
+
+    settings: Settings
+    keyring: KeyRing
+    clock: Clock = field(default_factory=SystemClock)
+    port: int = 0
+    server: grpc.aio.Server = field(init=False)
+    redis: Redis = field(init=False)
+    health: health.aio.HealthServicer = field(init=False)
+    _health_task: asyncio.Task[None] | None = field(init=False, default=None)
+
+    async def start(self) -> int:
+        """Bind, start serving, and return the bound port (RGW_GRPC_ADDR may name port 0)."""
+        s = self.settings
+        self.redis = connect(s.redis_url, pool_size=s.redis_pool_size, timeout_s=s.redis_timeout_seconds)
+        service = RedemptionService(store=RedisCodeStore(self.redis), keyring=self.keyring, clock=self.clock)
+        self.server = grpc.aio.server(options=server_options(s), maximum_concurrent_rpcs=s.max_concurrent_rpcs)
+        pb_grpc.add_RedemptionServiceServicer_to_server(RedemptionServicer(service), self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        self.port = self.server.add_insecure_port(s.grpc_addr)
+        if self.port == 0:
+            raise RuntimeError(f"cannot bind {s.grpc_addr}")
+        await self.server.start()
+        await self._check_health()
+        self._health_task = asyncio.create_task(self._watch_health())
+        return self.port
+
+    async def _check_health(self) -> None:
+        try:
+            healthy = bool(await self.redis.ping())
+        except Exception:
+            healthy = False
+        status = SERVING if healthy else NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def _watch_health(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.health_interval_seconds)
+            await self._check_health()
+
+    async def stop(self) -> None:
+        """Graceful: health says NOT_SERVING first, in-flight calls get the grace period, then pools close."""
+        if self._health_task is not None:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.settings.shutdown_grace_seconds)
+        await self.redis.aclose()
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    gateway = Gateway(settings=settings, keyring=settings.keyring())
+    port = await gateway.start()
+    log.info("serving redemption.v1 on %s (port %d)", settings.grpc_addr, port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: grace %.1fs for in-flight calls", settings.shutdown_grace_seconds)
+    await gateway.stop()
+    log.info("stopped")

@@ -1,0 +1,117 @@
+"""redemption.v1.RedemptionService: translates protobuf to domain objects and back, nothing more."""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+from gateway.domain import REASONS, CodeState, Location, Outcome, RedeemInput, RedeemResult
+from gateway.grpc_api.errors import rpc_boundary
+from gateway.pb.redemption.v1 import redemption_pb2 as pb
+from gateway.pb.redemption.v1 import redemption_pb2_grpc as pb_grpc
+from gateway.service import RedemptionService
+
+_OUTCOMES: dict[Outcome, pb.Outcome.ValueType] = {
+    Outcome.REDEEMED: pb.OUTCOME_REDEEMED,
+    Outcome.ALREADY_REDEEMED: pb.OUTCOME_ALREADY_REDEEMED,
+    Outcome.NOT_FOUND: pb.OUTCOME_NOT_FOUND,
+    Outcome.EXPIRED: pb.OUTCOME_EXPIRED,
+    Outcome.NOT_YET_VALID: pb.OUTCOME_NOT_YET_VALID,
+    Outcome.REDEEMABLE: pb.OUTCOME_REDEEMABLE,
+}
+
+
+def _timestamp(ms: int) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromMilliseconds(ms)
+    return stamp
+
+
+def _location(request: pb.RedeemRequest | pb.ValidateRequest) -> Location | None:
+    if not request.HasField("location"):
+        return None
+    loc = request.location
+    return Location(loc.latitude, loc.longitude, loc.accuracy_m)
+
+
+def redeem_input(request: pb.RedeemRequest) -> RedeemInput:
+    """The domain view of a RedeemRequest."""
+    return RedeemInput(
+        code=request.code,
+        idempotency_key=request.idempotency_key,
+        store_id=request.store_id,
+        terminal_id=request.terminal_id,
+        customer_device_id=request.customer_device_id,
+        location=_location(request),
+    )
+
+
+def redeem_response(result: RedeemResult) -> pb.RedeemResponse:
+    """The RedeemResponse for a domain result."""
+    response = pb.RedeemResponse(
+        outcome=_OUTCOMES[result.outcome],
+        reason=REASONS[result.outcome],
+        campaign_id=result.campaign_id,
+        uses_left=result.uses_left,
+        replayed=result.replayed,
+    )
+    if result.outcome is Outcome.REDEEMED:
+        response.redemption_id = result.redemption_id
+        response.use_number = result.use_number
+        response.redeemed_at.CopyFrom(_timestamp(result.redeemed_at_ms))
+    return response
+
+
+def _code_status(state: CodeState, now_ms: int) -> pb.CodeStatus.ValueType:
+    if now_ms < state.valid_from_ms:
+        return pb.CODE_STATUS_NOT_YET_VALID
+    if state.uses_used >= state.uses_total:
+        return pb.CODE_STATUS_FULLY_REDEEMED
+    if now_ms >= state.valid_until_ms:
+        return pb.CODE_STATUS_EXPIRED
+    return pb.CODE_STATUS_ACTIVE
+
+
+class RedemptionServicer(pb_grpc.RedemptionServiceServicer):
+    """The gRPC face of RedemptionService."""
+
+    def __init__(self, service: RedemptionService) -> None:
+        self._service = service
+
+    @rpc_boundary
+    async def Redeem(self, request: pb.RedeemRequest, context: grpc.aio.ServicerContext) -> pb.RedeemResponse:
+        return redeem_response(await self._service.redeem(redeem_input(request)))
+
+    @rpc_boundary
+    async def Validate(self, request: pb.ValidateRequest, context: grpc.aio.ServicerContext) -> pb.ValidateResponse:
+        query = RedeemInput(
+            code=request.code,
+            idempotency_key="",
+            store_id=request.store_id,
+            terminal_id=request.terminal_id,
+            customer_device_id=request.customer_device_id,
+            location=_location(request),
+        )
+        result = await self._service.validate(query)
+        return pb.ValidateResponse(
+            outcome=_OUTCOMES[result.outcome],
+            reason=REASONS[result.outcome],
+            campaign_id=result.campaign_id,
+            uses_left=result.uses_left,
+        )
+
+    @rpc_boundary
+    async def GetCode(self, request: pb.GetCodeRequest, context: grpc.aio.ServicerContext) -> pb.GetCodeResponse:
+        state, now_ms = await self._service.get_code(request.code)
+        response = pb.GetCodeResponse(
+            campaign_id=state.campaign_id,
+            status=_code_status(state, now_ms),
+            uses_total=state.uses_total,
+            uses_left=max(state.uses_total - state.uses_used, 0),
+            valid_from=_timestamp(state.valid_from_ms),
+            valid_until=_timestamp(state.valid_until_ms),
+            code_ref_prefix=state.code_ref_prefix,
+        )
+        if state.last_redeemed_ms:
+            response.last_redeemed_at.CopyFrom(_timestamp(state.last_redeemed_ms))
+        return response

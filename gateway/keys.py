@@ -1,0 +1,34 @@
+"""Every Redis key the gateway uses, built in one place (invariant 7: one campaign shard, one slot).
+
+Everything one redemption touches shares the campaign shard's hash tag `{c<campaign>.<shard>}`, so one script
+call can do the whole redemption, on a single Redis and unchanged on Redis Cluster.
+
+    rgw:{c42.0}:meta               hash   the campaign's rules, as this shard needs them (vf, vu, shards)
+    rgw:{c42.0}:code:<code_ref>    hash   one code: rules, counters, use records (u:<n>) and
+                                          idempotency records (i:<scope>) - see lua/redeem.lua
+    rgw:{c42.0}:outbox             stream redemption events waiting for the ledger writer
+"""
+
+from __future__ import annotations
+
+PREFIX = "rgw"
+
+
+def shard_tag(campaign_id: int, shard: int) -> str:
+    """The hash tag of one campaign shard."""
+    return f"{{c{campaign_id}.{shard}}}"
+
+
+def meta_key(campaign_id: int, shard: int) -> str:
+    """The campaign shard's rules."""
+    return f"{PREFIX}:{shard_tag(campaign_id, shard)}:meta"
+
+
+def code_key(campaign_id: int, shard: int, code_ref: str) -> str:
+    """One code's state."""
+    return f"{PREFIX}:{shard_tag(campaign_id, shard)}:code:{code_ref}"
+
+
+def outbox_key(campaign_id: int, shard: int) -> str:
+    """The campaign shard's outbox stream."""
+    return f"{PREFIX}:{shard_tag(campaign_id, shard)}:outbox"

@@ -1,0 +1,98 @@
+--[[ redeem.lua - atomic check-and-redeem of one or more codes of ONE campaign shard.
+
+Every key below carries the same hash tag {c<campaign>.<shard>}, so the whole decision and its effects happen
+in one atomic script call (no read-then-write across round trips), on one Redis or on Redis Cluster.
+
+KEYS[1]          rgw:{c.s}:meta     campaign rules for this shard: vf, vu (validity window, ms since epoch)
+KEYS[2]          rgw:{c.s}:outbox   stream the redemption event is appended to (the ledger writer's input)
+KEYS[3 ..]       code hashes, NK candidates per item (the code_ref under each HMAC key id), item by item
+
+ARGV[1]  mode: "redeem" changes state; "validate" runs the same checks and changes nothing
+ARGV[2]  now, ms since epoch, from the gateway's injected clock (the script never reads the server clock)
+ARGV[3]  NK, candidate keys per item
+ARGV[4]  campaign id      ARGV[5]  shard
+ARGV[6 ..] per item, NF = 10 fields:
+         idempotency field ("i:<hash of caller and key>"), request fingerprint, redemption id to use if this
+         call redeems (UUIDv7), caller, store, terminal, customer device, latitude, longitude, accuracy
+         (the last three empty when unknown)
+
+Code hash fields: cid, kid, uses (allowed), used (taken now), seq (last use number: only grows, so a use number is
+never reused, even after a reversal gives a use back), vf, vu, last (ms of last use),
+u:<n> = "<redemption id>|<at ms>|<caller>" (use record n), i:<scope> = "<fingerprint>|<redemption id>|<at ms>|
+<use number>|<uses left>" (first answer to that idempotency key; only redemptions are recorded - a decline
+changed nothing, so a retry is simply decided again).
+
+Reply: one array per item {status, uses_left, redemption_id, at_ms, use_number, replayed}; status is one of
+REDEEMED, REDEEMABLE, ALREADY_REDEEMED, NOT_FOUND, EXPIRED, NOT_YET_VALID, IDEMPOTENCY_MISMATCH.
+]]
+
+local NF = 10
+local mode = ARGV[1]
+local now = tonumber(ARGV[2])
+local nk = tonumber(ARGV[3])
+local campaign, shard = ARGV[4], ARGV[5]
+local meta = redis.call('HMGET', KEYS[1], 'vf', 'vu')
+local items = (#ARGV - 5) / NF
+
+local function find_code(item)
+  for j = 1, nk do
+    local key = KEYS[2 + item * nk + j]
+    if redis.call('EXISTS', key) == 1 then return key end
+  end
+  return nil
+end
+
+local function split(value)
+  local parts = {}
+  for part in string.gmatch(value .. '|', '([^|]*)|') do parts[#parts + 1] = part end
+  return parts
+end
+
+local function replay(record, fingerprint)
+  local r = split(record)
+  if r[1] ~= fingerprint then return {'IDEMPOTENCY_MISMATCH', 0, '', 0, 0, 0} end
+  return {'REDEEMED', tonumber(r[5]), r[2], tonumber(r[3]), tonumber(r[4]), 1}
+end
+
+local function window_status(vf, vu)
+  if now < math.max(tonumber(vf), tonumber(meta[1])) then return 'NOT_YET_VALID' end
+  if now >= math.min(tonumber(vu), tonumber(meta[2])) then return 'EXPIRED' end
+  return nil
+end
+
+local function redeem(key, a)
+  local seq = redis.call('HINCRBY', key, 'seq', 1)
+  local used = redis.call('HINCRBY', key, 'used', 1)
+  local left = tonumber(redis.call('HGET', key, 'uses')) - used
+  local rid, caller = ARGV[a + 3], ARGV[a + 4]
+  redis.call('HSET', key, 'last', now,
+    'u:' .. seq, rid .. '|' .. now .. '|' .. caller,
+    ARGV[a + 1], ARGV[a + 2] .. '|' .. rid .. '|' .. now .. '|' .. seq .. '|' .. left)
+  local code_ref = string.match(key, ':code:(.+)$')
+  redis.call('XADD', KEYS[2], '*',
+    'rid', rid, 'ref', code_ref, 'kid', redis.call('HGET', key, 'kid'), 'cid', campaign, 'shard', shard,
+    'use', seq, 'at', now, 'fp', ARGV[a + 2], 'caller', caller, 'store', ARGV[a + 5], 'term', ARGV[a + 6],
+    'dev', ARGV[a + 7], 'lat', ARGV[a + 8], 'lon', ARGV[a + 9], 'acc', ARGV[a + 10])
+  return {'REDEEMED', left, rid, now, seq, 0}
+end
+
+local function decide(item)
+  local a = 5 + item * NF
+  local key = meta[1] and find_code(item)
+  if not key then return {'NOT_FOUND', 0, '', 0, 0, 0} end
+  if mode == 'redeem' then
+    local record = redis.call('HGET', key, ARGV[a + 1])
+    if record then return replay(record, ARGV[a + 2]) end
+  end
+  local c = redis.call('HMGET', key, 'uses', 'used', 'vf', 'vu')
+  local left = tonumber(c[1]) - tonumber(c[2])
+  local window = window_status(c[3], c[4])
+  if window then return {window, left, '', 0, 0, 0} end
+  if left <= 0 then return {'ALREADY_REDEEMED', 0, '', 0, 0, 0} end
+  if mode ~= 'redeem' then return {'REDEEMABLE', left, '', 0, 0, 0} end
+  return redeem(key, a)
+end
+
+local replies = {}
+for item = 0, items - 1 do replies[#replies + 1] = decide(item) end
+return replies

@@ -1,0 +1,135 @@
+"""The gateway's view of Redis: the atomic redeem script and code state. Only this module and the loader speak
+Redis commands; one function maps script replies to domain results."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any, Literal
+
+from redis.asyncio import BlockingConnectionPool, Redis
+
+from gateway import keys
+from gateway.domain import (
+    CodeLookup,
+    CodeState,
+    IdempotencyConflict,
+    Location,
+    Outcome,
+    RedeemCommand,
+    RedeemResult,
+)
+
+Mode = Literal["redeem", "validate"]
+
+
+def load_lua(name: str) -> str:
+    """A Lua script shipped as package data."""
+    return resources.files("gateway.lua").joinpath(name).read_text()
+
+
+def connect(url: str, *, pool_size: int, timeout_s: float) -> Redis:
+    """A client whose pool queues callers beyond `pool_size` instead of failing (bursts are normal here)."""
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=pool_size,
+        timeout=timeout_s,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        decode_responses=True,
+    )
+    return Redis.from_pool(pool)  # the client owns the pool: aclose() closes its connections
+
+
+def idempotency_field(caller: str, idempotency_key: str) -> str:
+    """The code-hash field holding the first answer to (caller, key) - scope includes the code by place."""
+    return "i:" + hashlib.sha256(f"{caller}\x00{idempotency_key}".encode()).hexdigest()[:32]
+
+
+def _location_args(location: Location | None) -> tuple[str, str, str]:
+    if location is None:
+        return "", "", ""
+    return repr(location.latitude), repr(location.longitude), repr(location.accuracy_m)
+
+
+def _item_args(command: RedeemCommand, redemption_id: str) -> list[str]:
+    return [
+        idempotency_field(command.caller, command.idempotency_key),
+        command.fingerprint,
+        redemption_id,
+        command.caller,
+        command.store_id,
+        command.terminal_id,
+        command.customer_device_id,
+        *_location_args(command.location),
+    ]
+
+
+def to_result(reply: Sequence[Any], campaign_id: int) -> RedeemResult:
+    """The domain result of one item of the script's reply."""
+    status, uses_left, redemption_id, at_ms, use_number, replayed = reply
+    if status == "IDEMPOTENCY_MISMATCH":
+        raise IdempotencyConflict("idempotency key was used for this code with a different request")
+    outcome = Outcome(status)
+    return RedeemResult(
+        outcome=outcome,
+        campaign_id=0 if outcome is Outcome.NOT_FOUND else campaign_id,
+        uses_left=max(int(uses_left), 0),
+        redemption_id=redemption_id,
+        redeemed_at_ms=int(at_ms),
+        use_number=int(use_number),
+        replayed=bool(replayed),
+    )
+
+
+class RedisCodeStore:
+    """Redeem, validate and inspect codes; the script is registered once (EVALSHA, reloaded on NOSCRIPT)."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self._redeem = redis.register_script(load_lua("redeem.lua"))
+
+    async def decide(
+        self, commands: Sequence[RedeemCommand], redemption_ids: Sequence[str], *, mode: Mode, now_ms: int
+    ) -> list[Any]:
+        """Run the script for commands that share one campaign shard; returns the raw per-item replies."""
+        route = commands[0].lookup.route
+        cid, shard = route.campaign_id, route.shard
+        nk = len(commands[0].lookup.refs)
+        script_keys = [keys.meta_key(cid, shard), keys.outbox_key(cid, shard)]
+        args: list[str | int] = [mode, now_ms, nk, cid, shard]
+        for command, redemption_id in zip(commands, redemption_ids, strict=True):
+            script_keys += [keys.code_key(cid, shard, ref.ref) for ref in command.lookup.refs]
+            args += _item_args(command, redemption_id)
+        replies: list[Any] = await self._redeem(keys=script_keys, args=args)
+        return replies
+
+    async def redeem_one(self, command: RedeemCommand, redemption_id: str, *, mode: Mode, now_ms: int) -> RedeemResult:
+        """One code: exactly one awaited Redis call."""
+        replies = await self.decide([command], [redemption_id], mode=mode, now_ms=now_ms)
+        return to_result(replies[0], command.lookup.route.campaign_id)
+
+    async def code_state(self, lookup: CodeLookup) -> CodeState | None:
+        """The stored state of a code, or None when unknown (one pipelined round trip)."""
+        cid, shard = lookup.route.campaign_id, lookup.route.shard
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(keys.meta_key(cid, shard), "vf", "vu")
+            for ref in lookup.refs:
+                pipe.hmget(keys.code_key(cid, shard, ref.ref), "uses", "used", "vf", "vu", "last")
+            meta, *found = await pipe.execute()
+        if meta[0] is None:
+            return None
+        for ref, fields in zip(lookup.refs, found, strict=True):
+            if fields[0] is not None:
+                uses, used, vf, vu, last = fields
+                return CodeState(
+                    campaign_id=cid,
+                    code_ref_prefix=ref.prefix,
+                    uses_total=int(uses),
+                    uses_used=int(used),
+                    valid_from_ms=max(int(vf), int(meta[0])),
+                    valid_until_ms=min(int(vu), int(meta[1])),
+                    last_redeemed_ms=int(last or 0),
+                )
+        return None

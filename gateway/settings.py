@@ -1,0 +1,161 @@
+"""All configuration: RGW_-prefixed environment variables, read here and nowhere else, validated at start-up.
+
+Every variable, its default and meaning is listed in SPECS (the README's configuration table restates it).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.coderefs import MIN_KEY_BYTES, KeyRing
+
+
+class SettingsError(ValueError):
+    """One or more variables are invalid; the message names each one."""
+
+
+@dataclass(frozen=True, slots=True)
+class Spec:
+    """One variable: its default (None: required when used) and what it means."""
+
+    name: str
+    default: str | None
+    help: str
+
+
+SPECS: tuple[Spec, ...] = (
+    Spec("RGW_GRPC_ADDR", "127.0.0.1:50051", "host:port the gRPC server listens on"),
+    Spec("RGW_REDIS_URL", "redis://127.0.0.1:6379/0", "Redis holding live code state and the outboxes"),
+    Spec("RGW_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres", "Postgres: the system of record"),
+    Spec("RGW_CODE_KEYS", None, "HMAC keys for code_refs: comma-separated KEY_ID:BASE64 (32+ bytes each)"),
+    Spec("RGW_CODE_KEY_ID", "", "key id that hashes new campaigns' codes (default: the first of RGW_CODE_KEYS)"),
+    Spec("RGW_MAX_MESSAGE_BYTES", "16384", "largest gRPC message accepted or sent"),
+    Spec("RGW_MAX_CONCURRENT_RPCS", "1000", "calls in progress at once; more get RESOURCE_EXHAUSTED"),
+    Spec("RGW_SHUTDOWN_GRACE_SECONDS", "10", "on SIGTERM, how long in-flight calls may take to finish"),
+    Spec("RGW_REDIS_POOL_SIZE", "64", "Redis connections per gateway process (callers beyond it queue)"),
+    Spec("RGW_REDIS_TIMEOUT_SECONDS", "2", "Redis connect/read timeout and pool wait; beyond it: UNAVAILABLE"),
+    Spec("RGW_HEALTH_INTERVAL_SECONDS", "2", "how often health checking pings Redis"),
+    Spec("RGW_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Validated configuration."""
+
+    grpc_addr: str
+    redis_url: str
+    database_url: str
+    code_keys: Mapping[str, bytes]
+    code_key_id: str
+    max_message_bytes: int
+    max_concurrent_rpcs: int
+    shutdown_grace_seconds: float
+    redis_pool_size: int
+    redis_timeout_seconds: float
+    health_interval_seconds: float
+    log_level: str
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read and validate every variable; SettingsError lists all bad ones at once."""
+        return _Reader(os.environ if environ is None else environ).settings()
+
+    def keyring(self) -> KeyRing:
+        """The code_ref keys; SettingsError when none are configured."""
+        if not self.code_keys:
+            raise SettingsError("RGW_CODE_KEYS is required: comma-separated KEY_ID:BASE64 (32+ random bytes each)")
+        return KeyRing(self.code_keys, self.code_key_id or next(iter(self.code_keys)))
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError("must be a positive whole number")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError("must be a positive number")
+    return value
+
+
+def _host_port(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError("must be HOST:PORT")
+    return text
+
+
+def _url(*schemes: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if not text.startswith(tuple(f"{s}://" for s in schemes)):
+            raise ValueError(f"must be a URL starting with {' or '.join(s + '://' for s in schemes)}")
+        return text
+
+    return parse
+
+
+def _code_keys(text: str) -> dict[str, bytes]:
+    keys: dict[str, bytes] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key_id, sep, encoded = item.partition(":")
+        if not sep or not key_id:
+            raise ValueError("each entry must be KEY_ID:BASE64")
+        try:
+            key = base64.b64decode(encoded, validate=True)
+        except binascii.Error:
+            raise ValueError(f"key {key_id!r} is not valid base64") from None
+        if len(key) < MIN_KEY_BYTES:
+            raise ValueError(f"key {key_id!r} must decode to at least {MIN_KEY_BYTES} bytes")
+        keys[key_id] = key
+    return keys
+
+
+def _log_level(text: str) -> str:
+    if text.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
+    return text.upper()
+
+
+class _Reader:
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        self._defaults = {s.name: s.default or "" for s in SPECS}
+        self.errors: list[str] = []
+
+    def get(self, name: str, parse: Callable[[str], Any]) -> Any:
+        text = self._environ.get(name, self._defaults[name])
+        try:
+            return parse(text)
+        except ValueError as exc:
+            self.errors.append(f"{name}={text[:40]!r}: {exc}" if name != "RGW_CODE_KEYS" else f"{name}: {exc}")
+            return None
+
+    def settings(self) -> Settings:
+        values = Settings(
+            grpc_addr=self.get("RGW_GRPC_ADDR", _host_port),
+            redis_url=self.get("RGW_REDIS_URL", _url("redis", "rediss", "unix")),
+            database_url=self.get("RGW_DATABASE_URL", _url("postgresql", "postgres")),
+            code_keys=self.get("RGW_CODE_KEYS", _code_keys),
+            code_key_id=self.get("RGW_CODE_KEY_ID", str),
+            max_message_bytes=self.get("RGW_MAX_MESSAGE_BYTES", _positive_int),
+            max_concurrent_rpcs=self.get("RGW_MAX_CONCURRENT_RPCS", _positive_int),
+            shutdown_grace_seconds=self.get("RGW_SHUTDOWN_GRACE_SECONDS", _positive_float),
+            redis_pool_size=self.get("RGW_REDIS_POOL_SIZE", _positive_int),
+            redis_timeout_seconds=self.get("RGW_REDIS_TIMEOUT_SECONDS", _positive_float),
+            health_interval_seconds=self.get("RGW_HEALTH_INTERVAL_SECONDS", _positive_float),
+            log_level=self.get("RGW_LOG_LEVEL", _log_level),
+        )
+        if values.code_keys and values.code_key_id and values.code_key_id not in values.code_keys:
+            self.errors.append(f"RGW_CODE_KEY_ID={values.code_key_id!r}: not a key id of RGW_CODE_KEYS")
+        if self.errors:
+            raise SettingsError("invalid configuration:\n  " + "\n  ".join(self.errors))
+        return values

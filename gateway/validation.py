@@ -1,0 +1,106 @@
+"""Input checks. Bad input changes nothing: every problem found is reported at once, by field (invariant 6)."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from dataclasses import dataclass
+
+from gateway import codes
+from gateway.coderefs import KeyRing
+from gateway.domain import CodeLookup, Location, RedeemCommand, RedeemInput
+
+MAX_RAW_CODE_CHARS = 64
+_ID_RE = re.compile(r"[A-Za-z0-9._:-]+")
+MAX_ACCURACY_M = 100_000.0
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    """One bad field: its path in the request and what is wrong (never echoes the code)."""
+
+    field: str
+    description: str
+
+
+class InvalidRequest(Exception):
+    """The request is malformed; nothing was changed."""
+
+    def __init__(self, violations: list[FieldViolation]) -> None:
+        super().__init__("; ".join(f"{v.field}: {v.description}" for v in violations))
+        self.violations = violations
+
+
+def _check_id(value: str, field: str, max_len: int, *, required: bool) -> list[FieldViolation]:
+    if not value:
+        return [FieldViolation(field, "is required")] if required else []
+    if len(value) > max_len:
+        return [FieldViolation(field, f"must be at most {max_len} characters")]
+    if not _ID_RE.fullmatch(value):
+        return [FieldViolation(field, "may contain only A-Z, a-z, 0-9 and . _ : -")]
+    return []
+
+
+def _check_location(location: Location | None) -> list[FieldViolation]:
+    if location is None:
+        return []
+    bounds = (
+        ("location.latitude", location.latitude, -90.0, 90.0),
+        ("location.longitude", location.longitude, -180.0, 180.0),
+        ("location.accuracy_m", location.accuracy_m, 0.0, MAX_ACCURACY_M),
+    )
+    return [
+        FieldViolation(field, f"must be a number from {low:g} to {high:g}")
+        for field, value, low, high in bounds
+        if not (math.isfinite(value) and low <= value <= high)
+    ]
+
+
+def lookup_code(raw: str, keyring: KeyRing, field: str = "code") -> CodeLookup:
+    """The route and code_refs of a raw code, or InvalidRequest naming `field`."""
+    if not raw:
+        raise InvalidRequest([FieldViolation(field, "is required")])
+    if len(raw) > MAX_RAW_CODE_CHARS:
+        raise InvalidRequest([FieldViolation(field, f"must be at most {MAX_RAW_CODE_CHARS} characters")])
+    code = codes.normalise(raw)
+    try:
+        route = codes.parse(code)
+    except codes.CodeFormatError as exc:
+        raise InvalidRequest([FieldViolation(field, str(exc))]) from None
+    return CodeLookup(route, keyring.candidates(route.campaign_id, code))
+
+
+def fingerprint(request: RedeemInput, code_ref: str) -> str:
+    """A hash of the canonical request fields: the same attempt retried has the same fingerprint."""
+    loc = request.location
+    where = "" if loc is None else f"{loc.latitude!r},{loc.longitude!r},{loc.accuracy_m!r}"
+    canonical = "\x1f".join((code_ref, request.store_id, request.terminal_id, request.customer_device_id, where))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+def check_redeem(request: RedeemInput, keyring: KeyRing, *, needs_key: bool = True) -> RedeemCommand:
+    """A RedeemCommand for a well-formed request, or InvalidRequest listing every bad field."""
+    violations = [
+        *_check_id(request.idempotency_key, "idempotency_key", 128, required=needs_key),
+        *_check_id(request.store_id, "store_id", 64, required=True),
+        *_check_id(request.terminal_id, "terminal_id", 64, required=True),
+        *_check_id(request.customer_device_id, "customer_device_id", 128, required=False),
+        *_check_location(request.location),
+    ]
+    try:
+        lookup = lookup_code(request.code, keyring)
+    except InvalidRequest as exc:
+        violations = exc.violations + violations
+    if violations:
+        raise InvalidRequest(violations)
+    return RedeemCommand(
+        lookup=lookup,
+        caller=f"{request.store_id}/{request.terminal_id}",
+        idempotency_key=request.idempotency_key,
+        fingerprint=fingerprint(request, lookup.refs[0].ref),
+        store_id=request.store_id,
+        terminal_id=request.terminal_id,
+        customer_device_id=request.customer_device_id,
+        location=request.location,
+    )

@@ -1,0 +1,97 @@
+"""Session fixtures: throw-away redis-server and Postgres on free ports (or the servers named by
+RGW_TEST_REDIS_URL / RGW_TEST_DATABASE_URL), a migrated schema, and per-test clean state."""
+
+from __future__ import annotations
+
+import base64
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+import pytest_asyncio
+from redis.asyncio import Redis
+
+from gateway.clock import ManualClock
+from gateway.coderefs import KeyRing
+from gateway.db.migrate import migrate
+from gateway.dev.servers import PostgresServer, RedisServer
+from gateway.redis_store import connect
+
+# 2026-06-01T00:00:00Z: tests run on a fixed clock so validity windows are deterministic.
+T0_MS = 1_780_272_000_000
+TEST_KEYS = {"k2": bytes(range(32)), "k1": bytes(range(100, 132))}
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if url := os.environ.get("RGW_TEST_REDIS_URL"):
+        yield url
+        return
+    with RedisServer.start(data_dir=tmp_path_factory.mktemp("redis"), appendonly=False) as server:
+        yield server.url
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if url := os.environ.get("RGW_TEST_DATABASE_URL"):
+        yield url
+        return
+    with PostgresServer.start(data_dir=tmp_path_factory.mktemp("pg"), fsync=False) as server:
+        yield server.url
+
+
+@pytest_asyncio.fixture(loop_scope="session", scope="session")
+async def migrated(database_url: str) -> str:
+    conn = await asyncpg.connect(database_url)
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+    return database_url
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    client = connect(redis_url, pool_size=16, timeout_s=5)
+    await client.flushdb()
+    yield client
+    await client.aclose()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def db(migrated: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(migrated)
+    await conn.execute("TRUNCATE issued_codes, campaigns RESTART IDENTITY CASCADE")
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture
+def keyring() -> KeyRing:
+    return KeyRing(TEST_KEYS, "k2")
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(T0_MS)
+
+
+def test_environ(redis_url: str, database_url: str, **extra: str) -> dict[str, str]:
+    """An RGW_ environment for a gateway under test (settings never read os.environ in tests)."""
+    keys = ",".join(f"{kid}:{base64.b64encode(key).decode()}" for kid, key in TEST_KEYS.items())
+    return {
+        "RGW_GRPC_ADDR": "127.0.0.1:0",
+        "RGW_REDIS_URL": redis_url,
+        "RGW_DATABASE_URL": database_url,
+        "RGW_CODE_KEYS": keys,
+        "RGW_CODE_KEY_ID": "k2",
+        "RGW_SHUTDOWN_GRACE_SECONDS": "5",
+        **extra,
+    }
+
+
+@pytest.fixture
+def codes_file(tmp_path: Path) -> Path:
+    return tmp_path / "codes.txt"
