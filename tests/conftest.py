@@ -78,7 +78,7 @@ def clock() -> ManualClock:
     return ManualClock(T0_MS)
 
 
-def test_environ(redis_url: str, database_url: str, **extra: str) -> dict[str, str]:
+def gateway_environ(redis_url: str, database_url: str, **extra: str) -> dict[str, str]:
     """An RGW_ environment for a gateway under test (settings never read os.environ in tests)."""
     keys = ",".join(f"{kid}:{base64.b64encode(key).decode()}" for kid, key in TEST_KEYS.items())
     return {

@@ -40,6 +40,7 @@ _FALLBACK_ROOT = Path("/var/tmp")  # noqa: S108
 _FALLBACK_PREFIX = "rgw-pg-"
 _MARKER = "rgw-requested-path"
 _ADDR_IN_USE = "Address already in use"
+_POSTMASTER_NAMES = ("postgres", "postmaster")
 _INITDB_ARGS = ("-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "--locale=C")
 
 _T = TypeVar("_T")
@@ -95,6 +96,42 @@ def _log_tail(path: Path, offset: int = 0, lines: int = 30) -> str:
     except OSError as exc:
         return f"(cannot read {path}: {exc})"
     return "\n".join(text.splitlines()[-lines:]) or "(log is empty)"
+
+
+def _lock_pid(path: Path) -> int | None:
+    """The pid on the first line of a pid or lock file (redis.pid, postmaster.pid, socket locks)."""
+    try:
+        first = path.read_text(errors="replace").split("\n", 1)[0].strip()
+        return abs(int(first))
+    except (OSError, ValueError):
+        return None
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _alive_as(pid: int, *names: str) -> bool:
+    """Whether pid runs one of the named programs.
+
+    Zombies count as dead: a SIGKILLed postmaster is reparented to PID 1, which may never reap it.
+    The name check catches a stale pid file whose pid was reused after a crash or reboot.
+    """
+    proc = Path(f"/proc/{pid}")
+    if not Path("/proc/self").is_dir():
+        return _pid_exists(pid)
+    try:
+        state = (proc / "stat").read_text().rpartition(")")[2].split()[0]
+        name = (proc / "comm").read_text().strip()
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X") and name in names
 
 
 def _on_free_port(launch: Callable[[int], _T]) -> _T:
@@ -233,6 +270,10 @@ class RedisServer(_Managed):
     def log_path(self) -> Path:
         return self.data_dir / "redis.log"
 
+    @property
+    def pid_path(self) -> Path:
+        return self.data_dir / "redis.pid"
+
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
@@ -274,18 +315,31 @@ class RedisServer(_Managed):
         return [
             _executable("redis-server", "/usr/bin/redis-server", "/usr/local/bin/redis-server"),
             *("--daemonize", "no", "--bind", HOST, "--port", str(self.port)),
-            *("--dir", str(self.data_dir), "--logfile", str(self.log_path), "--save", ""),
+            *("--dir", str(self.data_dir), "--logfile", str(self.log_path), "--pidfile", str(self.pid_path)),
+            *("--save", ""),
             *("--appendonly", "yes" if opts.appendonly else "no", "--appendfsync", opts.appendfsync),
             *("--maxmemory-policy", "noeviction", "--protected-mode", "no"),
             *opts.extra_args,
         ]
 
     def _launch(self) -> None:
+        self._stop_leftover()
         offset = _log_size(self.log_path)
         self._proc = _spawn(self._argv(), cwd=self.data_dir, output=self.log_path)
         if not _wait_for(self._ready_or_dead, READY_TIMEOUT) or not self.running():
             self._fail_start(offset)
         log.info("redis-server pid %d listening on %s (data in %s)", self.pid, self.url, self.data_dir)
+
+    def _stop_leftover(self) -> None:
+        """A redis-server orphaned by a crashed run must not share this data dir with the new one."""
+        pid = _lock_pid(self.pid_path)
+        if pid is None or not _alive_as(pid, "redis-server"):
+            return
+        log.warning("stopping redis-server pid %d left running in %s by an earlier run", pid, self.data_dir)
+        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGCONT)
+        if not _wait_for(lambda: not _alive_as(pid, "redis-server"), STOP_TIMEOUT):
+            os.kill(pid, signal.SIGKILL)
 
     def _ready_or_dead(self) -> bool:
         if not self.running():
@@ -353,39 +407,6 @@ def _postgres_can_enter(path: Path) -> bool:
     return _run(_as_postgres(["test", "-x", str(path)]), cwd=Path("/"), timeout=10).returncode == 0
 
 
-def _lock_pid(path: Path) -> int | None:
-    """The pid on the first line of a postmaster.pid or socket lock file."""
-    try:
-        first = path.read_text(errors="replace").split("\n", 1)[0].strip()
-        return abs(int(first))
-    except (OSError, ValueError):
-        return None
-
-
-def _pid_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _postmaster_alive(pid: int) -> bool:
-    """Zombies count as dead: a SIGKILLed postmaster is reparented to PID 1, which may never reap it."""
-    proc = Path(f"/proc/{pid}")
-    if not Path("/proc/self").is_dir():
-        return _pid_exists(pid)
-    try:
-        state = (proc / "stat").read_text().rpartition(")")[2].split()[0]
-        name = (proc / "comm").read_text().strip()
-    except (OSError, IndexError):
-        return False
-    # The name check catches a stale postmaster.pid whose pid was reused after a crash or reboot.
-    return state not in ("Z", "X") and name in ("postgres", "postmaster")
-
-
 def _fallback_dir(requested: Path) -> Path:
     digest = hashlib.sha256(str(requested).encode()).hexdigest()[:16]
     return _FALLBACK_ROOT / f"{_FALLBACK_PREFIX}{digest}"
@@ -397,7 +418,7 @@ def _sweep_orphaned_fallbacks() -> None:
         cluster = marker.parent
         with contextlib.suppress(OSError):
             pid = _lock_pid(cluster / "postmaster.pid")
-            if Path(marker.read_text()).exists() or (pid is not None and _postmaster_alive(pid)):
+            if Path(marker.read_text()).exists() or (pid is not None and _alive_as(pid, *_POSTMASTER_NAMES)):
                 continue
             log.info("removing orphaned postgres fallback dir %s", cluster)
             shutil.rmtree(cluster)
@@ -405,6 +426,7 @@ def _sweep_orphaned_fallbacks() -> None:
 
 def _place_data_dir(requested: Path) -> Path:
     """Where the cluster really lives: `requested`, unless (as root) `postgres` cannot reach it."""
+    # Created even when unused: while it exists, _sweep_orphaned_fallbacks keeps its fallback.
     requested.mkdir(parents=True, exist_ok=True)
     if not _as_root() or _postgres_can_enter(requested.parent):
         _give_to_postgres(requested)
@@ -459,7 +481,7 @@ class PostgresServer(_Managed):
     def pid(self) -> int | None:
         """The live postmaster's pid, or None when it is not running."""
         pid = _lock_pid(self.data_dir / "postmaster.pid")
-        return pid if pid is not None and _postmaster_alive(pid) else None
+        return pid if pid is not None and _alive_as(pid, *_POSTMASTER_NAMES) else None
 
     def running(self) -> bool:
         return self.pid is not None
@@ -475,7 +497,7 @@ class PostgresServer(_Managed):
         pid = self.pid
         if pid is not None:
             os.kill(pid, signal.SIGKILL)
-            _wait_for(lambda: not _postmaster_alive(pid), STOP_TIMEOUT)
+            _wait_for(lambda: not _alive_as(pid, *_POSTMASTER_NAMES), STOP_TIMEOUT)
         if not _wait_for(lambda: not _port_open(self.port), STOP_TIMEOUT):
             raise RuntimeError(f"port {self.port} still accepts connections after SIGKILL of postmaster {pid}")
 
@@ -517,11 +539,14 @@ class PostgresServer(_Managed):
         """A SIGKILLed postmaster leaves lock files that a new one may mistake for a live server."""
         for lock in [self.data_dir / "postmaster.pid", *self.socket_dir.glob(".s.PGSQL.*.lock")]:
             pid = _lock_pid(lock)
-            if pid is not None and not _postmaster_alive(pid):
+            if pid is not None and not _alive_as(pid, *_POSTMASTER_NAMES):
                 log.info("removing stale %s (pid %d is gone)", lock, pid)
                 lock.unlink(missing_ok=True)
 
     def _launch(self) -> None:
+        if self.pid is not None:
+            log.warning("stopping postgres pid %s left running in %s by an earlier run", self.pid, self.data_dir)
+            self.stop()
         self._ensure_cluster()
         deadline = time.monotonic() + PG_START_TIMEOUT
         while (failure := self._try_start()) is not None:

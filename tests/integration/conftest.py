@@ -19,7 +19,7 @@ from gateway.coderefs import KeyRing
 from gateway.grpc_api.server import Gateway
 from gateway.pb.redemption.v1 import redemption_pb2_grpc as pb_grpc
 from gateway.settings import Settings
-from tests.conftest import T0_MS, test_environ
+from tests.conftest import T0_MS, gateway_environ
 
 DAY_MS = 86_400_000
 
@@ -81,7 +81,7 @@ class RunningGateway:
 @pytest_asyncio.fixture(loop_scope="session")
 async def gateway(redis_url: str, migrated: str, clock: ManualClock, redis: Redis) -> AsyncIterator[RunningGateway]:
     """The real server stack on 127.0.0.1:<free port>, on the test clock, with a client channel."""
-    settings = Settings.from_env(test_environ(redis_url, migrated))
+    settings = Settings.from_env(gateway_environ(redis_url, migrated))
     gw = Gateway(settings=settings, keyring=settings.keyring(), clock=clock)
     port = await gw.start()
     target = f"127.0.0.1:{port}"

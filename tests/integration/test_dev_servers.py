@@ -134,6 +134,17 @@ def test_two_servers_at_once_get_different_ports(tmp_path: Path) -> None:
             assert client.config_get("databases") == {"databases": "4"}
 
 
+def test_redis_start_stops_leftover_in_same_dir(tmp_path: Path) -> None:
+    first = RedisServer.start(data_dir=tmp_path, appendonly=False)
+    try:
+        with RedisServer.start(data_dir=tmp_path, appendonly=False) as second:
+            assert not first.running()
+            assert not _port_open(first.port)
+            assert _raw(second.port, b"PING\r\n") == b"+PONG\r\n"
+    finally:
+        first.stop()
+
+
 def test_redis_start_failure_reports_log_tail(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="no-such-option"):
         RedisServer.start(data_dir=tmp_path, extra_args=["--no-such-option", "x"])
@@ -180,6 +191,11 @@ async def test_postgres_in_reachable_dir_on_given_port(reachable_dir: Path) -> N
         await asyncio.to_thread(server.restart)  # no second initdb
         assert (reachable_dir / "PG_VERSION").stat().st_mtime_ns == version_mtime
         assert await _column(server.url, "SELECT v FROM t") == [1]
+
+        # A postmaster left behind in the same data dir (crashed `make run`) is stopped, not fought.
+        with await asyncio.to_thread(PostgresServer.start, data_dir=reachable_dir) as again:
+            assert not _port_open(port)
+            assert await _column(again.url, "SELECT v FROM t") == [1]
     assert not _port_open(port)
 
 

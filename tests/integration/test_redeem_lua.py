@@ -12,6 +12,7 @@ from gateway.redis_store import RedisCodeStore, idempotency_field
 from gateway.validation import check_redeem
 from tests.conftest import T0_MS
 from tests.integration.conftest import DAY_MS, Issue
+from tests.integration.grpc_helpers import redis_snapshot
 
 
 def command(code: str, keyring: KeyRing, key: str = "idem-1", store: str = "s1", terminal: str = "t1"):  # type: ignore[no-untyped-def]
@@ -42,7 +43,9 @@ async def test_redeem_writes_use_record_idempotency_record_and_one_outbox_event(
     assert issued.codes[0] not in str(state) + str(events)  # never plaintext
 
 
-async def test_second_call_replays_or_declines_and_changes_nothing(issue: Issue, redis: Redis, keyring: KeyRing) -> None:
+async def test_second_call_replays_or_declines_and_changes_nothing(
+    issue: Issue, redis: Redis, keyring: KeyRing
+) -> None:
     issued = await issue(1)
     store = RedisCodeStore(redis)
     cid = issued.campaign.id
@@ -72,7 +75,9 @@ async def test_same_key_with_different_request_is_a_conflict(issue: Issue, redis
         await store.redeem_one(changed, "rid-2", mode="redeem", now_ms=T0_MS)
 
 
-async def test_multi_use_code_counts_down_with_growing_use_numbers(issue: Issue, redis: Redis, keyring: KeyRing) -> None:
+async def test_multi_use_code_counts_down_with_growing_use_numbers(
+    issue: Issue, redis: Redis, keyring: KeyRing
+) -> None:
     issued = await issue(1, uses_per_code=3)
     store = RedisCodeStore(redis)
     results = [
@@ -99,10 +104,10 @@ async def test_validate_mode_changes_nothing(issue: Issue, redis: Redis, keyring
     issued = await issue(1)
     store = RedisCodeStore(redis)
     cmd = command(issued.codes[0], keyring)
-    snapshot = {k: await redis.dump(k) for k in await redis.keys("*")}
+    snapshot = await redis_snapshot(redis)
     result = await store.redeem_one(cmd, "", mode="validate", now_ms=T0_MS)
     assert result.outcome is Outcome.REDEEMABLE and result.uses_left == 1
-    assert {k: await redis.dump(k) for k in await redis.keys("*")} == snapshot
+    assert await redis_snapshot(redis) == snapshot
 
 
 async def test_unknown_code_and_unknown_campaign_are_not_found(issue: Issue, redis: Redis, keyring: KeyRing) -> None:
@@ -123,7 +128,9 @@ async def test_code_issued_under_an_older_key_is_found(issue: Issue, redis: Redi
     rotated = KeyRing({"k2": bytes(range(32)), "k1": bytes(range(100, 132))}, "k2")
     # The fixture's keyring hashes with k2; a gateway whose active key is now k1 must still find the code.
     issued = await issue(1)
-    result = await RedisCodeStore(redis).redeem_one(command(issued.codes[0], old_ring), "r", mode="redeem", now_ms=T0_MS)
+    result = await RedisCodeStore(redis).redeem_one(
+        command(issued.codes[0], old_ring), "r", mode="redeem", now_ms=T0_MS
+    )
     assert result.outcome is Outcome.REDEEMED
     assert rotated.active_id == "k2"
 

@@ -1,0 +1,43 @@
+"""Small helpers for calling the gateway over a real channel in tests."""
+
+from __future__ import annotations
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from redis.asyncio import Redis
+
+from gateway.pb.redemption.v1 import redemption_pb2 as pb
+
+
+def redeem_request(
+    code: str, key: str, *, store: str = "store-1", terminal: str = "till-1", **extra: object
+) -> pb.RedeemRequest:
+    return pb.RedeemRequest(code=code, idempotency_key=key, store_id=store, terminal_id=terminal, **extra)  # type: ignore[arg-type]
+
+
+def field_violations(error: grpc.aio.AioRpcError) -> dict[str, str]:
+    """The BadRequest field violations a failed call carried."""
+    status = rpc_status.from_call(error)
+    assert status is not None, "no google.rpc.Status in the trailers"
+    found: dict[str, str] = {}
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            found.update({v.field: v.description for v in bad.field_violations})
+    return found
+
+
+async def redis_snapshot(redis: Redis) -> dict[str, object]:
+    """Every key's logical content (DUMP is not stable: a hash may be re-ordered by rehashing on reads)."""
+    state: dict[str, object] = {}
+    for key in await redis.keys("*"):
+        kind = await redis.type(key)
+        if kind == "hash":
+            state[key] = await redis.hgetall(key)
+        elif kind == "stream":
+            state[key] = await redis.xrange(key)
+        else:
+            state[key] = await redis.dump(key)
+    return state

@@ -1,0 +1,63 @@
+"""Redis goes away under a running gateway: calls fail fast with UNAVAILABLE + RetryInfo (never INTERNAL) and
+health checking reports NOT_SERVING until Redis is back."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+
+from gateway import codes
+from gateway.clock import ManualClock
+from gateway.dev.servers import RedisServer
+from gateway.grpc_api.server import Gateway
+from gateway.pb.redemption.v1 import redemption_pb2 as pb
+from gateway.pb.redemption.v1 import redemption_pb2_grpc as pb_grpc
+from gateway.settings import Settings
+from tests.conftest import gateway_environ
+from tests.integration.grpc_helpers import redeem_request
+
+
+async def _health(channel: grpc.aio.Channel) -> int:
+    reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+    return int(reply.status)
+
+
+async def _wait_for_health(channel: grpc.aio.Channel, status: int) -> None:
+    for _ in range(100):
+        if await _health(channel) == status:
+            return
+        await asyncio.sleep(0.05)
+    pytest.fail(f"health never became {status}")
+
+
+async def test_redis_down_gives_unavailable_with_retry_info(tmp_path: Path, migrated: str, clock: ManualClock) -> None:
+    server = RedisServer.start(data_dir=tmp_path / "redis", appendonly=False)
+    env = gateway_environ(server.url, migrated, RGW_HEALTH_INTERVAL_SECONDS="0.1", RGW_REDIS_TIMEOUT_SECONDS="0.5")
+    settings = Settings.from_env(env)
+    gateway = Gateway(settings=settings, keyring=settings.keyring(), clock=clock)
+    port = await gateway.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        server.kill()
+        await _wait_for_health(channel, health_pb2.HealthCheckResponse.NOT_SERVING)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await pb_grpc.RedemptionServiceStub(channel).Redeem(redeem_request(codes.generate(codes.Route(1, 0)), "k"))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        status = rpc_status.from_call(info.value)
+        assert status is not None and any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in status.details)
+        server.restart()
+        await _wait_for_health(channel, health_pb2.HealthCheckResponse.SERVING)
+        reply = await pb_grpc.RedemptionServiceStub(channel).Redeem(
+            redeem_request(codes.generate(codes.Route(1, 0)), "k")
+        )
+        assert reply.outcome == pb.OUTCOME_NOT_FOUND  # Redis is back (and empty): a normal decline again
+    finally:
+        await channel.close()
+        await gateway.stop()
+        server.stop()
