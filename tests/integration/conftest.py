@@ -43,29 +43,49 @@ class Issued:
 Issue = Callable[..., Awaitable[Issued]]
 
 
+async def issue_campaign(
+    db: asyncpg.Connection,
+    redis: Redis,
+    keyring: KeyRing,
+    out: Path,
+    *,
+    count: int,
+    uses_per_code: int = 1,
+    shards: int = 1,
+    valid_from_ms: int = T0_MS - DAY_MS,
+    valid_until_ms: int = T0_MS + DAY_MS,
+) -> Issued:
+    """Create a campaign and issue codes for it, the way `rgw campaign create` + `rgw codes generate` do."""
+    campaign = await issuance.create_campaign(
+        db, redis, keyring,
+        name=out.stem, valid_from=at(valid_from_ms), valid_until=at(valid_until_ms),
+        uses_per_code=uses_per_code, shards=shards,
+    )  # fmt: skip
+    await issuance.issue_codes(db, redis, keyring, campaign, count=count, out=out)
+    return Issued(campaign, out.read_text().split())
+
+
+async def issue_into(
+    db: asyncpg.Connection, redis: Redis, keyring: KeyRing, tmp_path: Path, *, count: int, valid_from_ms: int
+) -> list[str]:
+    """Codes valid for a year from `valid_from_ms`, in the given Redis (for tests that run their own)."""
+    out = tmp_path / f"codes-{valid_from_ms}.txt"
+    year = 365 * DAY_MS
+    issued = await issue_campaign(
+        db, redis, keyring, out, count=count, valid_from_ms=valid_from_ms, valid_until_ms=valid_from_ms + year
+    )
+    return issued.codes
+
+
 @pytest.fixture
 def issue(db: asyncpg.Connection, redis: Redis, keyring: KeyRing, tmp_path: Path) -> Issue:
-    """Create a campaign and issue codes for it, the way `rgw campaign create` + `rgw codes generate` do."""
+    """A factory: `await issue(count, uses_per_code=…, …)` gives a fresh campaign and its codes."""
     counter = 0
 
-    async def make(
-        count: int,
-        *,
-        uses_per_code: int = 1,
-        shards: int = 1,
-        valid_from_ms: int = T0_MS - DAY_MS,
-        valid_until_ms: int = T0_MS + DAY_MS,
-    ) -> Issued:
+    async def make(count: int, **rules: int) -> Issued:
         nonlocal counter
         counter += 1
-        campaign = await issuance.create_campaign(
-            db, redis, keyring,
-            name=f"test-{counter}", valid_from=at(valid_from_ms), valid_until=at(valid_until_ms),
-            uses_per_code=uses_per_code, shards=shards,
-        )  # fmt: skip
-        out = tmp_path / f"codes-{counter}.txt"
-        await issuance.issue_codes(db, redis, keyring, campaign, count=count, out=out)
-        return Issued(campaign, out.read_text().split())
+        return await issue_campaign(db, redis, keyring, tmp_path / f"codes-{counter}.txt", count=count, **rules)
 
     return make
 

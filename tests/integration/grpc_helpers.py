@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from redis.asyncio import Redis
 
+from gateway import keys
 from gateway.pb.redemption.v1 import redemption_pb2 as pb
 
 
@@ -32,7 +35,8 @@ def field_violations(error: grpc.aio.AioRpcError) -> dict[str, str]:
 async def redis_snapshot(redis: Redis) -> dict[str, object]:
     """Every key's logical content (DUMP is not stable: a hash may be re-ordered by rehashing on reads)."""
     state: dict[str, object] = {}
-    for key in await redis.keys("*"):
+    for raw in await redis.keys("*"):
+        key = str(raw)
         kind = await redis.type(key)
         if kind == "hash":
             state[key] = await redis.hgetall(key)
@@ -41,3 +45,9 @@ async def redis_snapshot(redis: Redis) -> dict[str, object]:
         else:
             state[key] = await redis.dump(key)
     return state
+
+
+async def outbox_events(redis: Redis, campaign_id: int, shard: int = 0) -> list[dict[str, str]]:
+    """The events in a campaign shard's outbox, oldest first."""
+    entries: Any = await redis.xrange(keys.outbox_key(campaign_id, shard))
+    return [dict(fields) for _, fields in entries]

@@ -12,7 +12,7 @@ from gateway import keys
 from gateway.pb.redemption.v1 import redemption_pb2 as pb
 from gateway.pb.redemption.v1 import redemption_pb2_grpc as pb_grpc
 from tests.integration.conftest import Issue, RunningGateway
-from tests.integration.grpc_helpers import redeem_request
+from tests.integration.grpc_helpers import outbox_events, redeem_request
 
 
 async def _storm(target: str, requests: list[tuple[int, pb.RedeemRequest]], terminals: int) -> list[pb.RedeemResponse]:
@@ -40,7 +40,7 @@ async def test_500_concurrent_redeems_of_one_code_from_50_terminals(
     assert not any(r.replayed for r in responses)
     assert await redis.xlen(keys.outbox_key(issued.campaign.id, 0)) == 1
     winner = next(r for r in responses if r.outcome == pb.OUTCOME_REDEEMED)
-    event = (await redis.xrange(keys.outbox_key(issued.campaign.id, 0)))[0][1]
+    event = (await outbox_events(redis, issued.campaign.id))[0]
     assert event["rid"] == winner.redemption_id
 
 
@@ -61,10 +61,10 @@ async def test_100_codes_each_redeemed_by_10_concurrent_callers(
     ]
     assert len(redeemed) == 100 and set(redeemed) == set(issued.codes)
     assert Counter(r.outcome for r in responses)[pb.OUTCOME_ALREADY_REDEEMED] == 900
-    events = await redis.xrange(keys.outbox_key(issued.campaign.id, 0))
+    events = await outbox_events(redis, issued.campaign.id)
     assert len(events) == 100
-    assert len({e["ref"] for _, e in events}) == 100
-    assert {e["rid"] for _, e in events} == {r.redemption_id for r in responses if r.redemption_id}
+    assert len({e["ref"] for e in events}) == 100
+    assert {e["rid"] for e in events} == {r.redemption_id for r in responses if r.redemption_id}
 
 
 async def test_concurrent_retries_with_one_key_redeem_once(gateway: RunningGateway, issue: Issue, redis: Redis) -> None:

@@ -12,7 +12,7 @@ from gateway.redis_store import RedisCodeStore, idempotency_field
 from gateway.validation import check_redeem
 from tests.conftest import T0_MS
 from tests.integration.conftest import DAY_MS, Issue
-from tests.integration.grpc_helpers import redis_snapshot
+from tests.integration.grpc_helpers import outbox_events, redis_snapshot
 
 
 def command(code: str, keyring: KeyRing, key: str = "idem-1", store: str = "s1", terminal: str = "t1"):  # type: ignore[no-untyped-def]
@@ -35,9 +35,9 @@ async def test_redeem_writes_use_record_idempotency_record_and_one_outbox_event(
     assert state["used"] == "1" and state["seq"] == "1" and state["last"] == str(T0_MS)
     assert state["u:1"] == f"rid-1|{T0_MS}|s1/t1"
     assert state[idempotency_field("s1/t1", "idem-1")].startswith(cmd.fingerprint + "|rid-1|")
-    events = await redis.xrange(keys.outbox_key(cid, 0))
+    events = await outbox_events(redis, cid)
     assert len(events) == 1
-    event = events[0][1]
+    event = events[0]
     assert event["rid"] == "rid-1" and event["ref"] == ref and event["use"] == "1" and event["kid"] == "k2"
     assert event["store"] == "s1" and event["term"] == "t1" and event["dev"] == "dev-1"
     assert issued.codes[0] not in str(state) + str(events)  # never plaintext

@@ -36,6 +36,7 @@ async def _wait_for_health(channel: grpc.aio.Channel, status: int) -> None:
     pytest.fail(f"health never became {status}")
 
 
+@pytest.mark.slow
 async def test_redis_down_gives_unavailable_with_retry_info(tmp_path: Path, migrated: str, clock: ManualClock) -> None:
     server = RedisServer.start(data_dir=tmp_path / "redis", appendonly=False)
     env = gateway_environ(server.url, migrated, RGW_HEALTH_INTERVAL_SECONDS="0.1", RGW_REDIS_TIMEOUT_SECONDS="0.5")
