@@ -31,6 +31,7 @@ check-protos: $(STAMP)
 	$(BIN)/python scripts/gen_protos.py --check
 
 lint: $(STAMP)
+	$(BIN)/buf lint
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
