@@ -18,7 +18,8 @@ ARGV[6 ..] per item, NF = 10 fields:
 
 Code hash fields: cid, kid, uses (allowed), used (taken now), seq (last use number: only grows, so a use number is
 never reused, even after a reversal gives a use back), vf, vu, last (ms of last use),
-u:<n> = "<redemption id>|<at ms>|<caller>" (use record n), i:<scope> = "<fingerprint>|<redemption id>|<at ms>|
+u:<n> = use record n: "rid|at|fp|caller|store|term|dev|lat|lon|acc" - everything the outbox event carries, so
+reconciliation can re-enqueue a use the ledger is missing; i:<scope> = "<fingerprint>|<redemption id>|<at ms>|
 <use number>|<uses left>" (first answer to that idempotency key; only redemptions are recorded - a decline
 changed nothing, so a retry is simply decided again).
 
@@ -64,14 +65,15 @@ local function redeem(key, a)
   local seq = redis.call('HINCRBY', key, 'seq', 1)
   local used = redis.call('HINCRBY', key, 'used', 1)
   local left = tonumber(redis.call('HGET', key, 'uses')) - used
-  local rid, caller = ARGV[a + 3], ARGV[a + 4]
-  redis.call('HSET', key, 'last', now,
-    'u:' .. seq, rid .. '|' .. now .. '|' .. caller,
-    ARGV[a + 1], ARGV[a + 2] .. '|' .. rid .. '|' .. now .. '|' .. seq .. '|' .. left)
+  local rid, fp, caller = ARGV[a + 3], ARGV[a + 2], ARGV[a + 4]
+  local use_record = table.concat({rid, now, fp, caller, ARGV[a + 5], ARGV[a + 6], ARGV[a + 7], ARGV[a + 8],
+    ARGV[a + 9], ARGV[a + 10]}, '|')
+  redis.call('HSET', key, 'last', now, 'u:' .. seq, use_record,
+    ARGV[a + 1], fp .. '|' .. rid .. '|' .. now .. '|' .. seq .. '|' .. left)
   local code_ref = string.match(key, ':code:(.+)$')
   redis.call('XADD', KEYS[2], '*',
     'rid', rid, 'ref', code_ref, 'kid', redis.call('HGET', key, 'kid'), 'cid', campaign, 'shard', shard,
-    'use', seq, 'at', now, 'fp', ARGV[a + 2], 'caller', caller, 'store', ARGV[a + 5], 'term', ARGV[a + 6],
+    'use', seq, 'at', now, 'fp', fp, 'caller', caller, 'store', ARGV[a + 5], 'term', ARGV[a + 6],
     'dev', ARGV[a + 7], 'lat', ARGV[a + 8], 'lon', ARGV[a + 9], 'acc', ARGV[a + 10])
   return {'REDEEMED', left, rid, now, seq, 0}
 end

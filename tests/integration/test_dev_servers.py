@@ -15,7 +15,7 @@ import asyncpg
 import pytest
 import redis
 
-from gateway.dev import servers
+from gateway.dev import postgres_server
 from gateway.dev.servers import PostgresServer, RedisServer, free_port, postgres_bindir
 
 pytestmark = pytest.mark.integration
@@ -200,12 +200,12 @@ async def test_postgres_in_reachable_dir_on_given_port(reachable_dir: Path) -> N
 
 
 def test_sweep_removes_orphaned_fallback_only(tmp_path: Path) -> None:
-    orphan = Path(tempfile.mkdtemp(prefix=servers._FALLBACK_PREFIX, dir="/var/tmp"))
-    kept = Path(tempfile.mkdtemp(prefix=servers._FALLBACK_PREFIX, dir="/var/tmp"))
+    orphan = Path(tempfile.mkdtemp(prefix=postgres_server._FALLBACK_PREFIX, dir="/var/tmp"))
+    kept = Path(tempfile.mkdtemp(prefix=postgres_server._FALLBACK_PREFIX, dir="/var/tmp"))
     try:
         (orphan / "rgw-requested-path").write_text(str(tmp_path / "gone"))
         (kept / "rgw-requested-path").write_text(str(tmp_path))
-        servers._sweep_orphaned_fallbacks()
+        postgres_server._sweep_orphaned_fallbacks()
         assert not orphan.exists()
         assert kept.exists()
     finally:
