@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -11,10 +13,14 @@ from pathlib import Path
 
 import asyncpg
 import uvloop
+from redis.asyncio import Redis
 
 from gateway import issuance
 from gateway.client_cli import add_client_commands
-from gateway.db.migrate import migrate
+from gateway.db.migrate import MigrationError, migrate
+from gateway.durability import DurabilityError, is_initialised
+from gateway.rebuild import rebuild_redis
+from gateway.reconcile import reconcile
 from gateway.redis_store import connect
 from gateway.settings import Settings, SettingsError
 
@@ -43,10 +49,14 @@ async def _migrate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-async def _with_stores(settings: Settings, action: Callable[..., Awaitable[int]]) -> int:
+async def _with_stores(
+    settings: Settings, action: Callable[..., Awaitable[int]], *, needs_initialised: bool = True
+) -> int:
     conn = await asyncpg.connect(settings.database_url)
-    redis = connect(settings.redis_url, pool_size=4, timeout_s=settings.redis_timeout_seconds)
+    redis = connect(settings.redis_url, pool_size=4, timeout_s=max(settings.redis_timeout_seconds, 10))
     try:
+        if needs_initialised and not await is_initialised(redis):
+            raise NotInitialised("Redis is not initialised from Postgres; run `rgw rebuild-redis` first")
         return await action(conn, redis)
     finally:
         await redis.aclose()
@@ -91,6 +101,47 @@ async def _codes_load(args: argparse.Namespace, settings: Settings) -> int:
     return await _with_stores(settings, load)
 
 
+class NotInitialised(RuntimeError):
+    """Redis must be rebuilt from Postgres before state is added to it."""
+
+
+async def _writer(args: argparse.Namespace, settings: Settings) -> int:
+    from gateway.ledger.runner import run_writer
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await run_writer(settings, stop)
+    return 0
+
+
+async def _rebuild(args: argparse.Namespace, settings: Settings) -> int:
+    async def rebuild(conn: asyncpg.Connection, redis: Redis) -> int:
+        report = await rebuild_redis(conn, redis)
+        print(f"restored {report.campaigns} campaigns, {report.codes} codes, {report.uses_restored} uses; "
+              "Redis is initialised")  # fmt: skip
+        return 0
+
+    return await _with_stores(settings, rebuild, needs_initialised=False)
+
+
+async def _reconcile(args: argparse.Namespace, settings: Settings) -> int:
+    async def run(conn: asyncpg.Connection, redis: Redis) -> int:
+        report = await reconcile(conn, redis, args.campaign, repair=args.repair)
+        print(report.summary())
+        for use in report.missing_in_ledger[:20]:
+            print(f"  missing in ledger: code_ref {use.code_ref[:12]} use {use.use_number} ({use.redemption_id})")
+        for use in report.missing_in_redis[:20]:
+            print(f"  missing in Redis: code_ref {use.code_ref[:12]} use {use.use_number} ({use.redemption_id})")
+        for mine, theirs in report.conflicting[:20]:
+            print(f"  conflicting: code_ref {mine.code_ref[:12]} use {mine.use_number}: Redis {mine.redemption_id}, "
+                  f"ledger {theirs.redemption_id}")  # fmt: skip
+        return 1 if report.discrepancies else 0
+
+    return await _with_stores(settings, run, needs_initialised=False)
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -121,6 +172,14 @@ def _add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     load = code_cmds.add_parser("load", help="(re)load a campaign's issued codes from Postgres into Redis")
     load.add_argument("--campaign", type=_positive, required=True)
     load.set_defaults(run=_codes_load)
+    sub.add_parser("writer", help="move outbox events into the Postgres ledger").set_defaults(run=_writer)
+    sub.add_parser("rebuild-redis", help="restore Redis from Postgres and mark it initialised").set_defaults(
+        run=_rebuild
+    )
+    rec = sub.add_parser("reconcile", help="compare Redis, the outbox and the ledger; exit 1 on any difference")
+    rec.add_argument("--campaign", type=_positive, required=True)
+    rec.add_argument("--repair", action="store_true", help="re-enqueue missing ledger uses; mark missing uses used")
+    rec.set_defaults(run=_reconcile)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -146,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code: int = uvloop.run(args.run(args, settings))
         return code
-    except (SettingsError, LookupError, FileExistsError, issuance.IssuanceIncomplete) as exc:
+    except (SettingsError, LookupError, FileExistsError, issuance.IssuanceIncomplete, NotInitialised,
+            DurabilityError, MigrationError) as exc:  # fmt: skip
         print(f"rgw: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

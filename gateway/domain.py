@@ -106,3 +106,15 @@ class IdempotencyConflict(Exception):
 
 class CodeNotFound(Exception):
     """No such code (GetCode)."""
+
+
+class NotReady(Exception):
+    """The gateway must not decide now (Redis not initialised from Postgres, or unreachable)."""
+
+
+@dataclass(slots=True)
+class Readiness:
+    """Whether Redis may be redeemed against, kept current by health checking (no await on the hot path)."""
+
+    ready: bool = False
+    reason: str = "starting"

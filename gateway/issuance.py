@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 
 from gateway import codes, keys
 from gateway.coderefs import KeyRing
+from gateway.ledger.outbox import ensure_group
 
 COPY_BATCH = 10_000
 REDIS_BATCH = 1_000
@@ -93,8 +94,11 @@ async def get_campaign(conn: asyncpg.Connection, campaign_id: int) -> Campaign:
 
 
 async def load_campaign(redis: Redis, campaign: Campaign) -> None:
-    """Write the campaign's rules into each shard's meta hash."""
+    """Write the campaign's rules into each shard's meta hash and register its outboxes with the writer."""
+    for shard in range(campaign.shards):
+        await ensure_group(redis, keys.outbox_key(campaign.id, shard))
     async with redis.pipeline(transaction=False) as pipe:
+        pipe.sadd(keys.OUTBOXES, *(keys.outbox_key(campaign.id, shard) for shard in range(campaign.shards)))
         for shard in range(campaign.shards):
             pipe.hset(
                 keys.meta_key(campaign.id, shard),

@@ -6,7 +6,14 @@ call can do the whole redemption, on a single Redis and unchanged on Redis Clust
     rgw:{c42.0}:meta               hash   the campaign's rules, as this shard needs them (vf, vu, shards)
     rgw:{c42.0}:code:<code_ref>    hash   one code: rules, counters, use records (u:<n>) and
                                           idempotency records (i:<scope>) - see lua/redeem.lua
-    rgw:{c42.0}:outbox             stream redemption events waiting for the ledger writer
+    rgw:{c42.0}:outbox             stream redemption events waiting for the ledger writer (consumer group
+                                          "ledger"; entries are deleted once Postgres has committed them)
+    rgw:{c42.0}:deadletter         stream outbox entries the writer could not record after retries
+
+Outside any campaign shard:
+    rgw:outboxes                   set    every outbox stream's key: the writer's directory of streams
+    rgw:initialised                string set when Redis state was built from Postgres (rgw rebuild-redis);
+                                          without it the gateway refuses to redeem
 """
 
 from __future__ import annotations
@@ -32,3 +39,13 @@ def code_key(campaign_id: int, shard: int, code_ref: str) -> str:
 def outbox_key(campaign_id: int, shard: int) -> str:
     """The campaign shard's outbox stream."""
     return f"{PREFIX}:{shard_tag(campaign_id, shard)}:outbox"
+
+
+def deadletter_key(campaign_id: int, shard: int) -> str:
+    """Outbox entries that could not be recorded in the ledger."""
+    return f"{PREFIX}:{shard_tag(campaign_id, shard)}:deadletter"
+
+
+OUTBOXES = f"{PREFIX}:outboxes"
+INITIALISED = f"{PREFIX}:initialised"
+LEDGER_GROUP = "ledger"

@@ -41,7 +41,19 @@ SPECS: tuple[Spec, ...] = (
     Spec("RGW_REDIS_TIMEOUT_SECONDS", "2", "Redis connect/read timeout and pool wait; beyond it: UNAVAILABLE"),
     Spec("RGW_HEALTH_INTERVAL_SECONDS", "2", "how often health checking pings Redis"),
     Spec("RGW_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
+    Spec("RGW_REDIS_DURABILITY", "always", "required Redis persistence: always, everysec or none (see Durability)"),
+    Spec("RGW_METRICS_ADDR", "127.0.0.1:9108", "host:port of the gateway's Prometheus /metrics (empty: off)"),
+    Spec("RGW_SERVE_WRITER", "false", "also run a ledger writer inside `rgw serve` (development)"),
+    Spec("RGW_WRITER_METRICS_ADDR", "127.0.0.1:9109", "host:port of the writer's Prometheus /metrics (empty: off)"),
+    Spec("RGW_WRITER_BATCH_SIZE", "1000", "most outbox entries written to Postgres in one transaction"),
+    Spec("RGW_WRITER_BATCH_WAIT_MS", "200", "longest wait for a batch to fill once its first entry arrived"),
+    Spec("RGW_WRITER_CLAIM_IDLE_MS", "30000", "entries unacknowledged this long by a consumer are reclaimed"),
+    Spec("RGW_WRITER_MAX_ATTEMPTS", "5", "tries for an entry Postgres rejects before it is dead-lettered"),
+    Spec("RGW_WRITER_BACKOFF_MAX_SECONDS", "10", "cap of the retry backoff while Postgres is unreachable"),
+    Spec("RGW_WRITER_CONSUMER", "", "consumer name in the outbox groups (default: hostname-pid)"),
 )
+
+DURABILITY_LEVELS = ("always", "everysec", "none")
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +72,16 @@ class Settings:
     redis_timeout_seconds: float
     health_interval_seconds: float
     log_level: str
+    redis_durability: str
+    metrics_addr: str
+    serve_writer: bool
+    writer_metrics_addr: str
+    writer_batch_size: int
+    writer_batch_wait_ms: int
+    writer_claim_idle_ms: int
+    writer_max_attempts: int
+    writer_backoff_max_seconds: float
+    writer_consumer: str
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -119,6 +141,22 @@ def _code_keys(text: str) -> dict[str, bytes]:
     return keys
 
 
+def _optional_host_port(text: str) -> str:
+    return _host_port(text) if text else ""
+
+
+def _bool(text: str) -> bool:
+    if text.lower() not in {"true", "false", "1", "0", "yes", "no"}:
+        raise ValueError("must be true or false")
+    return text.lower() in {"true", "1", "yes"}
+
+
+def _durability(text: str) -> str:
+    if text not in DURABILITY_LEVELS:
+        raise ValueError(f"must be one of {', '.join(DURABILITY_LEVELS)}")
+    return text
+
+
 def _log_level(text: str) -> str:
     if text.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
@@ -153,6 +191,16 @@ class _Reader:
             redis_timeout_seconds=self.get("RGW_REDIS_TIMEOUT_SECONDS", _positive_float),
             health_interval_seconds=self.get("RGW_HEALTH_INTERVAL_SECONDS", _positive_float),
             log_level=self.get("RGW_LOG_LEVEL", _log_level),
+            redis_durability=self.get("RGW_REDIS_DURABILITY", _durability),
+            metrics_addr=self.get("RGW_METRICS_ADDR", _optional_host_port),
+            serve_writer=self.get("RGW_SERVE_WRITER", _bool),
+            writer_metrics_addr=self.get("RGW_WRITER_METRICS_ADDR", _optional_host_port),
+            writer_batch_size=self.get("RGW_WRITER_BATCH_SIZE", _positive_int),
+            writer_batch_wait_ms=self.get("RGW_WRITER_BATCH_WAIT_MS", _positive_int),
+            writer_claim_idle_ms=self.get("RGW_WRITER_CLAIM_IDLE_MS", _positive_int),
+            writer_max_attempts=self.get("RGW_WRITER_MAX_ATTEMPTS", _positive_int),
+            writer_backoff_max_seconds=self.get("RGW_WRITER_BACKOFF_MAX_SECONDS", _positive_float),
+            writer_consumer=self.get("RGW_WRITER_CONSUMER", str),
         )
         if values.code_keys and values.code_key_id and values.code_key_id not in values.code_keys:
             self.errors.append(f"RGW_CODE_KEY_ID={values.code_key_id!r}: not a key id of RGW_CODE_KEYS")

@@ -17,6 +17,7 @@ from gateway.clock import ManualClock
 from gateway.coderefs import KeyRing
 from gateway.db.migrate import migrate
 from gateway.dev.servers import PostgresServer, RedisServer
+from gateway.durability import mark_initialised
 from gateway.redis_store import connect
 
 # 2026-06-01T00:00:00Z: tests run on a fixed clock so validity windows are deterministic.
@@ -56,6 +57,7 @@ async def migrated(database_url: str) -> str:
 async def redis(redis_url: str) -> AsyncIterator[Redis]:
     client = connect(redis_url, pool_size=16, timeout_s=5)
     await client.flushdb()
+    await mark_initialised(client, "tests")  # an empty Redis is the correct state for an empty database
     yield client
     await client.aclose()
 
@@ -63,7 +65,9 @@ async def redis(redis_url: str) -> AsyncIterator[Redis]:
 @pytest_asyncio.fixture(loop_scope="session")
 async def db(migrated: str) -> AsyncIterator[asyncpg.Connection]:
     conn = await asyncpg.connect(migrated)
-    await conn.execute("TRUNCATE issued_codes, campaigns RESTART IDENTITY CASCADE")
+    await conn.execute(
+        "TRUNCATE issued_codes, campaigns, redemptions, code_uses, double_spend_alarms RESTART IDENTITY CASCADE"
+    )
     yield conn
     await conn.close()
 
@@ -88,6 +92,10 @@ def gateway_environ(redis_url: str, database_url: str, **extra: str) -> dict[str
         "RGW_CODE_KEYS": keys,
         "RGW_CODE_KEY_ID": "k2",
         "RGW_SHUTDOWN_GRACE_SECONDS": "5",
+        # The session Redis runs without AOF for speed; durability checks have tests of their own.
+        "RGW_REDIS_DURABILITY": "none",
+        "RGW_METRICS_ADDR": "",
+        "RGW_WRITER_METRICS_ADDR": "",
         **extra,
     }
 

@@ -20,7 +20,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from redis import exceptions as redis_errors
 
-from gateway.domain import CodeNotFound, IdempotencyConflict
+from gateway.domain import CodeNotFound, IdempotencyConflict, NotReady
 from gateway.validation import FieldViolation, InvalidRequest
 
 log = logging.getLogger("rgw.errors")
@@ -66,11 +66,11 @@ def idempotency_conflict() -> grpc.Status:
     return to_status(code_pb2.INVALID_ARGUMENT, "idempotency key reused with a different request", [info, bad])
 
 
-def unavailable(what: str) -> grpc.Status:
+def unavailable(what: str, reason: str = "DEPENDENCY_UNAVAILABLE", detail: str = "is unavailable") -> grpc.Status:
     """UNAVAILABLE with RetryInfo: retry with the same idempotency key."""
     retry = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=RETRY_AFTER_SECONDS))
-    info = error_details_pb2.ErrorInfo(reason="DEPENDENCY_UNAVAILABLE", domain=DOMAIN, metadata={"dependency": what})
-    return to_status(code_pb2.UNAVAILABLE, f"{what} is unavailable; retry with the same idempotency key", [info, retry])
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata={"dependency": what})
+    return to_status(code_pb2.UNAVAILABLE, f"{what} {detail}; retry with the same idempotency key", [info, retry])
 
 
 def _request_id(context: grpc.aio.ServicerContext) -> str:
@@ -85,6 +85,8 @@ def _status_for(exc: Exception, context: grpc.aio.ServicerContext) -> grpc.Statu
         return invalid_argument(exc.violations)
     if isinstance(exc, IdempotencyConflict):
         return idempotency_conflict()
+    if isinstance(exc, NotReady):
+        return unavailable("redis", "REDIS_NOT_READY", f"is not ready ({exc})")
     if isinstance(exc, CodeNotFound):
         return to_status(code_pb2.NOT_FOUND, "no such code")
     if isinstance(exc, _UNAVAILABLE_ERRORS) or (

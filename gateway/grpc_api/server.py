@@ -14,8 +14,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from redis.asyncio import Redis
 
+from gateway import keys
 from gateway.clock import Clock, SystemClock
 from gateway.coderefs import KeyRing
+from gateway.domain import Readiness
+from gateway.durability import LOSS_WINDOW, check_durability
+from gateway.gateway_metrics import REDIS_DURABILITY, start_metrics_server
 from gateway.grpc_api.servicer import RedemptionServicer
 from gateway.pb.redemption.v1 import redemption_pb2 as pb
 from gateway.pb.redemption.v1 import redemption_pb2_grpc as pb_grpc
@@ -51,13 +55,26 @@ class Gateway:
     server: grpc.aio.Server = field(init=False)
     redis: Redis = field(init=False)
     health: health.aio.HealthServicer = field(init=False)
+    readiness: Readiness = field(default_factory=Readiness)
     _health_task: asyncio.Task[None] | None = field(init=False, default=None)
 
     async def start(self) -> int:
         """Bind, start serving, and return the bound port (RGW_GRPC_ADDR may name port 0)."""
         s = self.settings
         self.redis = connect(s.redis_url, pool_size=s.redis_pool_size, timeout_s=s.redis_timeout_seconds)
-        service = RedemptionService(store=RedisCodeStore(self.redis), keyring=self.keyring, clock=self.clock)
+        try:
+            config = await check_durability(self.redis, s.redis_durability)
+        except BaseException:
+            await self.redis.aclose()
+            raise
+        REDIS_DURABILITY.labels(
+            required=s.redis_durability,
+            appendfsync=config.get("appendfsync", "unknown"),
+            loss_window=LOSS_WINDOW[s.redis_durability],
+        ).set(1)
+        service = RedemptionService(
+            store=RedisCodeStore(self.redis), keyring=self.keyring, clock=self.clock, readiness=self.readiness
+        )
         self.server = grpc.aio.server(options=server_options(s), maximum_concurrent_rpcs=s.max_concurrent_rpcs)
         pb_grpc.add_RedemptionServiceServicer_to_server(RedemptionServicer(service), self.server)
         self.health = health.aio.HealthServicer()
@@ -72,11 +89,19 @@ class Gateway:
         return self.port
 
     async def _check_health(self) -> None:
+        """Serving means: Redis answers, and holds state built from Postgres (the initialised marker)."""
         try:
-            healthy = bool(await self.redis.ping())
-        except Exception:
-            healthy = False
-        status = SERVING if healthy else NOT_SERVING
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.ping()
+                pipe.exists(keys.INITIALISED)
+                _, initialised = await pipe.execute()
+            reason = "" if initialised else "Redis is not initialised from Postgres: run `rgw rebuild-redis`"
+        except Exception as exc:  # any failure to reach Redis means "not serving"
+            reason = f"Redis is unreachable ({type(exc).__name__})"
+        if reason and reason != self.readiness.reason:
+            log.warning("not serving: %s", reason)
+        self.readiness.ready, self.readiness.reason = not reason, reason
+        status = NOT_SERVING if reason else SERVING
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
 
@@ -97,15 +122,24 @@ class Gateway:
 
 
 async def serve(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    """Run until SIGTERM or SIGINT, then shut down gracefully (and the in-process writer, if configured)."""
     gateway = Gateway(settings=settings, keyring=settings.keyring())
     port = await gateway.start()
+    if settings.metrics_addr:
+        start_metrics_server(settings.metrics_addr)
     log.info("serving redemption.v1 on %s (port %d)", settings.grpc_addr, port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    writer = None
+    if settings.serve_writer:
+        from gateway.ledger.runner import run_writer
+
+        writer = asyncio.create_task(run_writer(settings, stop, serve_metrics=False))
     await stop.wait()
     log.info("shutting down: grace %.1fs for in-flight calls", settings.shutdown_grace_seconds)
     await gateway.stop()
+    if writer is not None:
+        await writer
     log.info("stopped")

@@ -18,7 +18,7 @@ ARGV[6 ..] per item, NF = 10 fields:
 
 Code hash fields: cid, kid, uses (allowed), used (taken now), seq (last use number: only grows, so a use number is
 never reused, even after a reversal gives a use back), vf, vu, last (ms of last use),
-u:<n> = use record n: "rid|at|fp|caller|store|term|dev|lat|lon|acc" - everything the outbox event carries, so
+u:<n> = use record n: "rid|at|fp|caller|store|term|dev|lat|lon|acc|idem" - everything the outbox event carries, so
 reconciliation can re-enqueue a use the ledger is missing; i:<scope> = "<fingerprint>|<redemption id>|<at ms>|
 <use number>|<uses left>" (first answer to that idempotency key; only redemptions are recorded - a decline
 changed nothing, so a retry is simply decided again).
@@ -67,14 +67,14 @@ local function redeem(key, a)
   local left = tonumber(redis.call('HGET', key, 'uses')) - used
   local rid, fp, caller = ARGV[a + 3], ARGV[a + 2], ARGV[a + 4]
   local use_record = table.concat({rid, now, fp, caller, ARGV[a + 5], ARGV[a + 6], ARGV[a + 7], ARGV[a + 8],
-    ARGV[a + 9], ARGV[a + 10]}, '|')
+    ARGV[a + 9], ARGV[a + 10], ARGV[a + 1]}, '|')
   redis.call('HSET', key, 'last', now, 'u:' .. seq, use_record,
     ARGV[a + 1], fp .. '|' .. rid .. '|' .. now .. '|' .. seq .. '|' .. left)
   local code_ref = string.match(key, ':code:(.+)$')
   redis.call('XADD', KEYS[2], '*',
     'rid', rid, 'ref', code_ref, 'kid', redis.call('HGET', key, 'kid'), 'cid', campaign, 'shard', shard,
     'use', seq, 'at', now, 'fp', fp, 'caller', caller, 'store', ARGV[a + 5], 'term', ARGV[a + 6],
-    'dev', ARGV[a + 7], 'lat', ARGV[a + 8], 'lon', ARGV[a + 9], 'acc', ARGV[a + 10])
+    'dev', ARGV[a + 7], 'lat', ARGV[a + 8], 'lon', ARGV[a + 9], 'acc', ARGV[a + 10], 'idem', ARGV[a + 1])
   return {'REDEEMED', left, rid, now, seq, 0}
 end
 

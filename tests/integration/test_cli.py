@@ -48,7 +48,7 @@ async def test_campaign_create_and_codes_generate(
     assert loaded == 2500
 
 
-def test_generate_refuses_to_overwrite_codes(redis_url: str, migrated: str, tmp_path: Path) -> None:
+async def test_generate_refuses_to_overwrite_codes(redis_url: str, migrated: str, redis: Redis, tmp_path: Path) -> None:
     env = gateway_environ(redis_url, migrated)
     campaign_id = rgw(env, "campaign", "create", "--name", "x").stdout.strip()
     out = tmp_path / "codes.txt"

@@ -33,7 +33,9 @@ async def test_redeem_writes_use_record_idempotency_record_and_one_outbox_event(
     assert (result.outcome, result.use_number, result.uses_left, result.replayed) == (Outcome.REDEEMED, 1, 0, False)
     state = await redis.hgetall(keys.code_key(cid, 0, ref))
     assert state["used"] == "1" and state["seq"] == "1" and state["last"] == str(T0_MS)
-    assert state["u:1"] == f"rid-1|{T0_MS}|{cmd.fingerprint}|s1/t1|s1|t1|dev-1|||"
+    assert (
+        state["u:1"] == f"rid-1|{T0_MS}|{cmd.fingerprint}|s1/t1|s1|t1|dev-1||||{idempotency_field('s1/t1', 'idem-1')}"
+    )
     assert state[idempotency_field("s1/t1", "idem-1")].startswith(cmd.fingerprint + "|rid-1|")
     events = await outbox_events(redis, cid)
     assert len(events) == 1

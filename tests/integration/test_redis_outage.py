@@ -15,9 +15,11 @@ from grpc_status import rpc_status
 from gateway import codes
 from gateway.clock import ManualClock
 from gateway.dev.servers import RedisServer
+from gateway.durability import mark_initialised
 from gateway.grpc_api.server import Gateway
 from gateway.pb.redemption.v1 import redemption_pb2 as pb
 from gateway.pb.redemption.v1 import redemption_pb2_grpc as pb_grpc
+from gateway.redis_store import connect
 from gateway.settings import Settings
 from tests.conftest import gateway_environ
 from tests.integration.grpc_helpers import redeem_request
@@ -39,6 +41,9 @@ async def _wait_for_health(channel: grpc.aio.Channel, status: int) -> None:
 @pytest.mark.slow
 async def test_redis_down_gives_unavailable_with_retry_info(tmp_path: Path, migrated: str, clock: ManualClock) -> None:
     server = RedisServer.start(data_dir=tmp_path / "redis", appendonly=False)
+    client = connect(server.url, pool_size=1, timeout_s=2)
+    await mark_initialised(client, "test")
+    await client.aclose()
     env = gateway_environ(server.url, migrated, RGW_HEALTH_INTERVAL_SECONDS="0.1", RGW_REDIS_TIMEOUT_SECONDS="0.5")
     settings = Settings.from_env(env)
     gateway = Gateway(settings=settings, keyring=settings.keyring(), clock=clock)
@@ -52,12 +57,25 @@ async def test_redis_down_gives_unavailable_with_retry_info(tmp_path: Path, migr
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         status = rpc_status.from_call(info.value)
         assert status is not None and any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in status.details)
-        server.restart()
+        server.restart()  # without AOF: back, but empty - it must not be redeemed against until rebuilt
+        stub = pb_grpc.RedemptionServiceStub(channel)
+        details = ""
+        for _ in range(100):  # once health checking has seen the restarted Redis, the refusal says why
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.Redeem(redeem_request(codes.generate(codes.Route(1, 0)), "k"))
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            details = str(info.value.details())
+            if "not initialised" in details:
+                break
+            await asyncio.sleep(0.05)
+        assert "not initialised" in details
+        assert await _health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
+        client = connect(server.url, pool_size=1, timeout_s=2)
+        await mark_initialised(client, "test")
+        await client.aclose()
         await _wait_for_health(channel, health_pb2.HealthCheckResponse.SERVING)
-        reply = await pb_grpc.RedemptionServiceStub(channel).Redeem(
-            redeem_request(codes.generate(codes.Route(1, 0)), "k")
-        )
-        assert reply.outcome == pb.OUTCOME_NOT_FOUND  # Redis is back (and empty): a normal decline again
+        reply = await stub.Redeem(redeem_request(codes.generate(codes.Route(1, 0)), "k"))
+        assert reply.outcome == pb.OUTCOME_NOT_FOUND  # initialised (and empty): a normal decline again
     finally:
         await channel.close()
         await gateway.stop()

@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.coderefs import KeyRing
 from gateway.dev.servers import RedisServer, free_port
+from gateway.durability import mark_initialised
 from gateway.pb.redemption.v1 import redemption_pb2 as pb
 from gateway.pb.redemption.v1 import redemption_pb2_grpc as pb_grpc
 from gateway.redis_store import connect
@@ -55,6 +56,7 @@ async def test_sigterm_drains_in_flight_calls_and_sheds_excess(
     own_redis: RedisServer, migrated: str, db: asyncpg.Connection, keyring: KeyRing, tmp_path: Path
 ) -> None:
     client = connect(own_redis.url, pool_size=2, timeout_s=5)
+    await mark_initialised(client, "test")
     issued = await issue_into(
         db, client, keyring, tmp_path, count=3, valid_from_ms=time.time_ns() // 1_000_000 - 60_000
     )

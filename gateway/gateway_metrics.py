@@ -1,0 +1,17 @@
+"""Prometheus metrics of the gateway process, and the /metrics endpoint."""
+
+from __future__ import annotations
+
+from prometheus_client import Gauge, start_http_server
+
+REDIS_DURABILITY = Gauge(
+    "rgw_redis_durability_info",
+    "Redis persistence the gateway verified at start-up; loss_window is what a Redis crash can lose",
+    ["required", "appendfsync", "loss_window"],
+)
+
+
+def start_metrics_server(addr: str) -> None:
+    """Serve /metrics on host:port from a daemon thread (never on the event loop)."""
+    host, _, port = addr.rpartition(":")
+    start_http_server(int(port), addr=host)

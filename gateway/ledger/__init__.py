@@ -1,0 +1,1 @@
+"""The ledger: moving outbox events from Redis into Postgres, exactly once."""

@@ -1,0 +1,27 @@
+"""Prometheus metrics of the ledger writer (no per-campaign labels: cardinality stays bounded)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+ROWS_WRITTEN = Counter("rgw_ledger_rows_written_total", "Redemptions newly recorded in the ledger")
+DUPLICATES = Counter("rgw_ledger_duplicates_total", "Redelivered outbox events that were already in the ledger")
+DOUBLE_SPENDS = Counter(
+    "rgw_ledger_double_spend_alarms_total", "Different redemption ids recorded for one code use (double spend)"
+)
+DEAD_LETTERS = Counter("rgw_ledger_dead_letters_total", "Outbox entries moved to a dead-letter stream")
+WRITE_RETRIES = Counter("rgw_ledger_write_retries_total", "Batches retried because Postgres failed")
+RECLAIMED = Counter("rgw_ledger_reclaimed_entries_total", "Entries reclaimed from consumers that stopped")
+POSTGRES_UP = Gauge("rgw_ledger_postgres_up", "1 while the writer's last Postgres write succeeded")
+BATCH_ROWS = Histogram(
+    "rgw_ledger_batch_rows", "Entries per written batch", buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000)
+)
+BATCH_SECONDS = Histogram(
+    "rgw_ledger_batch_seconds",
+    "Time to write one batch to Postgres and acknowledge it",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+OUTBOX_ENTRIES = Gauge("rgw_outbox_entries", "Entries waiting in all outbox streams (not yet in the ledger)")
+OUTBOX_OLDEST_AGE = Gauge(
+    "rgw_outbox_oldest_entry_age_seconds", "Age of the oldest outbox entry not yet in the ledger (0 when empty)"
+)
