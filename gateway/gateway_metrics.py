@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from prometheus_client import Gauge, start_http_server
+from prometheus_client import Gauge, disable_created_metrics, start_http_server
+
+# The *_created series double the output and say nothing an operator needs.
+disable_created_metrics()
 
 REDIS_DURABILITY = Gauge(
     "rgw_redis_durability_info",

@@ -1,8 +1,9 @@
 """`make run`: a local gateway with a demo campaign, from nothing.
 
 Starts Redis (AOF on, fsync always) and Postgres under ./.local/ unless RGW_REDIS_URL / RGW_DATABASE_URL name
-servers to use, makes a development HMAC key unless RGW_CODE_KEYS is set, migrates, creates a demo campaign,
-prints a few demo codes and a command that redeems one, and serves until Ctrl-C; then stops what it started.
+servers to use, makes a development HMAC key unless RGW_CODE_KEYS is set, migrates, restores Redis from Postgres,
+creates a demo campaign, prints a few demo codes and a command that redeems one, and serves (with the ledger
+writer in the same process) until Ctrl-C; then stops what it started.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import uvloop
 from gateway import issuance
 from gateway.db.migrate import migrate
 from gateway.dev.servers import PostgresServer, RedisServer
+from gateway.rebuild import rebuild_redis
 from gateway.redis_store import connect
 from gateway.settings import Settings
 
@@ -60,6 +62,7 @@ def local_servers(environ: dict[str, str]) -> Iterator[dict[str, str]]:
             env["RGW_DATABASE_URL"] = pg.url
             print(f"started postgres on port {pg.port}, data in {pg.data_dir}")
         env.setdefault("RGW_CODE_KEYS", _dev_keys())
+        env.setdefault("RGW_SERVE_WRITER", "true")  # one process: redemptions reach the ledger too
         yield env
 
 
@@ -69,6 +72,10 @@ async def prepare_demo(settings: Settings) -> tuple[int, list[str]]:
     redis = connect(settings.redis_url, pool_size=4, timeout_s=settings.redis_timeout_seconds)
     try:
         await migrate(conn)
+        # Our own Redis may be new or may have lost data: restore it from Postgres before adding anything.
+        report = await rebuild_redis(conn, redis)
+        print(f"redis restored from postgres: {report.campaigns} campaigns, {report.codes} codes, "
+              f"{report.uses_restored} ledger uses")  # fmt: skip
         keyring = settings.keyring()
         now = datetime.now(UTC)
         campaign = await issuance.create_campaign(

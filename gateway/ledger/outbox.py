@@ -73,27 +73,32 @@ class Outbox:
 
     async def read(self, limit: int) -> list[Entry]:
         """Up to `limit` entries: first this consumer's own unacknowledged ones (after a restart under the same
-        name), then new ones; one pipelined round trip over all streams."""
+        name, or a failed write), then new ones; one pipelined round trip over the streams per kind."""
         if not self.streams or limit <= 0:
             return []
-        per_stream = max(1, limit // len(self.streams))
+        pending = [s for s in self.streams if s not in self._own_pending_done]
+        if pending and (own := await self._read(pending, "0", limit)):
+            return own
+        return await self._read(self.streams, ">", limit)
+
+    async def _read(self, streams: list[str], start: str, limit: int) -> list[Entry]:
+        per_stream = max(1, limit // len(streams))
         async with self.redis.pipeline(transaction=False) as pipe:
-            for stream in self.streams:
-                start = ">" if stream in self._own_pending_done else "0"
+            for stream in streams:
                 pipe.xreadgroup(self.group, self.consumer, {stream: start}, count=per_stream)
             replies = await pipe.execute(raise_on_error=False)
         entries: list[Entry] = []
-        for stream, reply in zip(self.streams, replies, strict=True):
+        for stream, reply in zip(streams, replies, strict=True):
             if isinstance(reply, redis_errors.ResponseError) and "NOGROUP" in str(reply):
                 await ensure_group(self.redis, stream, self.group)
                 continue
             if isinstance(reply, Exception):
                 raise reply
             batch = _entries(stream, reply)
-            if stream not in self._own_pending_done and not batch:
+            if start == "0" and not batch:
                 self._own_pending_done.add(stream)
             entries += batch
-        return entries[:limit] if len(entries) > limit else entries
+        return entries  # never truncate: an entry read is pending to us and must be handled now
 
     def reread_pending(self) -> None:
         """Deliver this consumer's unacknowledged entries again on the next reads (after a failed write)."""
