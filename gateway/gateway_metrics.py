@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import Gauge, disable_created_metrics, start_http_server
 
 # The *_created series double the output and say nothing an operator needs.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 REDIS_DURABILITY = Gauge(
     "rgw_redis_durability_info",

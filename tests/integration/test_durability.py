@@ -49,7 +49,11 @@ def test_everysec_needs_the_explicit_relaxed_level(tmp_path: Path, migrated: str
     [
         ({"appendonly": "yes", "appendfsync": "always", "maxmemory-policy": "noeviction"}, "always", []),
         ({"appendonly": "yes", "appendfsync": "everysec", "maxmemory-policy": "noeviction"}, "everysec", []),
-        ({"appendonly": "yes", "appendfsync": "always", "maxmemory-policy": "allkeys-lru"}, "always", ["maxmemory-policy"]),
+        (
+            {"appendonly": "yes", "appendfsync": "always", "maxmemory-policy": "allkeys-lru"},
+            "always",
+            ["maxmemory-policy"],
+        ),
         (
             {"appendonly": "no", "appendfsync": "no", "maxmemory-policy": "noeviction"},
             "everysec",

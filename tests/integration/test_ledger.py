@@ -7,6 +7,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from functools import partial
+from typing import Any
 
 import asyncpg
 import pytest_asyncio
@@ -118,14 +119,18 @@ async def test_poison_entry_goes_to_the_dead_letter_stream(
     outbox = keys.outbox_key(issued.campaign.id, 0)
     await gateway.stub.Redeem(redeem_request(issued.codes[0], "k"))
     poison_id = await redis.xadd(outbox, {"rid": "not-a-uuid", "garbage": "yes"})
-    rejected_id = await redis.xadd(outbox, {**(await outbox_events(redis, issued.campaign.id))[0],
-                                            "rid": str(uuid.uuid4()), "use": "0"})  # fmt: skip
+    bad_use: dict[Any, Any] = {
+        **(await outbox_events(redis, issued.campaign.id))[0],
+        "rid": str(uuid.uuid4()),
+        "use": "0",
+    }
+    rejected_id = await redis.xadd(outbox, bad_use)
     await gateway.stub.Redeem(redeem_request(issued.codes[1], "k"))
     dead = metric("rgw_ledger_dead_letters_total")
 
     await drain(writer)
 
-    letters = await redis.xrange(keys.deadletter_key(issued.campaign.id, 0))
+    letters: Any = await redis.xrange(keys.deadletter_key(issued.campaign.id, 0))
     origins = {fields["dl_origin_id"]: fields["dl_reason"] for _, fields in letters}
     assert set(origins) == {poison_id, rejected_id}
     assert "missing fields" in origins[poison_id] and "rejected by postgres" in origins[rejected_id]

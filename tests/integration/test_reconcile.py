@@ -115,7 +115,7 @@ async def test_ledger_use_missing_in_redis_is_marked_used(
     assert again.outcome == pb.OUTCOME_ALREADY_REDEEMED  # fail closed: the recorded use is never granted again
     retry = await gateway.stub.Redeem(redeem_request(issued.codes[0], "key-0"))
     assert retry.replayed and retry.redemption_id == replies[0].redemption_id
-    assert (await redis.hget(code_key, "u:1") or "").startswith(replies[0].redemption_id)
+    assert str(await redis.hget(code_key, "u:1")).startswith(replies[0].redemption_id)
 
 
 async def test_rebuild_redis_restores_state_and_marker(
