@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,7 @@ import asyncpg
 from redis.asyncio import Redis
 
 from gateway import issuance, keys
+from gateway.ledger.events import PoisonEntry, decode_event
 from gateway.uses import Use, UseRepairs, from_record, ledger_uses
 
 CHUNK = 1000
@@ -75,7 +77,10 @@ async def _in_outbox(redis: Redis, campaign_id: int, shards: int) -> set[tuple[s
     waiting: set[tuple[str, int]] = set()
     for shard in range(shards):
         entries: Any = await redis.xrange(keys.outbox_key(campaign_id, shard))
-        waiting |= {(f["ref"], int(f["use"])) for _, f in entries if f and "ref" in f and "use" in f}
+        for _, fields in entries:
+            with contextlib.suppress(PoisonEntry, ValueError):
+                event = decode_event(fields)
+                waiting.add((event["ref"], int(event["use"])))
     return waiting
 
 

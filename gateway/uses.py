@@ -10,6 +10,7 @@ import asyncpg
 from redis.asyncio import Redis
 
 from gateway import keys
+from gateway.ledger.events import encode_event
 from gateway.redis_store import load_lua
 
 _LEDGER_USES = """
@@ -54,13 +55,13 @@ class Use:
                          self.terminal_id, self.device, self.lat, self.lon, self.acc, self.idem))  # fmt: skip
 
     def event(self) -> dict[str, str]:
-        """The outbox event, field for field as redeem.lua writes it."""
-        return {
+        """The outbox entry, as redeem.lua writes it."""
+        return encode_event({
             "rid": self.redemption_id, "ref": self.code_ref, "kid": self.key_id, "cid": str(self.campaign_id),
             "shard": str(self.shard), "use": str(self.use_number), "at": str(self.at_ms), "fp": self.fingerprint,
             "caller": self.caller, "store": self.store_id, "term": self.terminal_id, "dev": self.device,
             "lat": self.lat, "lon": self.lon, "acc": self.acc, "idem": self.idem,
-        }  # fmt: skip
+        })  # fmt: skip
 
 
 def _coordinate(value: float | None) -> str:

@@ -6,9 +6,14 @@ from __future__ import annotations
 import math
 import uuid
 from collections.abc import Mapping
-from dataclasses import astuple, dataclass, fields
 from datetime import UTC, datetime
+from typing import NamedTuple
 
+# The outbox entry format: one field, "v1", holding these values joined by "|" (none of them can contain "|":
+# ids are validated to [A-Za-z0-9._:-], the rest are hex, numbers or UUIDs).
+EVENT_FIELDS = ("rid", "ref", "kid", "cid", "shard", "use", "at", "fp", "caller", "store", "term", "dev", "lat", "lon",
+                "acc", "idem")  # fmt: skip
+VERSION_FIELD = "v1"
 REQUIRED = ("rid", "ref", "kid", "cid", "shard", "use", "at", "fp", "caller", "store", "term")
 
 
@@ -16,9 +21,9 @@ class PoisonEntry(ValueError):
     """The entry is malformed; retrying cannot help."""
 
 
-@dataclass(frozen=True, slots=True)
-class LedgerRow:
-    """One redemption as the ledger stores it; field order is the `redemptions` column order used by COPY."""
+class LedgerRow(NamedTuple):
+    """One redemption as the ledger stores it; field order is the column order COPY uses. A tuple, so it is
+    its own COPY record (dataclasses.astuple deep-copies every field: it dominated a profile of the writer)."""
 
     redemption_id: uuid.UUID
     code_ref: bytes
@@ -38,12 +43,8 @@ class LedgerRow:
     idempotency_scope: str
     outbox_id: str
 
-    def record(self) -> tuple[object, ...]:
-        """The row as a COPY record."""
-        return astuple(self)
 
-
-COLUMNS = [f.name for f in fields(LedgerRow)]
+COLUMNS = list(LedgerRow._fields)
 
 
 def _coordinate(text: str) -> float | None:
@@ -55,8 +56,25 @@ def _coordinate(text: str) -> float | None:
     return value
 
 
-def parse(entry_id: str, entry: Mapping[str, str]) -> LedgerRow:
+def encode_event(event: Mapping[str, str]) -> dict[str, str]:
+    """The outbox entry fields for an event (as redeem.lua writes them)."""
+    return {VERSION_FIELD: "|".join(event.get(name, "") for name in EVENT_FIELDS)}
+
+
+def decode_event(fields: Mapping[str, str]) -> dict[str, str]:
+    """The event held by an outbox entry; PoisonEntry when it is not in a known format."""
+    packed = fields.get(VERSION_FIELD)
+    if packed is None:
+        raise PoisonEntry(f"unknown entry format (fields: {', '.join(sorted(fields))[:100]})")
+    values = packed.split("|")
+    if len(values) != len(EVENT_FIELDS):
+        raise PoisonEntry(f"expected {len(EVENT_FIELDS)} values, found {len(values)}")
+    return dict(zip(EVENT_FIELDS, values, strict=True))
+
+
+def parse(entry_id: str, fields: Mapping[str, str]) -> LedgerRow:
     """The ledger row for one outbox entry; PoisonEntry when it is malformed."""
+    entry = decode_event(fields)
     missing = [name for name in REQUIRED if not entry.get(name)]
     if missing:
         raise PoisonEntry(f"missing fields: {', '.join(missing)}")

@@ -72,7 +72,7 @@ async def write_batch(conn: asyncpg.Connection, rows: Sequence[LedgerRow]) -> Ba
     """Record rows (distinct redemption ids) in one transaction; safe to repeat."""
     await conn.execute(_STAGING)
     async with conn.transaction():
-        await conn.copy_records_to_table("ledger_staging", records=[r.record() for r in rows], columns=COLUMNS)
+        await conn.copy_records_to_table("ledger_staging", records=rows, columns=COLUMNS)
         results = await conn.fetch(_INSERT)
         clashes = [r["redemption_id"] for r in results if not r["fresh"]]
         alarms = [Alarm(*a) for a in await conn.fetch(_ALARMS, clashes)] if clashes else []

@@ -4,7 +4,8 @@ Every key below carries the same hash tag {c<campaign>.<shard>}, so the whole de
 in one atomic script call (no read-then-write across round trips), on one Redis or on Redis Cluster.
 
 KEYS[1]          rgw:{c.s}:meta     campaign rules for this shard: vf, vu (validity window, ms since epoch)
-KEYS[2]          rgw:{c.s}:outbox   stream the redemption event is appended to (the ledger writer's input)
+KEYS[2]          rgw:{c.s}:outbox   stream the redemption event is appended to (the ledger writer's input):
+                                    one field v1 = "rid|ref|kid|cid|shard|use|at|fp|caller|store|term|dev|lat|lon|acc|idem"
 KEYS[3 ..]       code hashes, NK candidates per item (the code_ref under each HMAC key id), item by item
 
 ARGV[1]  mode: "redeem" changes state; "validate" runs the same checks and changes nothing
@@ -71,10 +72,11 @@ local function redeem(key, a)
   redis.call('HSET', key, 'last', now, 'u:' .. seq, use_record,
     ARGV[a + 1], fp .. '|' .. rid .. '|' .. now .. '|' .. seq .. '|' .. left)
   local code_ref = string.match(key, ':code:(.+)$')
-  redis.call('XADD', KEYS[2], '*',
-    'rid', rid, 'ref', code_ref, 'kid', redis.call('HGET', key, 'kid'), 'cid', campaign, 'shard', shard,
-    'use', seq, 'at', now, 'fp', fp, 'caller', caller, 'store', ARGV[a + 5], 'term', ARGV[a + 6],
-    'dev', ARGV[a + 7], 'lat', ARGV[a + 8], 'lon', ARGV[a + 9], 'acc', ARGV[a + 10], 'idem', ARGV[a + 1])
+  -- One field, "v1" = the event's values joined by '|' (see gateway/ledger/events.py): a sixth of the bytes and
+  -- of the strings to decode compared with one field per value, which dominated the ledger writer's reads.
+  redis.call('XADD', KEYS[2], '*', 'v1', table.concat({rid, code_ref, redis.call('HGET', key, 'kid'), campaign,
+    shard, seq, now, fp, caller, ARGV[a + 5], ARGV[a + 6], ARGV[a + 7], ARGV[a + 8], ARGV[a + 9], ARGV[a + 10],
+    ARGV[a + 1]}, '|'))
   return {'REDEEMED', left, rid, now, seq, 0}
 end
 

@@ -10,6 +10,7 @@ from grpc_status import rpc_status
 from redis.asyncio import Redis
 
 from gateway import keys
+from gateway.ledger.events import decode_event
 from gateway.pb.redemption.v1 import redemption_pb2 as pb
 
 
@@ -48,6 +49,6 @@ async def redis_snapshot(redis: Redis) -> dict[str, object]:
 
 
 async def outbox_events(redis: Redis, campaign_id: int, shard: int = 0) -> list[dict[str, str]]:
-    """The events in a campaign shard's outbox, oldest first."""
+    """The events in a campaign shard's outbox, oldest first, decoded."""
     entries: Any = await redis.xrange(keys.outbox_key(campaign_id, shard))
-    return [dict(fields) for _, fields in entries]
+    return [decode_event(fields) for _, fields in entries]
