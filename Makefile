@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test setup system-deps protos check-protos lint typecheck pytest lock clean
+.PHONY: run test setup system-deps protos check-protos lint typecheck pytest lock clean bench-writer
 
 run: setup
 	$(BIN)/python -m gateway.dev.run
@@ -41,6 +41,10 @@ typecheck: $(STAMP)
 # pytest's exit code 5 ("no tests collected") is a failure here like any other non-zero code.
 pytest: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The ledger writer's throughput into Postgres (fsync on) and the drain time of a 100,000-event backlog.
+bench-writer: setup
+	$(BIN)/python -m loadtest.bench_writer
 
 # Regenerate the lock file after changing dependencies in pyproject.toml (needs network access to PyPI).
 lock:

@@ -45,7 +45,7 @@ SPECS: tuple[Spec, ...] = (
     Spec("RGW_METRICS_ADDR", "127.0.0.1:9108", "host:port of the gateway's Prometheus /metrics (empty: off)"),
     Spec("RGW_SERVE_WRITER", "false", "also run a ledger writer inside `rgw serve` (development)"),
     Spec("RGW_WRITER_METRICS_ADDR", "127.0.0.1:9109", "host:port of the writer's Prometheus /metrics (empty: off)"),
-    Spec("RGW_WRITER_BATCH_SIZE", "1000", "most outbox entries written to Postgres in one transaction"),
+    Spec("RGW_WRITER_BATCH_SIZE", "2000", "most outbox entries written to Postgres in one transaction"),
     Spec("RGW_WRITER_BATCH_WAIT_MS", "200", "longest wait for a batch to fill once its first entry arrived"),
     Spec("RGW_WRITER_CLAIM_IDLE_MS", "30000", "entries unacknowledged this long by a consumer are reclaimed"),
     Spec("RGW_WRITER_MAX_ATTEMPTS", "5", "tries for an entry Postgres rejects before it is dead-lettered"),

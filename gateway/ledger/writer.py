@@ -34,7 +34,7 @@ _CONNECTION_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionE
 class WriterConfig:
     """Batching, retry and reclaim knobs (see settings for the variables)."""
 
-    batch_size: int = 1000
+    batch_size: int = 2000
     batch_wait_s: float = 0.2
     poll_s: float = 0.02
     claim_idle_ms: int = 30_000

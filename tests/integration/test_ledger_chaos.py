@@ -34,6 +34,7 @@ from gateway.coderefs import KeyRing
 from gateway.db.migrate import migrate
 from gateway.dev.servers import PostgresServer, RedisServer, free_port
 from gateway.durability import mark_initialised
+from gateway.ledger.events import decode_event
 from gateway.pb.redemption.v1 import redemption_pb2 as pb
 from gateway.pb.redemption.v1 import redemption_pb2_grpc as pb_grpc
 from gateway.redis_store import connect
@@ -321,8 +322,7 @@ async def held_already_in_ledger(redis: Redis, conn: asyncpg.Connection, stream:
     rids = []
     for entry in held:
         found: Any = await redis.xrange(stream, entry["message_id"], entry["message_id"])
-        assert all("rid" in f for _, f in found), (entry, found, held)
-        rids += [fields["rid"] for _, fields in found]
+        rids += [decode_event(fields)["rid"] for _, fields in found]
     query = "SELECT count(*) FROM redemptions WHERE redemption_id = ANY($1::uuid[])"
     return int(await conn.fetchval(query, rids))
 
