@@ -34,7 +34,8 @@ CREATE INDEX redemptions_campaign_time ON redemptions (campaign_id, redeemed_at)
 
 -- One row per code use: (code, use number) is never granted twice. Its primary key also answers "every
 -- redemption of this code" (redemptions has no code_ref index: a random-key index costs the writer ~25%).
--- A second redemption id for the same code use is a double spend: it is recorded in `redemptions` (it was acknowledged, so it happened) and raised below.
+-- A second redemption id for the same code use is a double spend: it is recorded in `redemptions` (it was
+-- acknowledged, so it happened) and raised in double_spend_alarms.
 CREATE TABLE code_uses (
     code_ref      bytea   NOT NULL,
     use_number    integer NOT NULL,
