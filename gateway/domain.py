@@ -118,3 +118,10 @@ class Readiness:
 
     ready: bool = False
     reason: str = "starting"
+
+
+@dataclass(frozen=True, slots=True)
+class ItemFailure:
+    """One item of a batch that was not decided: an exception the unary path would have raised."""
+
+    error: Exception

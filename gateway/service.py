@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from gateway.clock import Clock
 from gateway.coderefs import KeyRing
-from gateway.domain import CodeNotFound, CodeState, NotReady, Readiness, RedeemInput, RedeemResult
+from gateway.domain import (
+    CodeNotFound,
+    CodeState,
+    ItemFailure,
+    NotReady,
+    Readiness,
+    RedeemCommand,
+    RedeemInput,
+    RedeemResult,
+)
 from gateway.ids import uuid7
-from gateway.redis_store import RedisCodeStore
-from gateway.validation import check_redeem, lookup_code
+from gateway.redis_store import RedisCodeStore, to_result
+from gateway.validation import InvalidRequest, check_redeem, lookup_code
 
 log = logging.getLogger("rgw.redeem")
 
@@ -48,6 +58,33 @@ class RedemptionService:
             )
         return result
 
+    async def redeem_many(self, requests: Sequence[RedeemInput]) -> list[RedeemResult | ItemFailure]:
+        """Redeem a batch: every item keeps Redeem's guarantees; one script call per campaign shard, the shards
+        concurrently. A malformed item, or a shard Redis could not decide, fails alone."""
+        results: list[RedeemResult | ItemFailure] = [ItemFailure(NotReady(self._readiness.reason))] * len(requests)
+        if not self._readiness.ready:
+            return results
+        by_shard: dict[tuple[int, int], list[tuple[int, RedeemCommand]]] = {}
+        for index, request in enumerate(requests):
+            try:
+                command = check_redeem(request, self._keyring)
+            except InvalidRequest as exc:
+                results[index] = ItemFailure(exc)
+                continue
+            route = command.lookup.route
+            by_shard.setdefault((route.campaign_id, route.shard), []).append((index, command))
+        now = self._clock.now_ms()
+        groups = list(by_shard.values())
+        replies = await asyncio.gather(*(self._decide(group, now) for group in groups), return_exceptions=True)
+        for group, reply in zip(groups, replies, strict=True):
+            for position, (index, command) in enumerate(group):
+                results[index] = _item_result(reply, position, command)
+        return results
+
+    async def _decide(self, group: list[tuple[int, RedeemCommand]], now: int) -> list[object]:
+        commands = [command for _, command in group]
+        return await self._store.decide(commands, [self._new_id(now) for _ in commands], mode="redeem", now_ms=now)
+
     async def validate(self, request: RedeemInput) -> RedeemResult:
         """What redeem would answer now; changes nothing."""
         command = check_redeem(request, self._keyring, needs_key=False)
@@ -67,3 +104,16 @@ class RedemptionService:
     def _require_ready(self) -> None:
         if not self._readiness.ready:
             raise NotReady(self._readiness.reason)
+
+
+def _item_result(
+    reply: list[object] | BaseException, position: int, command: RedeemCommand
+) -> RedeemResult | ItemFailure:
+    if isinstance(reply, BaseException):
+        if not isinstance(reply, Exception):
+            raise reply  # cancellation and the like are not item failures
+        return ItemFailure(reply)
+    try:
+        return to_result(reply[position], command.lookup.route.campaign_id)  # type: ignore[arg-type]
+    except Exception as exc:  # an idempotency conflict fails this item only
+        return ItemFailure(exc)

@@ -36,6 +36,7 @@ SPECS: tuple[Spec, ...] = (
     Spec("RGW_CODE_KEY_ID", "", "key id that hashes new campaigns' codes (default: the first of RGW_CODE_KEYS)"),
     Spec("RGW_MAX_MESSAGE_BYTES", "16384", "largest gRPC message accepted or sent"),
     Spec("RGW_MAX_CONCURRENT_RPCS", "1000", "calls in progress at once; more get RESOURCE_EXHAUSTED"),
+    Spec("RGW_STREAM_MAX_ITEMS", "64", "most redemptions in one RedeemStream message"),
     Spec("RGW_SHUTDOWN_GRACE_SECONDS", "10", "on SIGTERM, how long in-flight calls may take to finish"),
     Spec("RGW_REDIS_POOL_SIZE", "64", "Redis connections per gateway process (callers beyond it queue)"),
     Spec("RGW_REDIS_TIMEOUT_SECONDS", "2", "Redis connect/read timeout and pool wait; beyond it: UNAVAILABLE"),
@@ -67,6 +68,7 @@ class Settings:
     code_key_id: str
     max_message_bytes: int
     max_concurrent_rpcs: int
+    stream_max_items: int
     shutdown_grace_seconds: float
     redis_pool_size: int
     redis_timeout_seconds: float
@@ -186,6 +188,7 @@ class _Reader:
             code_key_id=self.get("RGW_CODE_KEY_ID", str),
             max_message_bytes=self.get("RGW_MAX_MESSAGE_BYTES", _positive_int),
             max_concurrent_rpcs=self.get("RGW_MAX_CONCURRENT_RPCS", _positive_int),
+            stream_max_items=self.get("RGW_STREAM_MAX_ITEMS", _positive_int),
             shutdown_grace_seconds=self.get("RGW_SHUTDOWN_GRACE_SECONDS", _positive_float),
             redis_pool_size=self.get("RGW_REDIS_POOL_SIZE", _positive_int),
             redis_timeout_seconds=self.get("RGW_REDIS_TIMEOUT_SECONDS", _positive_float),

@@ -11,6 +11,7 @@ import functools
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -43,60 +44,68 @@ def to_status(code: int, message: str, details: Sequence[Message] = ()) -> grpc.
     return rpc_status.to_status(status_pb2.Status(code=code, message=message, details=packed))
 
 
-def invalid_argument(violations: Sequence[FieldViolation]) -> grpc.Status:
-    """INVALID_ARGUMENT with a BadRequest naming every bad field."""
-    bad = error_details_pb2.BadRequest(
-        field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description) for v in violations
-        ]
-    )
-    return to_status(code_pb2.INVALID_ARGUMENT, "invalid request: " + "; ".join(v.field for v in violations), [bad])
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """What went wrong, in terms a caller can act on: a google.rpc code, a message (never a code in plaintext),
+    a machine reason, the bad fields, and whether retrying (with the same idempotency key) may help."""
+
+    code: int
+    message: str
+    reason: str
+    violations: Sequence[FieldViolation] = ()
+    retry: bool = False
 
 
-def idempotency_conflict() -> grpc.Status:
-    """INVALID_ARGUMENT: a key reused for this code with a different request."""
-    info = error_details_pb2.ErrorInfo(reason="IDEMPOTENCY_KEY_REUSED", domain=DOMAIN)
-    bad = error_details_pb2.BadRequest(
-        field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(
-                field="idempotency_key", description="was used for this code with a different request"
-            )
-        ]
-    )
-    return to_status(code_pb2.INVALID_ARGUMENT, "idempotency key reused with a different request", [info, bad])
+_REUSED_KEY = FieldViolation("idempotency_key", "was used for this code with a different request")
 
 
-def unavailable(what: str, reason: str = "DEPENDENCY_UNAVAILABLE", detail: str = "is unavailable") -> grpc.Status:
-    """UNAVAILABLE with RetryInfo: retry with the same idempotency key."""
-    retry = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=RETRY_AFTER_SECONDS))
-    info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata={"dependency": what})
-    return to_status(code_pb2.UNAVAILABLE, f"{what} {detail}; retry with the same idempotency key", [info, retry])
-
-
-def _request_id(context: grpc.aio.ServicerContext) -> str:
-    for key, value in context.invocation_metadata() or ():
-        if key == "x-request-id" and isinstance(value, str):
-            return value[:64]
-    return uuid.uuid4().hex
-
-
-def _status_for(exc: Exception, context: grpc.aio.ServicerContext) -> grpc.Status:
+def fault_for(exc: Exception, request_id: Callable[[], str]) -> Fault:
+    """The one mapping from exceptions to faults (unary statuses and stream item errors alike)."""
     if isinstance(exc, InvalidRequest):
-        return invalid_argument(exc.violations)
+        return Fault(code_pb2.INVALID_ARGUMENT, "invalid request: " + "; ".join(v.field for v in exc.violations),
+                     "INVALID_REQUEST", exc.violations)  # fmt: skip
     if isinstance(exc, IdempotencyConflict):
-        return idempotency_conflict()
+        return Fault(code_pb2.INVALID_ARGUMENT, "idempotency key reused with a different request",
+                     "IDEMPOTENCY_KEY_REUSED", [_REUSED_KEY])  # fmt: skip
     if isinstance(exc, NotReady):
-        return unavailable("redis", "REDIS_NOT_READY", f"is not ready ({exc})")
+        return Fault(code_pb2.UNAVAILABLE, f"redis is not ready ({exc}); retry with the same idempotency key",
+                     "REDIS_NOT_READY", retry=True)  # fmt: skip
     if isinstance(exc, CodeNotFound):
-        return to_status(code_pb2.NOT_FOUND, "no such code")
+        return Fault(code_pb2.NOT_FOUND, "no such code", "CODE_NOT_FOUND")
     if isinstance(exc, _UNAVAILABLE_ERRORS) or (
         isinstance(exc, redis_errors.ResponseError) and str(exc).startswith("OOM")
     ):
         log.warning("redis unavailable: %s", type(exc).__name__)
-        return unavailable("redis")
-    request_id = _request_id(context)
-    log.exception("internal error, request id %s", request_id)
-    return to_status(code_pb2.INTERNAL, f"internal error; request id {request_id}")
+        return Fault(code_pb2.UNAVAILABLE, "redis is unavailable; retry with the same idempotency key",
+                     "DEPENDENCY_UNAVAILABLE", retry=True)  # fmt: skip
+    rid = request_id()
+    log.error("internal error, request id %s", rid, exc_info=exc)
+    return Fault(code_pb2.INTERNAL, f"internal error; request id {rid}", "INTERNAL")
+
+
+def status_for(fault: Fault) -> grpc.Status:
+    """A grpc.Status with google.rpc details: ErrorInfo always, BadRequest for bad fields, RetryInfo to retry."""
+    details: list[Message] = [error_details_pb2.ErrorInfo(reason=fault.reason, domain=DOMAIN)]
+    if fault.violations:
+        details.append(error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+            for v in fault.violations
+        ]))  # fmt: skip
+    if fault.retry:
+        details.append(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=RETRY_AFTER_SECONDS)))
+    return to_status(fault.code, fault.message, details)
+
+
+def request_id_of(context: grpc.aio.ServicerContext) -> Callable[[], str]:
+    """The caller's x-request-id (or a new one), computed only when a fault needs it."""
+
+    def request_id() -> str:
+        for key, value in context.invocation_metadata() or ():
+            if key == "x-request-id" and isinstance(value, str):
+                return value[:64]
+        return uuid.uuid4().hex
+
+    return request_id
 
 
 def rpc_boundary(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
@@ -109,7 +118,7 @@ def rpc_boundary(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            await context.abort_with_status(_status_for(exc, context))
+            await context.abort_with_status(status_for(fault_for(exc, request_id_of(context))))
             raise  # unreachable: abort_with_status raises
 
     return wrapper

@@ -76,7 +76,9 @@ class Gateway:
             store=RedisCodeStore(self.redis), keyring=self.keyring, clock=self.clock, readiness=self.readiness
         )
         self.server = grpc.aio.server(options=server_options(s), maximum_concurrent_rpcs=s.max_concurrent_rpcs)
-        pb_grpc.add_RedemptionServiceServicer_to_server(RedemptionServicer(service), self.server)
+        pb_grpc.add_RedemptionServiceServicer_to_server(
+            RedemptionServicer(service, stream_max_items=s.stream_max_items), self.server
+        )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)

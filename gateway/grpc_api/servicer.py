@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable
+
 import grpc
 from google.protobuf import timestamp_pb2
 
-from gateway.domain import REASONS, CodeState, Location, Outcome, RedeemInput, RedeemResult
-from gateway.grpc_api.errors import rpc_boundary
+from gateway.domain import REASONS, CodeState, ItemFailure, Location, Outcome, RedeemInput, RedeemResult
+from gateway.grpc_api.errors import Fault, fault_for, request_id_of, rpc_boundary, status_for
 from gateway.pb.redemption.v1 import redemption_pb2 as pb
 from gateway.pb.redemption.v1 import redemption_pb2_grpc as pb_grpc
 from gateway.service import RedemptionService
+from gateway.validation import FieldViolation, InvalidRequest
 
 _OUTCOMES: dict[Outcome, pb.Outcome.ValueType] = {
     Outcome.REDEEMED: pb.OUTCOME_REDEEMED,
@@ -72,11 +75,22 @@ def _code_status(state: CodeState, now_ms: int) -> pb.CodeStatus.ValueType:
     return pb.CODE_STATUS_ACTIVE
 
 
+def item_error(fault: Fault) -> pb.ItemError:
+    """The per-item form of a fault."""
+    return pb.ItemError(
+        code=fault.code,
+        message=fault.message,
+        reason=fault.reason,
+        field_violations=[pb.FieldViolation(field=v.field, description=v.description) for v in fault.violations],
+    )
+
+
 class RedemptionServicer(pb_grpc.RedemptionServiceServicer):
     """The gRPC face of RedemptionService."""
 
-    def __init__(self, service: RedemptionService) -> None:
+    def __init__(self, service: RedemptionService, *, stream_max_items: int = 64) -> None:
         self._service = service
+        self._stream_max_items = stream_max_items
 
     @rpc_boundary
     async def Redeem(self, request: pb.RedeemRequest, context: grpc.aio.ServicerContext) -> pb.RedeemResponse:
@@ -115,3 +129,27 @@ class RedemptionServicer(pb_grpc.RedemptionServiceServicer):
         if state.last_redeemed_ms:
             response.last_redeemed_at.CopyFrom(_timestamp(state.last_redeemed_ms))
         return response
+
+    async def RedeemStream(
+        self, request_iterator: AsyncIterator[pb.RedeemStreamRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.RedeemStreamResponse]:
+        request_id = request_id_of(context)
+        try:
+            async for message in request_iterator:
+                if len(message.items) > self._stream_max_items:
+                    violation = FieldViolation("items", f"at most {self._stream_max_items} items per message")
+                    raise InvalidRequest([violation])
+                outcomes = await self._service.redeem_many([redeem_input(item) for item in message.items])
+                yield pb.RedeemStreamResponse(
+                    batch_id=message.batch_id, results=[self._stream_result(o, request_id) for o in outcomes]
+                )
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # the stream's boundary: every failure leaves as a precise status
+            await context.abort_with_status(status_for(fault_for(exc, request_id)))
+
+    @staticmethod
+    def _stream_result(outcome: RedeemResult | ItemFailure, request_id: Callable[[], str]) -> pb.RedeemStreamResult:
+        if isinstance(outcome, ItemFailure):
+            return pb.RedeemStreamResult(error=item_error(fault_for(outcome.error, request_id)))
+        return pb.RedeemStreamResult(response=redeem_response(outcome))

@@ -50,6 +50,11 @@ class RedemptionServiceStub:
                 request_serializer=redemption_dot_v1_dot_redemption__pb2.GetCodeRequest.SerializeToString,
                 response_deserializer=redemption_dot_v1_dot_redemption__pb2.GetCodeResponse.FromString,
                 _registered_method=True)
+        self.RedeemStream = channel.stream_stream(
+                '/redemption.v1.RedemptionService/RedeemStream',
+                request_serializer=redemption_dot_v1_dot_redemption__pb2.RedeemStreamRequest.SerializeToString,
+                response_deserializer=redemption_dot_v1_dot_redemption__pb2.RedeemStreamResponse.FromString,
+                _registered_method=True)
 
 
 class RedemptionServiceServicer:
@@ -80,6 +85,17 @@ class RedemptionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RedeemStream(self, request_iterator, context):
+        """RedeemStream is the batch path for internal callers at traffic spikes. Each request message carries many
+        redemptions (at most the server's limit, RGW_STREAM_MAX_ITEMS, default 64), each with its own idempotency
+        key; the reply to it carries one result per item, in the same order. Every guarantee of Redeem holds per
+        item (atomicity, uses, idempotency, validation). Messages of one stream are answered in order; open several
+        streams for parallelism. A message over the item limit ends the stream with INVALID_ARGUMENT.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RedemptionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -97,6 +113,11 @@ def add_RedemptionServiceServicer_to_server(servicer, server):
                     servicer.GetCode,
                     request_deserializer=redemption_dot_v1_dot_redemption__pb2.GetCodeRequest.FromString,
                     response_serializer=redemption_dot_v1_dot_redemption__pb2.GetCodeResponse.SerializeToString,
+            ),
+            'RedeemStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.RedeemStream,
+                    request_deserializer=redemption_dot_v1_dot_redemption__pb2.RedeemStreamRequest.FromString,
+                    response_serializer=redemption_dot_v1_dot_redemption__pb2.RedeemStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -181,6 +202,33 @@ class RedemptionService:
             '/redemption.v1.RedemptionService/GetCode',
             redemption_dot_v1_dot_redemption__pb2.GetCodeRequest.SerializeToString,
             redemption_dot_v1_dot_redemption__pb2.GetCodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RedeemStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/redemption.v1.RedemptionService/RedeemStream',
+            redemption_dot_v1_dot_redemption__pb2.RedeemStreamRequest.SerializeToString,
+            redemption_dot_v1_dot_redemption__pb2.RedeemStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

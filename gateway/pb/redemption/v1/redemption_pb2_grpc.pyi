@@ -63,6 +63,13 @@ class RedemptionServiceStub:
     """
     GetCode: _grpc.UnaryUnaryMultiCallable[_redemption_pb2.GetCodeRequest, _redemption_pb2.GetCodeResponse]
     """GetCode reports a code's state. An unknown code is the gRPC status NOT_FOUND."""
+    RedeemStream: _grpc.StreamStreamMultiCallable[_redemption_pb2.RedeemStreamRequest, _redemption_pb2.RedeemStreamResponse]
+    """RedeemStream is the batch path for internal callers at traffic spikes. Each request message carries many
+    redemptions (at most the server's limit, RGW_STREAM_MAX_ITEMS, default 64), each with its own idempotency
+    key; the reply to it carries one result per item, in the same order. Every guarantee of Redeem holds per
+    item (atomicity, uses, idempotency, validation). Messages of one stream are answered in order; open several
+    streams for parallelism. A message over the item limit ends the stream with INVALID_ARGUMENT.
+    """
 
 @_typing.type_check_only
 class RedemptionServiceAsyncStub(RedemptionServiceStub):
@@ -80,6 +87,13 @@ class RedemptionServiceAsyncStub(RedemptionServiceStub):
     """
     GetCode: _aio.UnaryUnaryMultiCallable[_redemption_pb2.GetCodeRequest, _redemption_pb2.GetCodeResponse]  # type: ignore[assignment]
     """GetCode reports a code's state. An unknown code is the gRPC status NOT_FOUND."""
+    RedeemStream: _aio.StreamStreamMultiCallable[_redemption_pb2.RedeemStreamRequest, _redemption_pb2.RedeemStreamResponse]  # type: ignore[assignment]
+    """RedeemStream is the batch path for internal callers at traffic spikes. Each request message carries many
+    redemptions (at most the server's limit, RGW_STREAM_MAX_ITEMS, default 64), each with its own idempotency
+    key; the reply to it carries one result per item, in the same order. Every guarantee of Redeem holds per
+    item (atomicity, uses, idempotency, validation). Messages of one stream are answered in order; open several
+    streams for parallelism. A message over the item limit ends the stream with INVALID_ARGUMENT.
+    """
 
 class RedemptionServiceServicer(metaclass=_abc_1.ABCMeta):
     """RedemptionService redeems voucher codes, membership card secrets and coupons."""
@@ -112,5 +126,18 @@ class RedemptionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_redemption_pb2.GetCodeResponse, _abc.Awaitable[_redemption_pb2.GetCodeResponse]]:
         """GetCode reports a code's state. An unknown code is the gRPC status NOT_FOUND."""
+
+    @_abc_1.abstractmethod
+    def RedeemStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_redemption_pb2.RedeemStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_redemption_pb2.RedeemStreamResponse], _abc.AsyncIterator[_redemption_pb2.RedeemStreamResponse]]:
+        """RedeemStream is the batch path for internal callers at traffic spikes. Each request message carries many
+        redemptions (at most the server's limit, RGW_STREAM_MAX_ITEMS, default 64), each with its own idempotency
+        key; the reply to it carries one result per item, in the same order. Every guarantee of Redeem holds per
+        item (atomicity, uses, idempotency, validation). Messages of one stream are answered in order; open several
+        streams for parallelism. A message over the item limit ends the stream with INVALID_ARGUMENT.
+        """
 
 def add_RedemptionServiceServicer_to_server(servicer: RedemptionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
