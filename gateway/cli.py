@@ -202,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr
     )
+    if args.run is _serve and settings.workers > 1:
+        from gateway.supervisor import supervise
+
+        return supervise(settings)
     try:
         code: int = uvloop.run(args.run(args, settings))
         return code

@@ -34,6 +34,7 @@ SPECS: tuple[Spec, ...] = (
     Spec("RGW_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres", "Postgres: the system of record"),
     Spec("RGW_CODE_KEYS", None, "HMAC keys for code_refs: comma-separated KEY_ID:BASE64 (32+ bytes each)"),
     Spec("RGW_CODE_KEY_ID", "", "key id that hashes new campaigns' codes (default: the first of RGW_CODE_KEYS)"),
+    Spec("RGW_WORKERS", "1", "server processes sharing RGW_GRPC_ADDR (SO_REUSEPORT); needs a fixed port when > 1"),
     Spec("RGW_MAX_MESSAGE_BYTES", "16384", "largest gRPC message accepted or sent"),
     Spec("RGW_MAX_CONCURRENT_RPCS", "1000", "calls in progress at once; more get RESOURCE_EXHAUSTED"),
     Spec("RGW_STREAM_MAX_ITEMS", "64", "most redemptions in one RedeemStream message"),
@@ -66,6 +67,7 @@ class Settings:
     database_url: str
     code_keys: Mapping[str, bytes]
     code_key_id: str
+    workers: int
     max_message_bytes: int
     max_concurrent_rpcs: int
     stream_max_items: int
@@ -186,6 +188,7 @@ class _Reader:
             database_url=self.get("RGW_DATABASE_URL", _url("postgresql", "postgres")),
             code_keys=self.get("RGW_CODE_KEYS", _code_keys),
             code_key_id=self.get("RGW_CODE_KEY_ID", str),
+            workers=self.get("RGW_WORKERS", _positive_int),
             max_message_bytes=self.get("RGW_MAX_MESSAGE_BYTES", _positive_int),
             max_concurrent_rpcs=self.get("RGW_MAX_CONCURRENT_RPCS", _positive_int),
             stream_max_items=self.get("RGW_STREAM_MAX_ITEMS", _positive_int),
@@ -207,6 +210,8 @@ class _Reader:
         )
         if values.code_keys and values.code_key_id and values.code_key_id not in values.code_keys:
             self.errors.append(f"RGW_CODE_KEY_ID={values.code_key_id!r}: not a key id of RGW_CODE_KEYS")
+        if values.workers and values.workers > 1 and values.grpc_addr and values.grpc_addr.endswith(":0"):
+            self.errors.append("RGW_WORKERS > 1 needs a fixed port in RGW_GRPC_ADDR (port 0 differs per process)")
         if self.errors:
             raise SettingsError("invalid configuration:\n  " + "\n  ".join(self.errors))
         return values

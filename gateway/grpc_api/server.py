@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -44,6 +45,12 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
     ]
 
 
+def register_redemption_service(server: grpc.aio.Server, service: RedemptionService, settings: Settings) -> None:
+    """The production API."""
+    servicer = RedemptionServicer(service, stream_max_items=settings.stream_max_items)
+    pb_grpc.add_RedemptionServiceServicer_to_server(servicer, server)
+
+
 @dataclass
 class Gateway:
     """A running gateway: the server, its Redis client and its health state."""
@@ -56,6 +63,9 @@ class Gateway:
     redis: Redis = field(init=False)
     health: health.aio.HealthServicer = field(init=False)
     readiness: Readiness = field(default_factory=Readiness)
+    # Registers the API servicer(s); the default is the real RedemptionServicer. The benchmark passes its own
+    # (an empty-handler ceiling, a Postgres peer) to measure them on exactly this server stack.
+    register: Callable[[grpc.aio.Server, RedemptionService, Settings], None] | None = None
     _health_task: asyncio.Task[None] | None = field(init=False, default=None)
 
     async def start(self) -> int:
@@ -76,9 +86,7 @@ class Gateway:
             store=RedisCodeStore(self.redis), keyring=self.keyring, clock=self.clock, readiness=self.readiness
         )
         self.server = grpc.aio.server(options=server_options(s), maximum_concurrent_rpcs=s.max_concurrent_rpcs)
-        pb_grpc.add_RedemptionServiceServicer_to_server(
-            RedemptionServicer(service, stream_max_items=s.stream_max_items), self.server
-        )
+        (self.register or register_redemption_service)(self.server, service, s)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
