@@ -14,7 +14,8 @@
 // Usage: node h2gen.mjs --target 127.0.0.1:50051 --path /redemption.v1.RedemptionService/Redeem
 //          --frames FILE --rate 1000 --duration 5 [--connections 4] [--mode unary|stream] [--streams 8]
 //          [--max-inflight 4000] [--warmup 1]
-// Prints one JSON object: counts, grpc statuses, outcome counts, latency percentiles (ms), generator CPU.
+// Prints one JSON object: counts, grpc statuses, outcome counts (all calls, warm-up included), latency
+// percentiles in ms (after the warm-up), generator CPU.
 import http2 from "node:http2";
 import fs from "node:fs";
 import { performance } from "node:perf_hooks";
@@ -110,7 +111,7 @@ function unaryCall(session, path, frame, scheduled, stats, mode, counted) {
   let status = null;
   req.on("response", (h) => { if (h["grpc-status"] !== undefined) status = String(h["grpc-status"]); });
   req.on("trailers", (t) => { status = String(t["grpc-status"]); });
-  req.on("data", (chunk) => { for (const m of grpcMessages(state, chunk)) if (counted) countOutcomes(m, mode, stats.outcomes); });
+  req.on("data", (chunk) => { for (const m of grpcMessages(state, chunk)) countOutcomes(m, mode, stats.outcomes); });
   req.on("error", () => { if (status === null) status = "transport"; });
   req.on("close", () => { stats.finish(scheduled, status ?? "transport", counted); });
   req.end(frame);
@@ -124,7 +125,7 @@ function openStreams(sessions, path, count, stats) {
     req.on("data", (chunk) => {
       for (const m of grpcMessages(s.state, chunk)) {
         const [scheduled, counted] = s.pending.shift();
-        if (counted) countOutcomes(m, "stream", stats.outcomes);
+        countOutcomes(m, "stream", stats.outcomes);
         stats.finish(scheduled, "0", counted);
       }
     });

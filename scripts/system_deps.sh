@@ -12,6 +12,8 @@ have_postgres() {
 missing=()
 have_redis || missing+=(redis-server)
 have_postgres || missing+=(postgresql)
+# Node.js runs loadtest/h2gen.mjs, the benchmark's load generator (its built-in http2; no npm packages).
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
@@ -23,6 +25,6 @@ if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
   exit 0
 fi
 echo "missing: ${missing[*]}. Install them (Debian/Ubuntu: sudo apt-get install ${missing[*]};" \
-     "macOS: brew install redis postgresql@15) or set RGW_REDIS_URL / RGW_DATABASE_URL (and" \
+     "macOS: brew install redis postgresql@15 node) or set RGW_REDIS_URL / RGW_DATABASE_URL (and" \
      "RGW_TEST_REDIS_URL / RGW_TEST_DATABASE_URL for the tests) to servers you already run." >&2
 exit 1

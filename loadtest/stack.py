@@ -1,0 +1,129 @@
+"""The benchmark's stack: its own Redis (AOF, appendfsync always) and Postgres (fsync, synchronous_commit on),
+codes issued through the real issuance path, and the server processes of one variant."""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import asyncpg
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gateway.coderefs import KeyRing
+from gateway.db.migrate import migrate
+from gateway.dev.servers import PostgresServer, RedisServer, free_port
+from gateway.issuance import create_campaign, issue_codes
+from gateway.rebuild import rebuild_redis
+from gateway.redis_store import connect
+from loadtest.servicers import LOAD_PEER_CODES, PEER_SCHEMA
+
+KEY = os.urandom(32)
+KEYRING = KeyRing({"bench": KEY}, "bench")
+
+
+@dataclass
+class Stack:
+    """Redis, Postgres and the environment for servers under test."""
+
+    redis: RedisServer
+    postgres: PostgresServer
+    workdir: Path
+    issued: int = 0
+    servers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "RGW_REDIS_URL": self.redis.url,
+            "RGW_DATABASE_URL": self.postgres.url,
+            "RGW_CODE_KEYS": "bench:" + base64.b64encode(KEY).decode(),
+            "RGW_REDIS_DURABILITY": "always",
+            "RGW_METRICS_ADDR": "",
+            "RGW_WRITER_METRICS_ADDR": "",
+            "RGW_MAX_CONCURRENT_RPCS": "20000",
+            "RGW_REDIS_POOL_SIZE": "64",
+            "RGW_LOG_LEVEL": "WARNING",
+        }
+
+    async def prepare(self) -> None:
+        conn = await asyncpg.connect(self.postgres.url)
+        redis = connect(self.redis.url, pool_size=4, timeout_s=30)
+        try:
+            await migrate(conn)
+            await conn.execute(PEER_SCHEMA)
+            await rebuild_redis(conn, redis)
+        finally:
+            await redis.aclose()
+            await conn.close()
+
+    async def issue(self, count: int, *, uses: int = 1, peer: bool = False, name: str = "bench") -> list[str]:
+        """`count` fresh codes of a new campaign (also loaded into the peer's table when `peer`)."""
+        conn = await asyncpg.connect(self.postgres.url)
+        redis = connect(self.redis.url, pool_size=4, timeout_s=30)
+        try:
+            now = datetime.now(UTC)
+            campaign = await create_campaign(conn, redis, KEYRING, name=name, valid_from=now - timedelta(hours=1),
+                                             valid_until=now + timedelta(days=1), uses_per_code=uses)  # fmt: skip
+            self.issued += 1
+            out = self.workdir / f"codes-{self.issued}.txt"
+            await issue_codes(conn, redis, KEYRING, campaign, count=count, out=out)
+            if peer:
+                await conn.execute(LOAD_PEER_CODES, campaign.id)
+            return out.read_text().split()
+        finally:
+            await redis.aclose()
+            await conn.close()
+
+    def start_servers(self, variant: str, workers: int) -> tuple[str, list[int]]:
+        """Start `workers` processes of a variant on one port; returns the target and their pids."""
+        port = free_port()
+        env = {**os.environ, **self.env, "RGW_GRPC_ADDR": f"127.0.0.1:{port}"}
+        command = [sys.executable, "-m", "loadtest.bench_server", variant]
+        self.servers = [subprocess.Popen(command, env=env) for _ in range(workers)]  # noqa: S603 - fixed command
+        target = f"127.0.0.1:{port}"
+        _wait_serving(target, self.servers)
+        return target, [p.pid for p in self.servers]
+
+    def stop_servers(self) -> None:
+        for proc in self.servers:
+            proc.terminate()
+        for proc in self.servers:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.servers = []
+
+
+def _wait_serving(target: str, procs: list[subprocess.Popen[bytes]]) -> None:
+    deadline = time.monotonic() + 30
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if any(p.poll() is not None for p in procs):
+                raise RuntimeError(f"a {target} server exited at start")
+            try:
+                if (
+                    stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
+                    time.sleep(0.3 * len(procs))  # let every worker bind before load starts
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    raise RuntimeError(f"{target} did not become SERVING")
+
+
+def start_stack(workdir: Path) -> Stack:
+    redis = RedisServer.start(data_dir=workdir / "redis", appendonly=True, appendfsync="always")
+    postgres = PostgresServer.start(data_dir=workdir / "pg", fsync=True)
+    return Stack(redis, postgres, workdir)
