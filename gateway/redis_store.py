@@ -20,6 +20,7 @@ from gateway.domain import (
     RedeemCommand,
     RedeemResult,
 )
+from gateway.pipelined_redis import PipelinedRedis, Script
 
 Mode = Literal["redeem", "validate"]
 
@@ -84,11 +85,14 @@ def to_result(reply: Sequence[Any], campaign_id: int) -> RedeemResult:
 
 
 class RedisCodeStore:
-    """Redeem, validate and inspect codes; the script is registered once (EVALSHA, reloaded on NOSCRIPT)."""
+    """Redeem, validate and inspect codes; the script is registered once (EVALSHA, reloaded on NOSCRIPT).
 
-    def __init__(self, redis: Redis) -> None:
+    With a PipelinedRedis the redeem script runs on it (the hot path); otherwise on redis-py."""
+
+    def __init__(self, redis: Redis, pipelined: PipelinedRedis | None = None) -> None:
         self.redis = redis
-        self._redeem = redis.register_script(load_lua("redeem.lua"))
+        source = load_lua("redeem.lua")
+        self._redeem: Any = Script(pipelined, source) if pipelined is not None else redis.register_script(source)
 
     async def decide(
         self, commands: Sequence[RedeemCommand], redemption_ids: Sequence[str], *, mode: Mode, now_ms: int

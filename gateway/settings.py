@@ -39,7 +39,10 @@ SPECS: tuple[Spec, ...] = (
     Spec("RGW_MAX_CONCURRENT_RPCS", "1000", "calls in progress at once; more get RESOURCE_EXHAUSTED"),
     Spec("RGW_STREAM_MAX_ITEMS", "64", "most redemptions in one RedeemStream message"),
     Spec("RGW_SHUTDOWN_GRACE_SECONDS", "10", "on SIGTERM, how long in-flight calls may take to finish"),
-    Spec("RGW_REDIS_POOL_SIZE", "64", "Redis connections per gateway process (callers beyond it queue)"),
+    Spec(
+        "RGW_REDIS_POOL_SIZE", "64", "redis-py connections per process for everything but the hot path (callers queue)"
+    ),
+    Spec("RGW_REDIS_HOT_CONNECTIONS", "4", "pipelined connections per process that carry the redeem script calls"),
     Spec("RGW_REDIS_TIMEOUT_SECONDS", "2", "Redis connect/read timeout and pool wait; beyond it: UNAVAILABLE"),
     Spec("RGW_HEALTH_INTERVAL_SECONDS", "2", "how often health checking pings Redis"),
     Spec("RGW_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
@@ -73,6 +76,7 @@ class Settings:
     stream_max_items: int
     shutdown_grace_seconds: float
     redis_pool_size: int
+    redis_hot_connections: int
     redis_timeout_seconds: float
     health_interval_seconds: float
     log_level: str
@@ -194,6 +198,7 @@ class _Reader:
             stream_max_items=self.get("RGW_STREAM_MAX_ITEMS", _positive_int),
             shutdown_grace_seconds=self.get("RGW_SHUTDOWN_GRACE_SECONDS", _positive_float),
             redis_pool_size=self.get("RGW_REDIS_POOL_SIZE", _positive_int),
+            redis_hot_connections=self.get("RGW_REDIS_HOT_CONNECTIONS", _positive_int),
             redis_timeout_seconds=self.get("RGW_REDIS_TIMEOUT_SECONDS", _positive_float),
             health_interval_seconds=self.get("RGW_HEALTH_INTERVAL_SECONDS", _positive_float),
             log_level=self.get("RGW_LOG_LEVEL", _log_level),

@@ -24,6 +24,7 @@ from gateway.gateway_metrics import REDIS_DURABILITY, start_metrics_server
 from gateway.grpc_api.servicer import RedemptionServicer
 from gateway.pb.redemption.v1 import redemption_pb2 as pb
 from gateway.pb.redemption.v1 import redemption_pb2_grpc as pb_grpc
+from gateway.pipelined_redis import PipelinedRedis
 from gateway.redis_store import RedisCodeStore, connect
 from gateway.service import RedemptionService
 from gateway.settings import Settings
@@ -63,6 +64,7 @@ class Gateway:
     redis: Redis = field(init=False)
     health: health.aio.HealthServicer = field(init=False)
     readiness: Readiness = field(default_factory=Readiness)
+    pipelined: PipelinedRedis | None = field(init=False, default=None)
     # Registers the API servicer(s); the default is the real RedemptionServicer. The benchmark passes its own
     # (an empty-handler ceiling, a Postgres peer) to measure them on exactly this server stack.
     register: Callable[[grpc.aio.Server, RedemptionService, Settings], None] | None = None
@@ -82,9 +84,14 @@ class Gateway:
             appendfsync=config.get("appendfsync", "unknown"),
             loss_window=LOSS_WINDOW[s.redis_durability],
         ).set(1)
-        service = RedemptionService(
-            store=RedisCodeStore(self.redis), keyring=self.keyring, clock=self.clock, readiness=self.readiness
-        )
+        self.pipelined = None
+        if s.redis_url.startswith("redis://"):
+            self.pipelined = PipelinedRedis(
+                s.redis_url, connections=s.redis_hot_connections, timeout_s=s.redis_timeout_seconds
+            )
+            await self.pipelined.connect()
+        store = RedisCodeStore(self.redis, self.pipelined)
+        service = RedemptionService(store=store, keyring=self.keyring, clock=self.clock, readiness=self.readiness)
         self.server = grpc.aio.server(options=server_options(s), maximum_concurrent_rpcs=s.max_concurrent_rpcs)
         (self.register or register_redemption_service)(self.server, service, s)
         self.health = health.aio.HealthServicer()
@@ -106,6 +113,8 @@ class Gateway:
                 pipe.exists(keys.INITIALISED)
                 _, initialised = await pipe.execute()
             reason = "" if initialised else "Redis is not initialised from Postgres: run `rgw rebuild-redis`"
+            if not reason and self.pipelined is not None and not self.pipelined.connected:
+                reason = "the redeem connections to Redis are reconnecting"
         except Exception as exc:  # any failure to reach Redis means "not serving"
             reason = f"Redis is unreachable ({type(exc).__name__})"
         if reason and reason != self.readiness.reason:
@@ -128,6 +137,8 @@ class Gateway:
                 await self._health_task
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.shutdown_grace_seconds)
+        if self.pipelined is not None:
+            await self.pipelined.close()
         await self.redis.aclose()
 
 
