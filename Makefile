@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test setup system-deps protos check-protos lint typecheck pytest lock clean bench-writer
+.PHONY: run test setup system-deps protos check-protos lint typecheck pytest lock clean bench-writer loadtest
 
 run: setup
 	$(BIN)/python -m gateway.dev.run
@@ -45,6 +45,11 @@ pytest: $(STAMP)
 # The ledger writer's throughput into Postgres (fsync on) and the drain time of a 100,000-event backlog.
 bench-writer: setup
 	$(BIN)/python -m loadtest.bench_writer
+
+# Locust scenarios (launch peak, hot codes, attacker, mixed) against a throw-away local stack, 30 s by default;
+# CSV and HTML reports in loadtest/results/. E.g. LOADTEST_ARGS="--users 80 --duration 120 --scenarios LaunchPeak".
+loadtest: setup
+	$(BIN)/python -m loadtest.run_loadtest $(LOADTEST_ARGS)
 
 # Regenerate the lock file after changing dependencies in pyproject.toml (needs network access to PyPI).
 lock:

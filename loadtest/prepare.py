@@ -1,0 +1,173 @@
+"""The load test's data: campaigns and codes for the Locust scenarios, issued the way operators issue them.
+
+Usage: python -m loadtest.prepare --out DIR [--fresh 50000] [--hot 5] [--hot-uses 100000] [--shards 1]
+                                  [--valid-hours 24]
+
+Reads the gateway's RGW_ variables (RGW_DATABASE_URL, RGW_REDIS_URL, RGW_CODE_KEYS, RGW_CODE_KEY_ID) to reach the
+stores of the gateway under test - a local stack or a real deployment. It applies pending migrations, restores
+Redis from Postgres if Redis is not initialised (as `rgw rebuild-redis` would), then creates two campaigns through
+`gateway.issuance`:
+
+- "fresh": single-use codes, each redeemed once by the launch-peak and mixed scenarios;
+- "hot": a few codes with many uses each, which many terminals redeem at once.
+
+DIR (created 0700) receives the plaintext codes - test data, but redeemable ones, so each file is mode 0600 and
+never overwritten - and `manifest.json`, which the locustfile reads. A DIR prepared before is refused: its codes
+may have been used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import asyncpg
+import uvloop
+from redis.asyncio import Redis
+
+from gateway import issuance
+from gateway.coderefs import KeyRing
+from gateway.db.migrate import MigrationError, migrate
+from gateway.durability import is_initialised
+from gateway.rebuild import rebuild_redis
+from gateway.redis_store import connect
+from gateway.settings import Settings, SettingsError
+
+MANIFEST = "manifest.json"
+FRESH_FILE = "fresh-codes.txt"
+HOT_FILE = "hot-codes.txt"
+
+
+@dataclass(frozen=True, slots=True)
+class CampaignData:
+    """One prepared campaign: its id and shape, and the file (in the data dir) holding its codes."""
+
+    campaign_id: int
+    shards: int
+    uses_per_code: int
+    codes: int
+    file: str
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """What the prepare step made; the locustfile's only input besides the code files."""
+
+    created_at: str
+    fresh: CampaignData
+    hot: CampaignData
+
+    def write(self, directory: Path) -> None:
+        fd = os.open(directory / MANIFEST, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(asdict(self), handle, indent=2)
+
+    @classmethod
+    def read(cls, directory: Path) -> Manifest:
+        raw = json.loads((directory / MANIFEST).read_text())
+        return cls(raw["created_at"], CampaignData(**raw["fresh"]), CampaignData(**raw["hot"]))
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What to issue."""
+
+    out: Path
+    fresh: int
+    hot: int
+    hot_uses: int
+    shards: int
+    valid_for: timedelta
+
+
+async def _ensure_initialised(conn: asyncpg.Connection, redis: Redis) -> None:
+    # Issuance refuses an uninitialised Redis (it may have lost data); a new one only needs the marker, and one
+    # that lost data must be restored before codes are added to it - rebuild_redis does both, idempotently.
+    if not await is_initialised(redis):
+        report = await rebuild_redis(conn, redis)
+        print(f"redis was not initialised: restored {report.campaigns} campaigns, {report.codes} codes, "
+              f"{report.uses_restored} uses from postgres")  # fmt: skip
+
+
+async def _issue(
+    conn: asyncpg.Connection, redis: Redis, keyring: KeyRing, plan: Plan, *, kind: str, count: int, uses: int
+) -> CampaignData:
+    now = datetime.now(UTC)
+    campaign = await issuance.create_campaign(
+        conn, redis, keyring,
+        name=f"loadtest {kind} {now:%Y-%m-%d %H:%M:%S}", valid_from=now - timedelta(minutes=1),
+        valid_until=now + plan.valid_for, uses_per_code=uses, shards=plan.shards,
+    )  # fmt: skip
+    file = FRESH_FILE if kind == "fresh" else HOT_FILE
+    await issuance.issue_codes(conn, redis, keyring, campaign, count=count, out=plan.out / file)
+    return CampaignData(campaign.id, campaign.shards, uses, count, file)
+
+
+async def prepare(settings: Settings, plan: Plan) -> Manifest:
+    """Migrate, make sure Redis is initialised, issue both campaigns, write the manifest."""
+    keyring = settings.keyring()
+    conn = await asyncpg.connect(settings.database_url)
+    redis = connect(settings.redis_url, pool_size=4, timeout_s=max(settings.redis_timeout_seconds, 10))
+    try:
+        await migrate(conn)
+        await _ensure_initialised(conn, redis)
+        fresh = await _issue(conn, redis, keyring, plan, kind="fresh", count=plan.fresh, uses=1)
+        hot = await _issue(conn, redis, keyring, plan, kind="hot", count=plan.hot, uses=plan.hot_uses)
+    finally:
+        await redis.aclose()
+        await conn.close()
+    manifest = Manifest(datetime.now(UTC).isoformat(timespec="seconds"), fresh, hot)
+    manifest.write(plan.out)
+    return manifest
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be a positive whole number")
+    return value
+
+
+def parse_args(argv: list[str] | None = None) -> Plan:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.prepare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="data directory to create (or an empty one)")
+    parser.add_argument("--fresh", type=_positive, default=50_000, help="single-use codes (default 50000)")
+    parser.add_argument("--hot", type=_positive, default=5, help="multi-use hot codes (default 5)")
+    parser.add_argument("--hot-uses", type=_positive, default=100_000, help="uses per hot code (default 100000)")
+    parser.add_argument("--shards", type=_positive, default=1, help="campaign shards (Redis hash tags, default 1)")
+    parser.add_argument("--valid-hours", type=_positive, default=24, help="validity of both campaigns (default 24)")
+    args = parser.parse_args(argv)
+    return Plan(args.out, args.fresh, args.hot, args.hot_uses, args.shards, timedelta(hours=args.valid_hours))
+
+
+def _data_dir(path: Path) -> None:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if (path / MANIFEST).exists():
+        raise FileExistsError(f"{path} already holds prepared data (its codes may be used); choose a new --out")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: prints what was issued; exit 1 with a message when the configuration or a store is wrong."""
+    plan = parse_args(argv)
+    started = time.perf_counter()
+    try:
+        settings = Settings.from_env()
+        _data_dir(plan.out)
+        manifest = uvloop.run(prepare(settings, plan))
+    except (SettingsError, FileExistsError, MigrationError, issuance.IssuanceIncomplete, OSError) as exc:
+        print(f"prepare: {exc}", file=sys.stderr)
+        return 1
+    print(f"prepared in {time.perf_counter() - started:.1f}s: campaign {manifest.fresh.campaign_id} with "
+          f"{manifest.fresh.codes} single-use codes, campaign {manifest.hot.campaign_id} with {manifest.hot.codes} "
+          f"codes of {manifest.hot.uses_per_code} uses; data in {plan.out}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
