@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test setup system-deps protos check-protos lint typecheck pytest lock clean bench-writer loadtest
+.PHONY: run test setup system-deps protos check-protos lint typecheck pytest lock clean bench bench-writer loadtest
 
 run: setup
 	$(BIN)/python -m gateway.dev.run
@@ -43,6 +43,10 @@ pytest: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 # The ledger writer's throughput into Postgres (fsync on) and the drain time of a 100,000-event backlog.
+# The side-by-side benchmark: ceiling, redeem, stream, peer (Postgres row locks), redis; see BENCHMARKS.md.
+bench: setup
+	$(BIN)/python -m loadtest.bench $(BENCH_ARGS)
+
 bench-writer: setup
 	$(BIN)/python -m loadtest.bench_writer
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -59,6 +60,19 @@ class Fault:
 _REUSED_KEY = FieldViolation("idempotency_key", "was used for this code with a different request")
 
 
+_unavailable_log = {"next": 0.0, "suppressed": 0}
+
+
+def _warn_unavailable(kind: str) -> None:
+    """At most one line a second: during an outage every call fails the same way, and logs must not drown."""
+    now = time.monotonic()
+    if now < _unavailable_log["next"]:
+        _unavailable_log["suppressed"] += 1
+        return
+    log.warning("redis unavailable: %s (%d more since the last line)", kind, _unavailable_log["suppressed"])
+    _unavailable_log.update(next=now + 1.0, suppressed=0)
+
+
 def fault_for(exc: Exception, request_id: Callable[[], str]) -> Fault:
     """The one mapping from exceptions to faults (unary statuses and stream item errors alike)."""
     if isinstance(exc, InvalidRequest):
@@ -75,7 +89,7 @@ def fault_for(exc: Exception, request_id: Callable[[], str]) -> Fault:
     if isinstance(exc, _UNAVAILABLE_ERRORS) or (
         isinstance(exc, redis_errors.ResponseError) and str(exc).startswith("OOM")
     ):
-        log.warning("redis unavailable: %s", type(exc).__name__)
+        _warn_unavailable(type(exc).__name__)
         return Fault(code_pb2.UNAVAILABLE, "redis is unavailable; retry with the same idempotency key",
                      "DEPENDENCY_UNAVAILABLE", retry=True)  # fmt: skip
     rid = request_id()

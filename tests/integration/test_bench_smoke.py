@@ -1,0 +1,42 @@
+"""The benchmark harness works end to end (seconds, tiny rates): it proves the harness, not the speed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_bench_smoke_run_writes_results(tmp_path: Path) -> None:
+    variants = "ceiling,redeem,stream,redeem-hot,peer,peer-stream,redis"
+    done = subprocess.run(
+        [sys.executable, "-m", "loadtest.bench", "--smoke", "--workers", "1", "--only", variants,
+         "--out", str(tmp_path), "--no-markdown"],
+        capture_output=True, text=True, timeout=280, env={**os.environ},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert (tmp_path / "bench.png").stat().st_size > 10_000
+    results = report["variants"]
+    assert set(results) == set(variants.split(",")) - {"redis"}
+    for name, variant in results.items():
+        cpu = variant["results"]["cpu"]
+        assert cpu["completed"] == cpu["sent"] > 0, name
+        assert cpu["errors"] == 0, (name, cpu["statuses"])
+        assert cpu["cpu_us_per_call"]["server"] > 0, name
+        assert variant["results"]["max_calls_per_s"] > 0, name
+    redeemed = results["redeem"]["results"]["cpu"]["outcomes"]
+    assert set(redeemed) == {"1"}  # every fresh code redeemed exactly once
+    hot = results["redeem-hot"]["results"]
+    assert all(step["over_redeemed"] == 0 for step in [hot["cpu"], hot["half"], *hot["ramp"]])
+    assert hot["cpu"]["outcomes"]["1"] == 2 * 20  # exactly the hot codes' uses were granted
+    stream = results["stream"]["results"]["cpu"]
+    assert stream["outcomes"]["1"] == stream["completed"] * 8  # 8 redemptions per message
+    assert report["redis"]["runs"][0]["rps"] > 0
+    assert report["ratios"]["redeem_cpu_per_call_vs_ceiling"] is not None
