@@ -8,7 +8,10 @@ from collections.abc import Sequence
 from importlib import resources
 from typing import Any, Literal
 
+from redis import exceptions as redis_errors
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from gateway import keys
 from gateway.domain import (
@@ -35,6 +38,9 @@ def connect(url: str, *, pool_size: int, timeout_s: float) -> Redis:
     pool = BlockingConnectionPool.from_url(
         url,
         max_connections=pool_size,
+        # A pooled connection that died with a restarted Redis fails once; retry that once on a fresh one.
+        retry=Retry(NoBackoff(), 1),
+        retry_on_error=[redis_errors.ConnectionError],
         timeout=timeout_s,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,

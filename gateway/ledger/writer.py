@@ -47,7 +47,8 @@ class WriterConfig:
 
 def backoff(attempt: int, *, base: float, cap: float) -> float:
     """Capped exponential backoff with full jitter (attempt 0 is the first retry)."""
-    return random.uniform(0, min(cap, base * 2**attempt))  # noqa: S311 - jitter, not a secret
+    # The exponent is capped: 2**1024 overflows a float, and an outage may well last that many retries.
+    return random.uniform(0, min(cap, base * 2 ** min(attempt, 32)))  # noqa: S311 - jitter, not a secret
 
 
 class LedgerWriter:
@@ -108,10 +109,20 @@ class LedgerWriter:
             await self.outbox.refresh()
             self._next_refresh = now + self.config.directory_refresh_s
         if now >= self._next_backlog:
+            await self._refresh_backlog()
+
+    async def _refresh_backlog(self) -> None:
+        """Sample the outbox size and age into the metrics (at most once per backlog_refresh_s)."""
+        now = time.monotonic()
+        if now < self._next_backlog:
+            return
+        self._next_backlog = now + self.config.backlog_refresh_s
+        try:
             backlog = await self.outbox.backlog()
-            metrics.OUTBOX_ENTRIES.set(backlog.entries)
-            metrics.OUTBOX_OLDEST_AGE.set(backlog.oldest_age_seconds)
-            self._next_backlog = now + self.config.backlog_refresh_s
+        except redis_errors.RedisError:
+            return  # Redis trouble is handled by the main loop; metrics just stay as they were
+        metrics.OUTBOX_ENTRIES.set(backlog.entries)
+        metrics.OUTBOX_OLDEST_AGE.set(backlog.oldest_age_seconds)
 
     async def _collect(self, stop: asyncio.Event | None) -> list[Entry]:
         """Up to batch_size entries, waiting at most batch_wait_s after the first arrives."""
@@ -156,6 +167,7 @@ class LedgerWriter:
                     "postgres unavailable (%s); retrying %d entries in %.2fs", type(exc).__name__, len(entries), delay
                 )
                 attempt += 1
+                await self._refresh_backlog()  # the outbox keeps growing: the alert must see it
                 if stop is not None and stop.is_set():
                     log.info("stopping with %d entries unacknowledged; they will be redelivered", len(entries))
                     return

@@ -172,3 +172,31 @@ async def test_outbox_backlog_metrics(gateway: RunningGateway, issue: Issue, wri
     await drain(writer)
     assert (await writer.outbox.backlog()).entries == 0
     assert metric("rgw_outbox_entries") in (0.0, 3.0)  # sampled at most once a second
+
+
+async def test_backlog_metrics_stay_current_while_postgres_is_down(
+    gateway: RunningGateway, issue: Issue, redis: Redis
+) -> None:
+    from gateway.dev.servers import free_port
+
+    issued = await issue(3)
+    dead_postgres = partial(asyncpg.connect, f"postgresql://postgres@127.0.0.1:{free_port()}/postgres", timeout=1)
+    config = WriterConfig(batch_size=1, batch_wait_s=0.01, poll_s=0.005, backoff_base_s=0.05, backoff_max_s=0.1,
+                          backlog_refresh_s=0.05)  # fmt: skip
+    writer = LedgerWriter(Outbox(redis, consumer="stuck"), dead_postgres, config)
+    stop = asyncio.Event()
+    task = asyncio.create_task(writer.run(stop))
+    try:
+        await gateway.stub.Redeem(redeem_request(issued.codes[0], "k0"))
+        await asyncio.sleep(0.5)  # the writer now holds that entry and retries it
+        for n, code in enumerate(issued.codes[1:], 1):
+            await gateway.stub.Redeem(redeem_request(code, f"k{n}"))
+        for _ in range(100):
+            if metric("rgw_outbox_entries") == 3:
+                break
+            await asyncio.sleep(0.05)
+        assert metric("rgw_outbox_entries") == 3 and metric("rgw_ledger_postgres_up") == 0
+        assert metric("rgw_outbox_oldest_entry_age_seconds") > 0
+    finally:
+        stop.set()
+        await task

@@ -44,8 +44,10 @@ from tests.integration.grpc_helpers import redeem_request
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-# Small batches and a short reclaim delay, so a restarted writer takes over a dead one's entries quickly.
-WRITER_KNOBS = {
+# One gateway process (its pid is the one killed); small writer batches and a short reclaim delay, so a restarted
+# writer takes over a dead one's entries quickly.
+PROCESS_KNOBS = {
+    "RGW_WORKERS": "1",
     "RGW_WRITER_BATCH_SIZE": "50",
     "RGW_WRITER_BATCH_WAIT_MS": "20",
     "RGW_WRITER_CLAIM_IDLE_MS": "1000",
@@ -159,15 +161,15 @@ class Load:
         return [c for c in self.calls if c.started <= moment <= c.ended]
 
 
-async def resolve_unknown(
-    stub: pb_grpc.RedemptionServiceStub, calls: Iterable[Call], *, within: float = 30.0
+async def settle(
+    stub: pb_grpc.RedemptionServiceStub, requests: Iterable[pb.RedeemRequest], *, within: float = 30.0
 ) -> list[Call]:
-    """Retry each unknown call with its own request (same key) until the gateway answers; the answers."""
-    todo = {c.code: c.request for c in calls if c.unknown}
+    """Send each request until the gateway answers it (a transport failure is retried with the same request, so
+    the same key), for at most `within` seconds; the last call of each."""
     limit = asyncio.Semaphore(16)
     deadline = time.monotonic() + within
 
-    async def settle(request: pb.RedeemRequest) -> Call:
+    async def one(request: pb.RedeemRequest) -> Call:
         async with limit:
             while True:
                 call = await redeem_once(stub, request, 3.0)
@@ -175,7 +177,12 @@ async def resolve_unknown(
                     return call
                 await asyncio.sleep(0.2)
 
-    return list(await asyncio.gather(*(settle(r) for r in todo.values())))
+    return list(await asyncio.gather(*(one(r) for r in requests)))
+
+
+async def resolve_unknown(stub: pb_grpc.RedemptionServiceStub, calls: Iterable[Call]) -> list[Call]:
+    """What became of each unknown call: the answer to the same request (same key) after recovery."""
+    return await settle(stub, [c.request for c in calls if c.unknown])
 
 
 def acknowledged(calls: list[Call], retries: list[Call]) -> dict[str, str]:
@@ -267,7 +274,7 @@ class Rig:
 @contextlib.asynccontextmanager
 async def rig(tmp_path: Path, redis_url: str, database_url: str, **extra: str) -> AsyncIterator[Rig]:
     port = free_port()
-    env = gateway_environ(redis_url, database_url, RGW_GRPC_ADDR=f"127.0.0.1:{port}", **WRITER_KNOBS, **extra)
+    env = gateway_environ(redis_url, database_url, RGW_GRPC_ADDR=f"127.0.0.1:{port}", **PROCESS_KNOBS, **extra)
     reconnect = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
                  ("grpc.max_reconnect_backoff_ms", 300)]  # fmt: skip
     running = Rig(Processes(tmp_path, env), port, grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=reconnect))
@@ -327,30 +334,61 @@ async def held_already_in_ledger(redis: Redis, conn: asyncpg.Connection, stream:
     return int(await conn.fetchval(query, rids))
 
 
-async def kill_writer_holding_entries(proc: subprocess.Popen[bytes], redis: Redis, stream: str, consumer: str) -> int:
-    """SIGKILL the writer at a moment it holds unacknowledged entries (frozen with SIGSTOP to look, up to ~3 s
-    of tries); how many entries it held when it died."""
-    for _ in range(150):
+async def _freeze_when_holding(
+    proc: subprocess.Popen[bytes], redis: Redis, conn: asyncpg.Connection, stream: str, consumer: str,
+    *, committed: bool | None, within: float,
+) -> bool:  # fmt: skip
+    """Freeze the writer (SIGSTOP) at a moment it holds unacknowledged entries: all already committed to the
+    ledger (committed=True: between COMMIT and XACK), none committed yet (False), or either (None).
+    True: it is left frozen; False: no such moment came, it is left running."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
         proc.send_signal(signal.SIGSTOP)
-        if await pending_of(redis, stream, consumer) > 0:
-            break
+        held = await pending_of(redis, stream, consumer)
+        if held > 0:
+            in_ledger = await held_already_in_ledger(redis, conn, stream, consumer)
+            if committed is None or in_ledger == (held if committed else 0):
+                return True
         proc.send_signal(signal.SIGCONT)
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.005)
+    return False
+
+
+async def kill_writer_mid_batch(
+    proc: subprocess.Popen[bytes], redis: Redis, conn: asyncpg.Connection, stream: str, consumer: str,
+    *, committed: bool,
+) -> tuple[int, int]:  # fmt: skip
+    """SIGKILL the writer while it holds unacknowledged entries, committed to the ledger already or not yet (any
+    held entries if that moment does not come); returns (entries it held at death, how many were committed)."""
+    for wanted in (committed, None):
+        if await _freeze_when_holding(proc, redis, conn, stream, consumer, committed=wanted, within=3.0):
+            break
     sigkill(proc)
-    return await pending_of(redis, stream, consumer)
+    return await pending_of(redis, stream, consumer), await held_already_in_ledger(redis, conn, stream, consumer)
 
 
-async def wait_for_ledger(conn: asyncpg.Connection, redis: Redis, campaign_id: int, expected: int) -> float:
-    """Seconds until the ledger holds `expected` rows of the campaign and its outbox is empty, nothing pending."""
+async def wait_for_backlog_below(redis: Redis, stream: str, entries: int, *, within: float) -> float:
+    """Seconds until the outbox holds fewer than `entries` (the writer caught up with a backlog)."""
+    started = time.monotonic()
+    while (backlog := int(await redis.xlen(stream))) >= entries:
+        if time.monotonic() - started > within:
+            pytest.fail(f"outbox still holds {backlog} entries {within:.0f}s after Postgres came back")
+        await asyncio.sleep(0.05)
+    return time.monotonic() - started
+
+
+async def wait_for_ledger(conn: asyncpg.Connection, redis: Redis, campaign_id: int) -> float:
+    """Seconds until the campaign's outbox is empty with nothing pending: every event acknowledged to a client was
+    in the outbox before its reply, and leaves it only once committed, so the ledger is then final."""
     started = time.monotonic()
     stream = keys.outbox_key(campaign_id, 0)
     while True:
-        rows = int(await conn.fetchval("SELECT count(*) FROM redemptions WHERE campaign_id = $1", campaign_id))
         backlog, pending = int(await redis.xlen(stream)), await pending_of(redis, stream)
-        if rows >= expected and backlog == 0 and pending == 0:
+        if backlog == 0 and pending == 0:
             return time.monotonic() - started
         if time.monotonic() - started > LEDGER_DEADLINE_S:
-            pytest.fail(f"ledger not drained in {LEDGER_DEADLINE_S:.0f}s: {rows} of {expected} rows, "
+            rows = await conn.fetchval("SELECT count(*) FROM redemptions WHERE campaign_id = $1", campaign_id)
+            pytest.fail(f"ledger not drained in {LEDGER_DEADLINE_S:.0f}s: {rows} rows, "
                         f"outbox {backlog} entries, {pending} pending")  # fmt: skip
         await asyncio.sleep(0.1)
 
@@ -410,18 +448,19 @@ async def test_writer_killed_twice_under_load_ledger_matches_acknowledgements(
         load = Load(r.stub, iter(issued.codes), rate=300, workers=8)
         running = r.spawn(load.run(seconds=6))
         kills: list[tuple[str, int, int]] = []
-        for n in (2, 3):
+        for n, committed in ((2, True), (3, False)):  # die after COMMIT before XACK; then before COMMIT
             await asyncio.sleep(1.8)
             dead = f"writer-{n - 1}"
-            held = await kill_writer_holding_entries(writer, redis, stream, dead)
-            kills.append((dead, held, await held_already_in_ledger(redis, db, stream, dead)))
+            kills.append((dead, *await kill_writer_mid_batch(writer, redis, db, stream, dead, committed=committed)))
             writer = r.procs.start(f"writer-{n}", "writer", RGW_WRITER_CONSUMER=f"writer-{n}")
         await running
         retries = await resolve_unknown(r.stub, load.calls)
         acked = acknowledged(load.calls, retries)
-        drain = await wait_for_ledger(db, redis, cid, len(acked))
+        drain = await wait_for_ledger(db, redis, cid)
         await assert_ledger_matches(db, redis, cid, acked)
-        assert all(held > 0 for _, held, _ in kills), f"a writer died holding nothing: {kills}"
+        (_, held_1, committed_1), (_, held_2, committed_2) = kills
+        assert held_1 == committed_1 > 0, f"writer-1 was not caught between COMMIT and XACK: {kills}"
+        assert held_2 > committed_2, f"writer-2 was not caught holding uncommitted entries: {kills}"
         for dead, _, _ in kills:  # what the dead held was reclaimed (XAUTOCLAIM) and acknowledged by another
             assert await pending_of(redis, stream, dead) == 0
         assert await redis.xlen(stream) == 0 and await pending_of(redis, stream) == 0
@@ -451,7 +490,7 @@ async def test_gateway_killed_under_load_ledger_matches_acknowledgements(
         await running
         retries = await resolve_unknown(r.stub, load.calls)
         acked = acknowledged(load.calls, retries)
-        drain = await wait_for_ledger(db, redis, cid, len(acked))
+        drain = await wait_for_ledger(db, redis, cid)
         await assert_ledger_matches(db, redis, cid, acked)
         assert sum(1 for c in load.calls if c.unknown) > 0, "no call was caught by the kills: the test proved nothing"
         report("gateway-kill", acknowledged=len(acked), calls=len(load.calls), unknown=len(retries),
@@ -492,6 +531,7 @@ async def _outage_under_load(pg: PostgresServer, redis: Redis, issued: Issued, r
         assert writer.poll() is None, "the writer died while Postgres was down"
         await asyncio.to_thread(pg.restart)
         up_at = time.monotonic()
+        caught_up = await wait_for_backlog_below(redis, stream, int(load.rate), within=30.0)
         await running
         during = load.redeemed_between(down_at, measured_at)
         assert during > 0.5 * load.rate * outage_s, f"only {during} redemptions while Postgres was down"
@@ -501,13 +541,13 @@ async def _outage_under_load(pg: PostgresServer, redis: Redis, issued: Issued, r
         acked = acknowledged(load.calls, [])
         conn = await asyncpg.connect(pg.url)
         try:
-            drain = await wait_for_ledger(conn, redis, cid, len(acked))
+            drain = await wait_for_ledger(conn, redis, cid)
             await assert_ledger_matches(conn, redis, cid, acked)
         finally:
             await conn.close()
         report("postgres-outage", acknowledged=len(acked), outage_s=up_at - down_at,
                redeemed_while_down=load.redeemed_between(down_at, up_at), backlog_at_restart=backlog,
-               drain_after_load_s=drain, drain_after_restart_s=time.monotonic() - up_at)  # fmt: skip
+               backlog_cleared_after_restart_s=caught_up, drain_after_load_s=drain)  # fmt: skip
 
 
 @pytest.mark.slow
@@ -545,7 +585,8 @@ async def _redis_kill_under_load(
         await asyncio.sleep(1)
         await asyncio.to_thread(server.restart)  # replays the AOF
         await client.connection_pool.disconnect()  # this test's own connections died with the server
-        down_s = time.monotonic() - killed_at
+        up_at = time.monotonic()
+        down_s = up_at - killed_at
         await running
         retries = await resolve_unknown(r.stub, load.calls)
         acked = acknowledged(load.calls, retries)
@@ -560,14 +601,17 @@ async def _redis_kill_under_load(
             else:
                 assert (used, first) == ("0", None), f"code {code[:6]}… was never acknowledged but is used"
         # Each unknown call resolved to one redemption: the first replayed, or a fresh one - and it stays that one.
-        again = {c.code: c for c in await asyncio.gather(*(redeem_once(r.stub, c.request, 3.0) for c in retries))}
+        again = {c.code: c for c in await settle(r.stub, [c.request for c in retries])}
         for call in retries:
             assert again[call.code].replayed and again[call.code].redemption_id == call.redemption_id
-        drain = await wait_for_ledger(db, client, cid, len(acked))
+        drain = await wait_for_ledger(db, client, cid)
         await assert_ledger_matches(db, client, cid, acked)
+        late = [c for c in load.calls if c.unknown and c.started > up_at]  # after Redis was back
+        refused = sum(1 for c in late if "not ready" in c.details)  # while the gateway's connections reconnect
         report("redis-kill", acknowledged=len(acked), calls=len(load.calls), in_flight_at_kill=in_flight,
                unknown=len(retries), resolved_replayed=sum(c.replayed for c in retries),
-               resolved_fresh=sum(not c.replayed for c in retries), redis_down_s=down_s, drain_s=drain)  # fmt: skip
+               resolved_fresh=sum(not c.replayed for c in retries), redis_down_s=down_s, drain_s=drain,
+               after_redis_was_back={"refused not ready": refused, "failed": len(late) - refused})  # fmt: skip
 
 
 @pytest.mark.slow
@@ -599,7 +643,7 @@ async def _lose_and_rebuild(r: Rig, client: Redis, db: asyncpg.Connection, issue
     originals = [await redeem_once(r.stub, _original_request(i, code), 2.0) for i, code in enumerate(before)]
     assert all(c.redeemed and not c.replayed for c in originals)
     acked = {c.code: c.redemption_id for c in originals}
-    await wait_for_ledger(db, client, cid, len(acked))  # the writer drained before the loss
+    await wait_for_ledger(db, client, cid)  # the writer drained before the loss
 
     await client.flushall()
     lost_at = time.monotonic()
@@ -635,7 +679,7 @@ async def _lose_and_rebuild(r: Rig, client: Redis, db: asyncpg.Connection, issue
     second = await redeem_once(r.stub, redeem_request(unused, "unused-2"), 2.0)
     assert second.outcome == pb.OUTCOME_ALREADY_REDEEMED
     acked[unused] = first.redemption_id
-    drain = await wait_for_ledger(db, client, cid, len(acked))
+    drain = await wait_for_ledger(db, client, cid)
     await assert_ledger_matches(db, client, cid, acked)
     report("redis-data-loss", redeemed_before_loss=len(originals), refused_after_s=refused_after,
            serving_after_rebuild_s=serving_after, drain_s=drain)  # fmt: skip

@@ -38,3 +38,10 @@ def test_uuid7_is_version_7_time_ordered_and_carries_the_time() -> None:
     assert all(uuid.UUID(i).version == 7 and uuid.UUID(i).variant == uuid.RFC_4122 for i in ids)
     assert uuid7_ms(ids[5]) == 1_700_000_000_005
     assert len(set(uuid7(1) for _ in range(1000))) == 1000
+
+
+def test_writer_backoff_is_capped_and_never_overflows() -> None:
+    from gateway.ledger.writer import backoff
+
+    assert all(0 <= backoff(n, base=0.1, cap=10) <= 10 for n in (0, 1, 10, 1023, 1024, 10_000))
+    assert max(backoff(0, base=0.1, cap=10) for _ in range(100)) <= 0.1
