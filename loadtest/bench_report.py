@@ -38,6 +38,7 @@ def ratios(report: dict[str, Any]) -> dict[str, float | None]:
         "redeem_vs_peer_unary": _ratio(redemptions("redeem"), redemptions("peer")),
         "redeem_hot_vs_peer_hot": _ratio(redemptions("redeem-hot"), redemptions("peer-hot")),
         "redeem_p99_ms_at_half_saturation": p99_half("redeem"),
+        "redeem_everysec_p99_ms_at_half_saturation": p99_half("redeem-everysec"),
     }
 
 
@@ -87,6 +88,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"| unary redeem vs the peer's unary | {r['redeem_vs_peer_unary']} |",
         f"| hot codes: redeem vs the peer | {r['redeem_hot_vs_peer_hot']} |",
         f"| redeem p99 at half its saturation rate, ms (target <= 10) | {r['redeem_p99_ms_at_half_saturation']} |",
+        f"| the same with appendfsync everysec, ms | {r['redeem_everysec_p99_ms_at_half_saturation']} |",
         "",
         "CPU per call at one open-loop rate below saturation (µs of CPU per call; streams: per message):",
         "",

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import asyncpg
 import grpc
+import redis as redis_sync
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.coderefs import KeyRing
@@ -81,10 +82,18 @@ class Stack:
             await redis.aclose()
             await conn.close()
 
-    def start_servers(self, variant: str, workers: int) -> tuple[str, list[int]]:
+    def set_fsync(self, mode: str) -> None:
+        """Switch Redis' appendfsync (always / everysec) between variants."""
+        client = redis_sync.Redis(port=self.redis.port)
+        try:
+            client.config_set("appendfsync", mode)
+        finally:
+            client.close()
+
+    def start_servers(self, variant: str, workers: int, *, durability: str = "always") -> tuple[str, list[int]]:
         """Start `workers` processes of a variant on one port; returns the target and their pids."""
         port = free_port()
-        env = {**os.environ, **self.env, "RGW_GRPC_ADDR": f"127.0.0.1:{port}"}
+        env = {**os.environ, **self.env, "RGW_GRPC_ADDR": f"127.0.0.1:{port}", "RGW_REDIS_DURABILITY": durability}
         command = [sys.executable, "-m", "loadtest.bench_server", variant]
         self.servers = [subprocess.Popen(command, env=env) for _ in range(workers)]  # noqa: S603 - fixed command
         target = f"127.0.0.1:{port}"
