@@ -40,6 +40,8 @@ class KeyRing:
         self._keys = dict(keys)
         self.active_id = active_id
         self.key_ids = tuple(self._keys)
+        # The active key first: new codes are found on the first candidate. Fixed here, not per request.
+        self._lookup = tuple((k, self._keys[k]) for k in (active_id, *(k for k in self.key_ids if k != active_id)))
 
     def ref(self, key_id: str, campaign_id: int, code: str) -> CodeRef:
         """The code_ref of a normalised code under one key."""
@@ -48,5 +50,5 @@ class KeyRing:
 
     def candidates(self, campaign_id: int, code: str) -> tuple[CodeRef, ...]:
         """The code_ref under every key, the active one first."""
-        ids = (self.active_id, *(k for k in self.key_ids if k != self.active_id))
-        return tuple(self.ref(k, campaign_id, code) for k in ids)
+        message = f"{campaign_id}\x00{code}".encode()
+        return tuple(CodeRef(k, hmac.digest(key, message, "sha256").hex()) for k, key in self._lookup)

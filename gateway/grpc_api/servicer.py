@@ -61,7 +61,7 @@ def redeem_response(result: RedeemResult) -> pb.RedeemResponse:
     if result.outcome is Outcome.REDEEMED:
         response.redemption_id = result.redemption_id
         response.use_number = result.use_number
-        response.redeemed_at.CopyFrom(_timestamp(result.redeemed_at_ms))
+        response.redeemed_at.FromMilliseconds(result.redeemed_at_ms)
     return response
 
 
