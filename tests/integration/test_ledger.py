@@ -200,3 +200,32 @@ async def test_backlog_metrics_stay_current_while_postgres_is_down(
     finally:
         stop.set()
         await task
+
+
+async def test_writer_process_drains_and_exits_cleanly_on_sigterm(
+    gateway: RunningGateway, issue: Issue, db: asyncpg.Connection, redis_url: str, migrated: str
+) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import gateway_environ
+
+    issued = await issue(20)
+    replies = [await gateway.stub.Redeem(redeem_request(c, f"k{n}")) for n, c in enumerate(issued.codes)]
+    env = {**os.environ, **gateway_environ(redis_url, migrated, RGW_WRITER_CONSUMER="sigterm-test")}
+    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "writer"], env=env)
+    try:
+        for _ in range(200):
+            if await db.fetchval("SELECT count(*) FROM redemptions") == 20:
+                break
+            await asyncio.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    ids = {str(r["redemption_id"]) for r in await db.fetch("SELECT redemption_id FROM redemptions")}
+    assert ids == {r.redemption_id for r in replies}
