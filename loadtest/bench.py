@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import tempfile
 import time
@@ -61,6 +62,7 @@ class Profile:
     hot_codes: int
     hot_uses: int
     redis_requests: int
+    cpu_rounds: int = 5
 
 
 FULL = Profile(duration=5, warmup=1, unary_cpu_rate=600, stream_cpu_rate=40,
@@ -68,7 +70,7 @@ FULL = Profile(duration=5, warmup=1, unary_cpu_rate=600, stream_cpu_rate=40,
                stream_rates=(50, 100, 200, 300, 400, 500, 650, 800), items=64, hot_codes=5, hot_uses=2000,
                redis_requests=200_000)  # fmt: skip
 SMOKE = Profile(duration=0.5, warmup=0.2, unary_cpu_rate=100, stream_cpu_rate=5, unary_rates=(100,),
-                stream_rates=(5,), items=8, hot_codes=2, hot_uses=20, redis_requests=1000)  # fmt: skip
+                stream_rates=(5,), items=8, hot_codes=2, hot_uses=20, redis_requests=1000, cpu_rounds=1)  # fmt: skip
 
 
 @dataclass
@@ -183,6 +185,27 @@ class Bench:
         return steps
 
 
+async def interleaved_cpu(bench: Bench, rounds: int) -> dict[str, Any]:
+    """CPU per call of the ceiling and of redeem, measured alternately at the same rate with both server sets up:
+    the ratio of medians does not depend on which variant drew a noisy minute."""
+    by_name = {v.name: v for v in VARIANTS}
+    ceiling, redeem = by_name["ceiling"], by_name["redeem"]
+    rate = bench.profile.unary_cpu_rate
+    sides = [(ceiling, *bench.stack.start_servers("ceiling", bench.workers)),
+             (redeem, *bench.stack.start_servers("redeem", bench.workers))]  # fmt: skip
+    samples: dict[str, list[float]] = {"ceiling": [], "redeem": []}
+    try:
+        for n in range(rounds):
+            for variant, target, pids in sides:
+                result = await bench.measure(variant, target, pids, rate, f"interleaved-{variant.name}-{n}")
+                samples[variant.name].append(result["cpu_us_per_call"]["server"])
+    finally:
+        bench.stack.stop_servers()
+    medians = {name: statistics.median(values) for name, values in samples.items()}
+    return {"rate": rate, "samples_us": samples, "median_us": medians,
+            "ratio": round(medians["redeem"] / medians["ceiling"], 2) if medians["ceiling"] else None}  # fmt: skip
+
+
 def settle() -> None:
     """Flush what issuing the codes left in the page cache: otherwise its writeback stalls the AOF fsyncs of
     the measurement that follows, and the latency measured is issuance's, not the gateway's."""
@@ -206,6 +229,7 @@ async def run(profile: Profile, workers: int, workdir: Path, only: set[str] | No
     try:
         await stack.prepare()
         bench = Bench(stack, profile, workers)
+        cpu = await interleaved_cpu(bench, profile.cpu_rounds) if only is None else {}
         for variant in VARIANTS:
             if only is None or variant.name in only:
                 await bench.run_variant(variant)
@@ -219,6 +243,7 @@ async def run(profile: Profile, workers: int, workdir: Path, only: set[str] | No
         "workers": workers,
         "variants": {v.name: {**asdict(v), "results": v.results} for v in VARIANTS if v.results},
         "redis": redis,
+        "interleaved_cpu": cpu,
     }
 
 

@@ -35,8 +35,10 @@ def ratios(report: dict[str, Any]) -> dict[str, float | None]:
         value = v.get(name, {}).get("results", {}).get("half", {}).get("latency_ms", {}).get("p99")
         return float(value) if value is not None else None
 
+    interleaved = report.get("interleaved_cpu", {}).get("ratio")
     return {
-        "redeem_cpu_per_call_vs_ceiling": _ratio(cpu("redeem"), cpu("ceiling")),
+        "redeem_cpu_per_call_vs_ceiling": interleaved or _ratio(cpu("redeem"), cpu("ceiling")),
+        "redeem_cpu_per_call_vs_ceiling_single_runs": _ratio(cpu("redeem"), cpu("ceiling")),
         "stream_vs_unary_redeem": _ratio(redemptions("stream"), redemptions("redeem")),
         "stream_vs_peer_stream": _ratio(redemptions("stream"), redemptions("peer-stream")),
         "redeem_vs_peer_unary": _ratio(redemptions("redeem"), redemptions("peer")),
@@ -76,6 +78,16 @@ def _cpu_cells(cpu: dict[str, float]) -> str:
     return " / ".join(f"{cpu.get(k, 0):g}" for k in ("server", "redis", "postgres", "generator"))
 
 
+def _interleaved(report: dict[str, Any]) -> str:
+    cpu = report.get("interleaved_cpu") or {}
+    if not cpu:
+        return "(no alternating CPU runs in this report)"
+    samples = cpu["samples_us"]
+    return (f"Alternating CPU runs at {cpu['rate']} calls/s, server µs per call: ceiling {samples['ceiling']}, "
+            f"redeem {samples['redeem']}; medians {cpu['median_us']['ceiling']:.0f} and "
+            f"{cpu['median_us']['redeem']:.0f}.")  # fmt: skip
+
+
 def markdown(report: dict[str, Any]) -> str:
     r = ratios(report)
     lines = [
@@ -87,7 +99,10 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "| target | measured |",
         "|---|---:|",
-        f"| redeem CPU per call vs the ceiling's (target <= 1.5) | {r['redeem_cpu_per_call_vs_ceiling']} |",
+        f"| redeem CPU per call vs the ceiling's (target <= 1.5; median of alternating runs) | "
+        f"{r['redeem_cpu_per_call_vs_ceiling']} |",
+        f"| the same from the single CPU runs of the variant table below | "
+        f"{r['redeem_cpu_per_call_vs_ceiling_single_runs']} |",
         f"| stream vs unary redeem, redemptions/s (target >= 5) | {r['stream_vs_unary_redeem']} |",
         f"| stream vs the peer's batch path (target >= 5) | {r['stream_vs_peer_stream']} |",
         f"| unary redeem vs the peer's unary | {r['redeem_vs_peer_unary']} |",
@@ -95,6 +110,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"| redeem p99 at half its saturation rate, ms (target <= 10) | {r['redeem_p99_ms_at_half_saturation']} |",
         f"| the same with appendfsync everysec, ms | {r['redeem_everysec_p99_ms_at_half_saturation']} |",
         f"| the ceiling's p99 at half its saturation rate, ms | {r['ceiling_p99_ms_at_half_saturation']} |",
+        "",
+        _interleaved(report),
         "",
         "CPU per call at one open-loop rate below saturation (µs of CPU per call; streams: per message):",
         "",

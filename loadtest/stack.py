@@ -95,10 +95,11 @@ class Stack:
         port = free_port()
         env = {**os.environ, **self.env, "RGW_GRPC_ADDR": f"127.0.0.1:{port}", "RGW_REDIS_DURABILITY": durability}
         command = [sys.executable, "-m", "loadtest.bench_server", variant]
-        self.servers = [subprocess.Popen(command, env=env) for _ in range(workers)]  # noqa: S603 - fixed command
+        started = [subprocess.Popen(command, env=env) for _ in range(workers)]  # noqa: S603 - fixed command
+        self.servers += started
         target = f"127.0.0.1:{port}"
-        _wait_serving(target, self.servers)
-        return target, [p.pid for p in self.servers]
+        _wait_serving(target, started)
+        return target, [p.pid for p in started]
 
     def stop_servers(self) -> None:
         for proc in self.servers:
