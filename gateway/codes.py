@@ -17,6 +17,7 @@ redeem script. Header values 24..31 are reserved for future formats (for example
 
 from __future__ import annotations
 
+import re
 import secrets
 from dataclasses import dataclass
 
@@ -30,7 +31,14 @@ MAX_SHARDS = BASE**MAX_SHARD_CHARS
 MIN_LENGTH = 1 + 1 + 1 + RANDOM_CHARS + 1
 MAX_LENGTH = 1 + MAX_CAMPAIGN_CHARS + MAX_SHARD_CHARS + RANDOM_CHARS + 1
 _INDEX = {ch: i for i, ch in enumerate(ALPHABET)}
-_SEPARATORS = str.maketrans("", "", " -\t")
+SEPARATORS = " -"
+# What a caller may send: the alphabet in either case and the two separators, ASCII only. Matched before any
+# case mapping, because str.upper() maps non-ASCII look-alikes onto the alphabet (U+017F → "S", U+FB05 → "ST").
+_ACCEPTED = re.compile(f"[{ALPHABET}{ALPHABET.lower()}{re.escape(SEPARATORS)}]*")
+_DROP_SEPARATORS = str.maketrans("", "", SEPARATORS)
+
+
+ACCEPTED_CHARACTERS = f"may contain only {ALPHABET} (either case), spaces and dashes"
 
 
 class CodeFormatError(ValueError):
@@ -46,8 +54,11 @@ class Route:
 
 
 def normalise(raw: str) -> str:
-    """Uppercase and drop the separators people type (spaces, dashes); nothing else is forgiven."""
-    return raw.translate(_SEPARATORS).upper()
+    """Uppercase and drop the separators people type (U+0020 space, U+002D hyphen-minus); nothing else is
+    forgiven: any other character (a tab, a look-alike, a letter outside the alphabet) is CodeFormatError."""
+    if not _ACCEPTED.fullmatch(raw):
+        raise CodeFormatError(ACCEPTED_CHARACTERS)
+    return raw.translate(_DROP_SEPARATORS).upper()
 
 
 def _encode(value: int, width: int) -> str:
@@ -107,7 +118,7 @@ def parse(code: str) -> Route:
     if not MIN_LENGTH <= len(code) <= MAX_LENGTH:
         raise CodeFormatError(f"must be {MIN_LENGTH} to {MAX_LENGTH} characters without separators")
     if any(ch not in _INDEX for ch in code):
-        raise CodeFormatError(f"may contain only the characters {ALPHABET} (and spaces or dashes)")
+        raise CodeFormatError(ACCEPTED_CHARACTERS)
     if not has_valid_check(code):
         raise CodeFormatError("check character does not match: the code was mistyped")
     header = _INDEX[code[0]]

@@ -14,6 +14,8 @@ from gateway.domain import CodeLookup, Location, RedeemCommand, RedeemInput
 MAX_RAW_CODE_CHARS = 64
 _ID_RE = re.compile(r"[A-Za-z0-9._:-]+")
 MAX_ACCURACY_M = 100_000.0
+# Echoed in the reply: bounded so that a reply's size is too (gateway/grpc_api/stream_replies.py).
+MAX_BATCH_ID_CHARS = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +32,15 @@ class InvalidRequest(Exception):
     def __init__(self, violations: list[FieldViolation]) -> None:
         super().__init__("; ".join(f"{v.field}: {v.description}" for v in violations))
         self.violations = violations
+
+
+class UndecodableRequest(Exception):
+    """The request's bytes are not a valid protobuf message of its type; nothing was looked at or changed."""
+
+    def __init__(self, message_type: str, error: str) -> None:
+        super().__init__(f"undecodable {message_type}: {error}")
+        self.message_type = message_type
+        self.error = error
 
 
 def _check_id(value: str, field: str, max_len: int, *, required: bool) -> list[FieldViolation]:
@@ -63,8 +74,8 @@ def lookup_code(raw: str, keyring: KeyRing, field: str = "code") -> CodeLookup:
         raise InvalidRequest([FieldViolation(field, "is required")])
     if len(raw) > MAX_RAW_CODE_CHARS:
         raise InvalidRequest([FieldViolation(field, f"must be at most {MAX_RAW_CODE_CHARS} characters")])
-    code = codes.normalise(raw)
     try:
+        code = codes.normalise(raw)
         route = codes.parse(code)
     except codes.CodeFormatError as exc:
         raise InvalidRequest([FieldViolation(field, str(exc))]) from None
@@ -104,3 +115,12 @@ def check_redeem(request: RedeemInput, keyring: KeyRing, *, needs_key: bool = Tr
         customer_device_id=request.customer_device_id,
         location=request.location,
     )
+
+
+def check_stream_message(batch_id: str, items: int, max_items: int) -> None:
+    """A RedeemStream message as a whole, before any item is looked at: InvalidRequest ends the stream."""
+    violations = _check_id(batch_id, "batch_id", MAX_BATCH_ID_CHARS, required=False)
+    if items > max_items:
+        violations.append(FieldViolation("items", f"at most {max_items} items per message"))
+    if violations:
+        raise InvalidRequest(violations)

@@ -4,6 +4,7 @@ most voucher systems use, in one run on this machine. Writes loadtest/results/be
 
 Variants (all behind the same gRPC server stack, same worker processes, same requests):
   ceiling      a bench-only servicer with Redeem's types and a handler that does no work
+  ceiling-bare the same without the server interceptors (alternating CPU runs only): what they cost
   redeem       the real Redeem on fresh codes (Redis AOF appendfsync always)
   redeem-everysec  the same with appendfsync everysec (RGW_REDIS_DURABILITY=everysec): what the disk's fsync
                tail latency costs
@@ -185,15 +186,17 @@ class Bench:
         return steps
 
 
+CEILING_BARE = Variant("ceiling-bare", "ceiling-bare", REDEEM_PATH, "unary", "any")
+
+
 async def interleaved_cpu(bench: Bench, rounds: int) -> dict[str, Any]:
-    """CPU per call of the ceiling and of redeem, measured alternately at the same rate with both server sets up:
-    the ratio of medians does not depend on which variant drew a noisy minute."""
+    """CPU per call of the ceiling without and with the interceptors and of redeem, measured alternately at the
+    same rate with every server set up: the ratios of medians do not depend on which drew a noisy minute."""
     by_name = {v.name: v for v in VARIANTS}
-    ceiling, redeem = by_name["ceiling"], by_name["redeem"]
     rate = bench.profile.unary_cpu_rate
-    sides = [(ceiling, *bench.stack.start_servers("ceiling", bench.workers)),
-             (redeem, *bench.stack.start_servers("redeem", bench.workers))]  # fmt: skip
-    samples: dict[str, list[float]] = {"ceiling": [], "redeem": []}
+    sides = [(variant, *bench.stack.start_servers(variant.server, bench.workers))
+             for variant in (CEILING_BARE, by_name["ceiling"], by_name["redeem"])]  # fmt: skip
+    samples: dict[str, list[float]] = {variant.name: [] for variant, _, _ in sides}
     try:
         for n in range(rounds):
             for variant, target, pids in sides:
@@ -203,7 +206,9 @@ async def interleaved_cpu(bench: Bench, rounds: int) -> dict[str, Any]:
         bench.stack.stop_servers()
     medians = {name: statistics.median(values) for name, values in samples.items()}
     return {"rate": rate, "samples_us": samples, "median_us": medians,
-            "ratio": round(medians["redeem"] / medians["ceiling"], 2) if medians["ceiling"] else None}  # fmt: skip
+            "ratio": round(medians["redeem"] / medians["ceiling"], 2) if medians["ceiling"] else None,
+            "interceptors_ratio": round(medians["ceiling"] / medians["ceiling-bare"], 3)
+            if medians["ceiling-bare"] else None}  # fmt: skip
 
 
 def settle() -> None:
@@ -229,7 +234,7 @@ async def run(profile: Profile, workers: int, workdir: Path, only: set[str] | No
     try:
         await stack.prepare()
         bench = Bench(stack, profile, workers)
-        cpu = await interleaved_cpu(bench, profile.cpu_rounds) if only is None else {}
+        cpu = await interleaved_cpu(bench, profile.cpu_rounds) if only is None or "interleaved" in only else {}
         for variant in VARIANTS:
             if only is None or variant.name in only:
                 await bench.run_variant(variant)
@@ -252,7 +257,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="seconds, to prove the harness works (not for figures)")
     parser.add_argument("--workers", type=int, default=2, help="server processes per variant (SO_REUSEPORT)")
     parser.add_argument("--out", type=Path, default=Path("loadtest/results"))
-    parser.add_argument("--only", default="", help="comma-separated variants (default: all)")
+    parser.add_argument("--only", default="", help="comma-separated variants, `interleaved` for the alternating "
+                        "CPU runs (default: all)")  # fmt: skip
     parser.add_argument("--no-markdown", action="store_true", help="do not update BENCHMARKS.md")
     args = parser.parse_args()
     profile = SMOKE if args.smoke else FULL

@@ -1,7 +1,8 @@
 """One benchmark server process: the gateway's server stack (same settings, same process model, same
-interceptors) serving one variant - `redeem` (the production servicer), `ceiling` or `peer` (loadtest.servicers).
+interceptors) serving one variant - `redeem` (the production servicer), `ceiling` or `peer` (loadtest.servicers), or
+`ceiling-bare`: the ceiling without the server interceptors, to measure what they cost.
 
-Usage: RGW_... python -m loadtest.bench_server {redeem,ceiling,peer}. Several processes may share the port
+Usage: RGW_... python -m loadtest.bench_server {redeem,ceiling,ceiling-bare,peer}. Several processes may share the port
 (SO_REUSEPORT), as with RGW_WORKERS.
 """
 
@@ -27,7 +28,7 @@ from loadtest.servicers import CeilingServicer, PeerServicer
 async def serve(variant: str, settings: Settings) -> None:
     pool: Any = None
     register = None
-    if variant == "ceiling":
+    if variant in ("ceiling", "ceiling-bare"):
 
         def register(server: grpc.aio.Server, service: RedemptionService, s: Settings) -> None:
             pb_grpc.add_RedemptionServiceServicer_to_server(CeilingServicer(), server)  # type: ignore[abstract]
@@ -39,7 +40,8 @@ async def serve(variant: str, settings: Settings) -> None:
             peer = PeerServicer(pool, s.keyring())  # type: ignore[abstract]  # bench-only: Redeem and RedeemStream
             pb_grpc.add_RedemptionServiceServicer_to_server(peer, server)
 
-    gateway = Gateway(settings=settings, keyring=settings.keyring(), register=register)
+    interceptors: list[grpc.aio.ServerInterceptor] | None = [] if variant == "ceiling-bare" else None
+    gateway = Gateway(settings=settings, keyring=settings.keyring(), register=register, interceptors=interceptors)
     await gateway.start()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -53,8 +55,8 @@ async def serve(variant: str, settings: Settings) -> None:
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     variant = sys.argv[1]
-    if variant not in ("redeem", "ceiling", "peer"):
-        raise SystemExit("variant must be redeem, ceiling or peer")
+    if variant not in ("redeem", "ceiling", "ceiling-bare", "peer"):
+        raise SystemExit("variant must be redeem, ceiling, ceiling-bare or peer")
     uvloop.run(serve(variant, Settings.from_env()))
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -23,9 +22,9 @@ from grpc_status import rpc_status
 from redis import exceptions as redis_errors
 
 from gateway.domain import CodeNotFound, IdempotencyConflict, NotReady
-from gateway.validation import FieldViolation, InvalidRequest
+from gateway.ratelimited_log import RateLimitedLog
+from gateway.validation import FieldViolation, InvalidRequest, UndecodableRequest
 
-log = logging.getLogger("rgw.errors")
 DOMAIN = "redemption.v1"
 RETRY_AFTER_SECONDS = 1
 _UNAVAILABLE_ERRORS = (redis_errors.ConnectionError, redis_errors.TimeoutError, redis_errors.ReadOnlyError)
@@ -60,21 +59,19 @@ class Fault:
 _REUSED_KEY = FieldViolation("idempotency_key", "was used for this code with a different request")
 
 
-_unavailable_log = {"next": 0.0, "suppressed": 0}
-
-
-def _warn_unavailable(kind: str) -> None:
-    """At most one line a second: during an outage every call fails the same way, and logs must not drown."""
-    now = time.monotonic()
-    if now < _unavailable_log["next"]:
-        _unavailable_log["suppressed"] += 1
-        return
-    log.warning("redis unavailable: %s (%d more since the last line)", kind, _unavailable_log["suppressed"])
-    _unavailable_log.update(next=now + 1.0, suppressed=0)
+# Every call fails the same way during an outage, a garbage flood or a bug on the hot path: logs must not drown.
+_unavailable_log = RateLimitedLog(logging.getLogger("rgw.errors.unavailable"), burst=1)
+_malformed_log = RateLimitedLog(logging.getLogger("rgw.errors.malformed"))
+_internal_log = RateLimitedLog(logging.getLogger("rgw.errors.internal"))
 
 
 def fault_for(exc: Exception, request_id: Callable[[], str]) -> Fault:
     """The one mapping from exceptions to faults (unary statuses and stream item errors alike)."""
+    if isinstance(exc, UndecodableRequest):
+        _malformed_log.log(logging.WARNING, "refused an undecodable %s (%s)", exc.message_type, exc.error)
+        return Fault(code_pb2.INVALID_ARGUMENT, f"the request is not a valid {exc.message_type}: its bytes do not "
+                     "parse as protobuf (truncated, a wrong wire type, or a string that is not UTF-8)",
+                     "MALFORMED_REQUEST")  # fmt: skip
     if isinstance(exc, InvalidRequest):
         return Fault(code_pb2.INVALID_ARGUMENT, "invalid request: " + "; ".join(v.field for v in exc.violations),
                      "INVALID_REQUEST", exc.violations)  # fmt: skip
@@ -89,11 +86,11 @@ def fault_for(exc: Exception, request_id: Callable[[], str]) -> Fault:
     if isinstance(exc, _UNAVAILABLE_ERRORS) or (
         isinstance(exc, redis_errors.ResponseError) and str(exc).startswith("OOM")
     ):
-        _warn_unavailable(type(exc).__name__)
+        _unavailable_log.log(logging.WARNING, "redis unavailable: %s", type(exc).__name__)
         return Fault(code_pb2.UNAVAILABLE, "redis is unavailable; retry with the same idempotency key",
                      "DEPENDENCY_UNAVAILABLE", retry=True)  # fmt: skip
     rid = request_id()
-    log.error("internal error, request id %s", rid, exc_info=exc)
+    _internal_log.log(logging.ERROR, "internal error, request id %s", rid, exc_info=exc)
     return Fault(code_pb2.INTERNAL, f"internal error; request id {rid}", "INTERNAL")
 
 

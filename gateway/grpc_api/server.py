@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -21,7 +21,9 @@ from gateway.coderefs import KeyRing
 from gateway.domain import Readiness
 from gateway.durability import LOSS_WINDOW, check_durability
 from gateway.gateway_metrics import REDIS_DURABILITY, start_metrics_server
+from gateway.grpc_api.interceptors import DecodeGuard
 from gateway.grpc_api.servicer import RedemptionServicer
+from gateway.grpc_api.stream_replies import send_limit
 from gateway.pb.redemption.v1 import redemption_pb2 as pb
 from gateway.pb.redemption.v1 import redemption_pb2_grpc as pb_grpc
 from gateway.pipelined_redis import PipelinedRedis
@@ -36,14 +38,20 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
-    """Channel arguments: bounded messages; SO_REUSEPORT so several processes can share the port."""
+    """Channel arguments: bounded messages — a reply may need more than a request (stream_replies.py); SO_REUSEPORT
+    so several processes can share the port."""
     return [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
-        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", send_limit(settings.max_message_bytes, settings.stream_max_items)),
         ("grpc.so_reuseport", 1),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ]
+
+
+def default_interceptors() -> list[grpc.aio.ServerInterceptor]:
+    """What every call goes through before its handler, outermost first."""
+    return [DecodeGuard()]
 
 
 def register_redemption_service(server: grpc.aio.Server, service: RedemptionService, settings: Settings) -> None:
@@ -68,6 +76,8 @@ class Gateway:
     # Registers the API servicer(s); the default is the real RedemptionServicer. The benchmark passes its own
     # (an empty-handler ceiling, a Postgres peer) to measure them on exactly this server stack.
     register: Callable[[grpc.aio.Server, RedemptionService, Settings], None] | None = None
+    # None: default_interceptors(). The benchmark passes [] to measure what the interceptors cost.
+    interceptors: Sequence[grpc.aio.ServerInterceptor] | None = None
     _health_task: asyncio.Task[None] | None = field(init=False, default=None)
 
     async def start(self) -> int:
@@ -92,7 +102,11 @@ class Gateway:
             await self.pipelined.connect()
         store = RedisCodeStore(self.redis, self.pipelined)
         service = RedemptionService(store=store, keyring=self.keyring, clock=self.clock, readiness=self.readiness)
-        self.server = grpc.aio.server(options=server_options(s), maximum_concurrent_rpcs=s.max_concurrent_rpcs)
+        self.server = grpc.aio.server(
+            options=server_options(s),
+            maximum_concurrent_rpcs=s.max_concurrent_rpcs,
+            interceptors=default_interceptors() if self.interceptors is None else self.interceptors,
+        )
         (self.register or register_redemption_service)(self.server, service, s)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

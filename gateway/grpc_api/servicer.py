@@ -8,11 +8,12 @@ import grpc
 from google.protobuf import timestamp_pb2
 
 from gateway.domain import REASONS, CodeState, ItemFailure, Location, Outcome, RedeemInput, RedeemResult
-from gateway.grpc_api.errors import Fault, fault_for, request_id_of, rpc_boundary, status_for
+from gateway.grpc_api.errors import fault_for, request_id_of, rpc_boundary, status_for
+from gateway.grpc_api.stream_replies import item_error
 from gateway.pb.redemption.v1 import redemption_pb2 as pb
 from gateway.pb.redemption.v1 import redemption_pb2_grpc as pb_grpc
 from gateway.service import RedemptionService
-from gateway.validation import FieldViolation, InvalidRequest
+from gateway.validation import check_stream_message
 
 _OUTCOMES: dict[Outcome, pb.Outcome.ValueType] = {
     Outcome.REDEEMED: pb.OUTCOME_REDEEMED,
@@ -75,16 +76,6 @@ def _code_status(state: CodeState, now_ms: int) -> pb.CodeStatus.ValueType:
     return pb.CODE_STATUS_ACTIVE
 
 
-def item_error(fault: Fault) -> pb.ItemError:
-    """The per-item form of a fault."""
-    return pb.ItemError(
-        code=fault.code,
-        message=fault.message,
-        reason=fault.reason,
-        field_violations=[pb.FieldViolation(field=v.field, description=v.description) for v in fault.violations],
-    )
-
-
 class RedemptionServicer(pb_grpc.RedemptionServiceServicer):
     """The gRPC face of RedemptionService."""
 
@@ -136,9 +127,7 @@ class RedemptionServicer(pb_grpc.RedemptionServiceServicer):
         request_id = request_id_of(context)
         try:
             async for message in request_iterator:
-                if len(message.items) > self._stream_max_items:
-                    violation = FieldViolation("items", f"at most {self._stream_max_items} items per message")
-                    raise InvalidRequest([violation])
+                check_stream_message(message.batch_id, len(message.items), self._stream_max_items)
                 outcomes = await self._service.redeem_many([redeem_input(item) for item in message.items])
                 yield pb.RedeemStreamResponse(
                     batch_id=message.batch_id, results=[self._stream_result(o, request_id) for o in outcomes]

@@ -59,16 +59,42 @@ def test_most_neighbour_swaps_are_caught() -> None:
 
 @pytest.mark.parametrize(
     ("raw", "expected"),
-    [("abcd-efgh jk", "ABCDEFGHJK"), ("  x-y ", "XY"), ("a\tb", "AB")],
+    [("abcd-efgh jk", "ABCDEFGHJK"), ("  x-y ", "XY"), ("zz--22", "ZZ22")],
 )
 def test_normalise_ignores_case_spaces_and_dashes(raw: str, expected: str) -> None:
     assert codes.normalise(raw) == expected
 
 
-def test_grouped_lowercase_code_is_accepted() -> None:
-    code = codes.generate(Route(42, 3))
-    grouped = "-".join(code[i : i + 4] for i in range(0, len(code), 4)).lower()
-    assert codes.parse(codes.normalise(grouped)) == Route(42, 3)
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "a\tb",  # a tab: only spaces and dashes are separators
+        "ab\n",
+        "a\x00b",
+        "\u017f",  # LATIN SMALL LETTER LONG S: str.upper() makes it "S"
+        "\ufb00",  # LATIN SMALL LIGATURE FF → "FF"
+        "\ufb05",  # LIGATURE LONG S T → "ST"
+        "\ufb06",  # LIGATURE ST → "ST"
+        "\uff21",  # FULLWIDTH A
+        "\u0410",  # CYRILLIC A
+        "a\u2010b",  # HYPHEN, not hyphen-minus
+        "a\u00a0b",  # NO-BREAK SPACE
+        "o",  # a letter outside the alphabet, either case
+        "1",
+    ],
+)
+def test_normalise_refuses_every_other_character(raw: str) -> None:
+    with pytest.raises(CodeFormatError, match="may contain only"):
+        codes.normalise(raw)
+
+
+def test_a_look_alike_never_becomes_a_valid_code() -> None:
+    """Regression: str.upper() maps U+017F to "S" and U+FB05 to "ST", which let disguised codes through."""
+    code = next(c for n in range(1000) if "ST" in (c := codes.generate(Route(7, 0), randbits=n * 7919)))
+    assert codes.parse(codes.normalise(code)) == Route(7, 0)
+    for disguise in (code.replace("S", "\u017f", 1), code.replace("ST", "\ufb05", 1), code.replace("ST", "\ufb06", 1)):
+        with pytest.raises(CodeFormatError, match="may contain only"):
+            codes.normalise(disguise)
 
 
 @pytest.mark.parametrize(

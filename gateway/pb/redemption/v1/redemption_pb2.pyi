@@ -13,7 +13,8 @@ OK and `outcome` says what happened, with a machine-readable `reason`. Faults of
 gRPC status codes carrying google.rpc details:
   INVALID_ARGUMENT   + google.rpc.BadRequest (field_violations name each bad field); also for an
                        idempotency key reused with a different request (reason IDEMPOTENCY_KEY_REUSED in
-                       google.rpc.ErrorInfo). Nothing was changed.
+                       google.rpc.ErrorInfo), and for request bytes that do not parse as the request message
+                       (reason MALFORMED_REQUEST, no field named). Nothing was changed.
   RESOURCE_EXHAUSTED + google.rpc.RetryInfo: the server is at its concurrent-call limit; retry later.
   UNAVAILABLE        + google.rpc.RetryInfo: a dependency (Redis) is unreachable. The call did not happen,
                        or may have happened: retry with the SAME idempotency key to learn which.
@@ -160,7 +161,10 @@ class RedeemRequest(_message.Message):
     CUSTOMER_DEVICE_ID_FIELD_NUMBER: _builtins.int
     LOCATION_FIELD_NUMBER: _builtins.int
     code: _builtins.str
-    """The code as the customer shows it. Case, spaces and dashes are ignored. Required, at most 64 characters."""
+    """The code as the customer shows it. Required, at most 64 characters: the code alphabet in either case, plus
+    spaces (U+0020) and dashes (U+002D), which are ignored. Any other character - a tab, a control character, a
+    look-alike such as U+017F or a ligature, any non-ASCII character - is INVALID_ARGUMENT.
+    """
     idempotency_key: _builtins.str
     """Chosen by the caller, unique per attempt to redeem; reuse it when retrying the same attempt. Scope: caller
     (until authentication exists, the terminal: store_id + terminal_id), key and code. 1 to 128 characters
@@ -411,7 +415,9 @@ class RedeemStreamRequest(_message.Message):
     BATCH_ID_FIELD_NUMBER: _builtins.int
     ITEMS_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.str
-    """Chosen by the caller and echoed in the response, to match responses with requests."""
+    """Chosen by the caller and echoed in the response, to match responses with requests. Up to 128 characters of
+    [A-Za-z0-9._:-]; may be empty.
+    """
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___RedeemRequest]:
         """The redemptions, each exactly as a RedeemRequest."""
@@ -505,12 +511,14 @@ class ItemError(_message.Message):
     different request; UNAVAILABLE (14) when Redis could not decide it (retry with the same key); INTERNAL (13).
     """
     message: _builtins.str
-    """Human-readable; never contains the code."""
+    """Human-readable; never contains the code. At most 160 bytes."""
     reason: _builtins.str
     """Machine-readable: INVALID_REQUEST, IDEMPOTENCY_KEY_REUSED, DEPENDENCY_UNAVAILABLE, REDIS_NOT_READY, INTERNAL."""
     @_builtins.property
     def field_violations(self) -> _containers.RepeatedCompositeFieldContainer[Global___FieldViolation]:
-        """For INVALID_ARGUMENT: each bad field of the item (paths relative to the item, as in BadRequest)."""
+        """For INVALID_ARGUMENT: each bad field of the item (paths relative to the item, as in BadRequest); at most 8,
+        descriptions at most 96 bytes.
+        """
 
     def __init__(
         self,

@@ -13,7 +13,8 @@ OK and `outcome` says what happened, with a machine-readable `reason`. Faults of
 gRPC status codes carrying google.rpc details:
   INVALID_ARGUMENT   + google.rpc.BadRequest (field_violations name each bad field); also for an
                        idempotency key reused with a different request (reason IDEMPOTENCY_KEY_REUSED in
-                       google.rpc.ErrorInfo). Nothing was changed.
+                       google.rpc.ErrorInfo), and for request bytes that do not parse as the request message
+                       (reason MALFORMED_REQUEST, no field named). Nothing was changed.
   RESOURCE_EXHAUSTED + google.rpc.RetryInfo: the server is at its concurrent-call limit; retry later.
   UNAVAILABLE        + google.rpc.RetryInfo: a dependency (Redis) is unreachable. The call did not happen,
                        or may have happened: retry with the SAME idempotency key to learn which.
@@ -68,7 +69,10 @@ class RedemptionServiceStub:
     redemptions (at most the server's limit, RGW_STREAM_MAX_ITEMS, default 64), each with its own idempotency
     key; the reply to it carries one result per item, in the same order. Every guarantee of Redeem holds per
     item (atomicity, uses, idempotency, validation). Messages of one stream are answered in order; open several
-    streams for parallelism. A message over the item limit ends the stream with INVALID_ARGUMENT.
+    streams for parallelism. A message over the item limit, with a bad batch_id, or whose bytes do not parse ends
+    the stream with INVALID_ARGUMENT; nothing of it was decided. The reply to an accepted message always fits
+    the server's send limit (item errors are bounded in size), which may exceed the request limit: at worst about
+    1.2 KB per item, 78,851 bytes at the default 64 items (gRPC's default client receive limit is 4 MiB).
     """
 
 @_typing.type_check_only
@@ -92,7 +96,10 @@ class RedemptionServiceAsyncStub(RedemptionServiceStub):
     redemptions (at most the server's limit, RGW_STREAM_MAX_ITEMS, default 64), each with its own idempotency
     key; the reply to it carries one result per item, in the same order. Every guarantee of Redeem holds per
     item (atomicity, uses, idempotency, validation). Messages of one stream are answered in order; open several
-    streams for parallelism. A message over the item limit ends the stream with INVALID_ARGUMENT.
+    streams for parallelism. A message over the item limit, with a bad batch_id, or whose bytes do not parse ends
+    the stream with INVALID_ARGUMENT; nothing of it was decided. The reply to an accepted message always fits
+    the server's send limit (item errors are bounded in size), which may exceed the request limit: at worst about
+    1.2 KB per item, 78,851 bytes at the default 64 items (gRPC's default client receive limit is 4 MiB).
     """
 
 class RedemptionServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -137,7 +144,10 @@ class RedemptionServiceServicer(metaclass=_abc_1.ABCMeta):
         redemptions (at most the server's limit, RGW_STREAM_MAX_ITEMS, default 64), each with its own idempotency
         key; the reply to it carries one result per item, in the same order. Every guarantee of Redeem holds per
         item (atomicity, uses, idempotency, validation). Messages of one stream are answered in order; open several
-        streams for parallelism. A message over the item limit ends the stream with INVALID_ARGUMENT.
+        streams for parallelism. A message over the item limit, with a bad batch_id, or whose bytes do not parse ends
+        the stream with INVALID_ARGUMENT; nothing of it was decided. The reply to an accepted message always fits
+        the server's send limit (item errors are bounded in size), which may exceed the request limit: at worst about
+        1.2 KB per item, 78,851 bytes at the default 64 items (gRPC's default client receive limit is 4 MiB).
         """
 
 def add_RedemptionServiceServicer_to_server(servicer: RedemptionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
