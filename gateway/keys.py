@@ -47,5 +47,10 @@ def deadletter_key(campaign_id: int, shard: int) -> str:
 
 
 OUTBOXES = f"{PREFIX}:outboxes"
+# The tenant registry's change notifications (gateway/tenancy/): a pub/sub channel for speed and a version key
+# every process polls as the backstop. Neither is in a campaign shard; on Redis Cluster pub/sub reaches every
+# node's subscribers and the version key lives in its own slot.
+REGISTRY_CHANNEL = f"{PREFIX}:registry"
+REGISTRY_VERSION = f"{PREFIX}:registry:version"
 INITIALISED = f"{PREFIX}:initialised"
 LEDGER_GROUP = "ledger"

@@ -56,7 +56,18 @@ SPECS: tuple[Spec, ...] = (
     Spec("RGW_WRITER_MAX_ATTEMPTS", "5", "tries for an entry Postgres rejects before it is dead-lettered"),
     Spec("RGW_WRITER_BACKOFF_MAX_SECONDS", "10", "cap of the retry backoff while Postgres is unreachable"),
     Spec("RGW_WRITER_CONSUMER", "", "consumer name in the outbox groups (default: hostname-pid)"),
+    Spec("RGW_KEY_ENV", "dev", "environment tag of new API keys (rgw_<env>_...): live, test or dev"),
+    Spec("RGW_KEY_ROTATION_GRACE_SECONDS", "86400", "how long a rotated-out API key stays valid"),
+    Spec("RGW_REGISTRY_POLL_SECONDS", "1", "how often each process checks the registry version (the backstop)"),
+    Spec("RGW_REGISTRY_MAX_STALE_SECONDS", "5", "a known-stale registry not refreshed this long fails closed"),
+    Spec("RGW_TLS_CERT_FILE", "", "server certificate chain (PEM); empty: plaintext gRPC"),
+    Spec("RGW_TLS_KEY_FILE", "", "server private key (PEM)"),
+    Spec("RGW_TLS_CLIENT_CA_FILE", "", "CA bundle (PEM) that client certificates must chain to"),
+    Spec("RGW_TLS_CLIENT_AUTH", "none", "client certificates: none, optional or require (needs the CA file)"),
 )
+
+TLS_CLIENT_AUTH = ("none", "optional", "require")
+KEY_ENVIRONMENTS = ("live", "test", "dev")
 
 DURABILITY_LEVELS = ("always", "everysec", "none")
 
@@ -90,6 +101,14 @@ class Settings:
     writer_max_attempts: int
     writer_backoff_max_seconds: float
     writer_consumer: str
+    key_env: str
+    key_rotation_grace_seconds: float
+    registry_poll_seconds: float
+    registry_max_stale_seconds: float
+    tls_cert_file: str
+    tls_key_file: str
+    tls_client_ca_file: str
+    tls_client_auth: str
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -159,6 +178,28 @@ def _bool(text: str) -> bool:
     return text.lower() in {"true", "1", "yes"}
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise ValueError("must be a number >= 0")
+    return value
+
+
+def _one_of(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return text
+
+    return parse
+
+
+def _optional_file(text: str) -> str:
+    if text and not os.path.isfile(text):
+        raise ValueError("no such file")
+    return text
+
+
 def _durability(text: str) -> str:
     if text not in DURABILITY_LEVELS:
         raise ValueError(f"must be one of {', '.join(DURABILITY_LEVELS)}")
@@ -212,7 +253,16 @@ class _Reader:
             writer_max_attempts=self.get("RGW_WRITER_MAX_ATTEMPTS", _positive_int),
             writer_backoff_max_seconds=self.get("RGW_WRITER_BACKOFF_MAX_SECONDS", _positive_float),
             writer_consumer=self.get("RGW_WRITER_CONSUMER", str),
+            key_env=self.get("RGW_KEY_ENV", _one_of(*KEY_ENVIRONMENTS)),
+            key_rotation_grace_seconds=self.get("RGW_KEY_ROTATION_GRACE_SECONDS", _non_negative_float),
+            registry_poll_seconds=self.get("RGW_REGISTRY_POLL_SECONDS", _positive_float),
+            registry_max_stale_seconds=self.get("RGW_REGISTRY_MAX_STALE_SECONDS", _positive_float),
+            tls_cert_file=self.get("RGW_TLS_CERT_FILE", _optional_file),
+            tls_key_file=self.get("RGW_TLS_KEY_FILE", _optional_file),
+            tls_client_ca_file=self.get("RGW_TLS_CLIENT_CA_FILE", _optional_file),
+            tls_client_auth=self.get("RGW_TLS_CLIENT_AUTH", _one_of(*TLS_CLIENT_AUTH)),
         )
+        self._check_tls(values)
         if values.code_keys and values.code_key_id and values.code_key_id not in values.code_keys:
             self.errors.append(f"RGW_CODE_KEY_ID={values.code_key_id!r}: not a key id of RGW_CODE_KEYS")
         if values.workers and values.workers > 1 and values.grpc_addr and values.grpc_addr.endswith(":0"):
@@ -220,3 +270,9 @@ class _Reader:
         if self.errors:
             raise SettingsError("invalid configuration:\n  " + "\n  ".join(self.errors))
         return values
+
+    def _check_tls(self, values: Settings) -> None:
+        if bool(values.tls_cert_file) != bool(values.tls_key_file):
+            self.errors.append("RGW_TLS_CERT_FILE and RGW_TLS_KEY_FILE must be set together")
+        if values.tls_client_auth not in (None, "none") and not (values.tls_client_ca_file and values.tls_cert_file):
+            self.errors.append("RGW_TLS_CLIENT_AUTH needs RGW_TLS_CLIENT_CA_FILE and the server certificate")
