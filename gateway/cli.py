@@ -70,7 +70,7 @@ async def _campaign_create(args: argparse.Namespace, settings: Settings) -> int:
         campaign = await issuance.create_campaign(
             conn, redis, keyring,  # type: ignore[arg-type]
             name=args.name, valid_from=args.valid_from, valid_until=args.valid_until,
-            uses_per_code=args.uses_per_code, shards=args.shards,
+            uses_per_code=args.uses_per_code, shards=args.shards, brand_id=args.brand,
         )  # fmt: skip
         print(campaign.id)
         return 0
@@ -162,6 +162,7 @@ def _add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     )
     create.add_argument("--uses-per-code", type=_positive, default=1)
     create.add_argument("--shards", type=_positive, default=1, help="campaign shards (Redis hash tags)")
+    create.add_argument("--brand", type=_positive, default=1, help="the brand's id (default: the default brand, 1)")
     create.set_defaults(run=_campaign_create)
     code_cmds = sub.add_parser("codes", help="codes").add_subparsers(dest="action", required=True)
     gen = code_cmds.add_parser("generate", help="issue new codes; plaintext goes only to --out")

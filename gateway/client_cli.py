@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 import uuid
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -14,6 +15,7 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from gateway.grpc_api.client_auth import authenticated_channel
 from gateway.settings import Settings
 
 _DETAIL_TYPES = (error_details_pb2.BadRequest, error_details_pb2.ErrorInfo, error_details_pb2.RetryInfo)
@@ -58,7 +60,13 @@ async def _call(args: argparse.Namespace, settings: Settings) -> int:
     from gateway.pb.redemption.v1 import redemption_pb2_grpc as pb_grpc
 
     method, request = _request(args)
-    async with grpc.aio.insecure_channel(args.addr or settings.grpc_addr) as channel:
+    key = args.key or settings.api_key
+    if not key:
+        print("rgw: an API key is needed: --key or RGW_API_KEY", file=sys.stderr)
+        return 2
+    extra = (("x-rgw-brand", args.brand),) if args.brand else ()
+    target = args.addr or settings.grpc_addr
+    async with authenticated_channel(target, key, extra=extra, credentials=_tls(args)) as channel:
         stub = pb_grpc.RedemptionServiceStub(channel)
         try:
             response = await getattr(stub, method)(request, timeout=args.timeout)
@@ -88,7 +96,22 @@ def add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     _client_options(get)
 
 
+def _tls(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    if not args.tls_ca:
+        return None
+
+    def read(path: str | None) -> bytes | None:
+        return Path(path).read_bytes() if path else None
+
+    return grpc.ssl_channel_credentials(read(args.tls_ca), read(args.tls_key), read(args.tls_cert))
+
+
 def _client_options(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--addr", default="", help="gateway host:port (default: RGW_GRPC_ADDR)")
     cmd.add_argument("--timeout", type=float, default=5.0, help="seconds")
+    cmd.add_argument("--key", default="", help="API key (default: RGW_API_KEY; prefer the variable: argv is visible)")
+    cmd.add_argument("--brand", default="", help="the brand a platform key acts for (id or slug)")
+    cmd.add_argument("--tls-ca", default="", help="CA certificate (PEM): connect over TLS")
+    cmd.add_argument("--tls-cert", default="", help="client certificate (PEM), for mTLS")
+    cmd.add_argument("--tls-key", default="", help="client private key (PEM), for mTLS")
     cmd.set_defaults(run=_call)

@@ -53,6 +53,18 @@ class RedeemInput:
 
 
 @dataclass(frozen=True, slots=True)
+class Caller:
+    """Who is calling, as authentication established it (gateway/grpc_api/auth.py): the API client, the brand
+    it acts for, its role, and the store or terminal (external ids) its key is bound to ("" = not bound)."""
+
+    client_id: str
+    brand_id: int
+    role: str
+    store_id: str = ""
+    terminal_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class CodeLookup:
     """A well-formed code: its route and its code_ref under every key."""
 
@@ -65,7 +77,8 @@ class RedeemCommand:
     """A checked request, ready for the atomic script."""
 
     lookup: CodeLookup
-    caller: str
+    client_id: str
+    brand_id: int
     idempotency_key: str
     fingerprint: str
     store_id: str
@@ -102,6 +115,23 @@ class CodeState:
 
 class IdempotencyConflict(Exception):
     """The idempotency key was used before for this code with a different request."""
+
+
+class PermissionDenied(Exception):
+    """The authenticated caller may not do this (a store- or terminal-bound key naming another one)."""
+
+
+class Unauthenticated(Exception):
+    """No valid credentials. `kind` (missing, malformed, invalid, ...) is for logs and metrics; the caller is
+    told only that its credentials were not accepted."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
+class RegistryNotReady(Exception):
+    """The tenant registry is not loaded, or is known to be stale: fail closed."""
 
 
 class CodeNotFound(Exception):

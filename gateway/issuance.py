@@ -21,6 +21,7 @@ from redis.asyncio import Redis
 from gateway import codes, keys
 from gateway.coderefs import KeyRing
 from gateway.ledger.outbox import ensure_group
+from gateway.tenancy.model import DEFAULT_BRAND_ID
 
 COPY_BATCH = 10_000
 REDIS_BATCH = 1_000
@@ -41,6 +42,7 @@ class Campaign:
     uses_per_code: int
     shards: int
     key_id: str
+    brand_id: int
 
 
 def _ms(moment: datetime) -> int:
@@ -57,14 +59,15 @@ async def create_campaign(
     valid_until: datetime,
     uses_per_code: int = 1,
     shards: int = 1,
+    brand_id: int = DEFAULT_BRAND_ID,
 ) -> Campaign:
-    """Record a campaign and publish its rules to every shard in Redis."""
+    """Record a campaign of `brand_id` and publish its rules to every shard in Redis."""
     if shards > codes.MAX_SHARDS:
         raise ValueError(f"at most {codes.MAX_SHARDS} shards")
     row = await conn.fetchrow(
-        """INSERT INTO campaigns (name, valid_from, valid_until, uses_per_code, shards, key_id)
-           VALUES ($1, $2, $3, $4, $5, $6) RETURNING *""",
-        name, valid_from, valid_until, uses_per_code, shards, keyring.active_id,
+        """INSERT INTO campaigns (name, valid_from, valid_until, uses_per_code, shards, key_id, brand_id)
+           VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING *""",
+        name, valid_from, valid_until, uses_per_code, shards, keyring.active_id, brand_id,
     )  # fmt: skip
     campaign = _campaign(row)
     if campaign.id > codes.MAX_CAMPAIGN_ID:
@@ -82,6 +85,7 @@ def _campaign(row: asyncpg.Record) -> Campaign:
         uses_per_code=row["uses_per_code"],
         shards=row["shards"],
         key_id=row["key_id"],
+        brand_id=row["brand_id"],
     )
 
 
@@ -107,6 +111,8 @@ async def load_campaign(redis: Redis, campaign: Campaign) -> None:
                     "vu": _ms(campaign.valid_until),
                     "shards": campaign.shards,
                     "uses": campaign.uses_per_code,
+                    # the script answers another brand's caller as if the campaign did not exist
+                    "brand": campaign.brand_id,
                 },
             )
         await pipe.execute()

@@ -25,6 +25,9 @@ from gateway.domain import (
 )
 from gateway.pipelined_redis import PipelinedRedis, Script
 
+# Campaigns whose meta predates brands belong to the default brand, as migration 0003 assigns them in Postgres.
+DEFAULT_BRAND_ID = 1
+
 Mode = Literal["redeem", "validate"]
 
 
@@ -49,9 +52,30 @@ def connect(url: str, *, pool_size: int, timeout_s: float) -> Redis:
     return Redis.from_pool(pool)  # the client owns the pool: aclose() closes its connections
 
 
-def idempotency_field(caller: str, idempotency_key: str) -> str:
-    """The code-hash field holding the first answer to (caller, key) - scope includes the code by place."""
-    return "i:" + hashlib.sha256(f"{caller}\x00{idempotency_key}".encode()).hexdigest()[:32]
+# The redeem script's arguments (lua/redeem.lua), defined once: the store and the benchmark build calls from
+# these, and a test holds them against the script's header.
+SCRIPT_ARGS = ("mode", "now_ms", "candidates", "campaign", "shard", "brand")
+ITEM_ARGS = ("idem", "legacy_idem", "fp", "rid", "caller", "client", "store", "term", "dev", "lat", "lon", "acc")
+
+
+def idempotency_field(client_id: str, terminal_id: str, idempotency_key: str) -> str:
+    """The code-hash field holding the first answer to (client, terminal, key) - the scope includes the code by
+    place: the field lives in the code's hash."""
+    scope = f"{client_id}\x00{terminal_id}\x00{idempotency_key}"
+    return "i:" + hashlib.sha256(scope.encode()).hexdigest()[:32]
+
+
+def legacy_idempotency_field(store_id: str, terminal_id: str, idempotency_key: str) -> str:
+    """The field of a record written before authentication, when the caller was the claimed store/terminal. The
+    script still replays it to the same retry (same store, terminal, key, code and request fingerprint), so a
+    POS retrying across the upgrade learns its redemption happened instead of seeing ALREADY_REDEEMED."""
+    scope = f"{store_id}/{terminal_id}\x00{idempotency_key}"
+    return "i:" + hashlib.sha256(scope.encode()).hexdigest()[:32]
+
+
+def caller_of(command: RedeemCommand) -> str:
+    """Who an idempotency scope belongs to, as the use record and the ledger name it: client/terminal."""
+    return f"{command.client_id}/{command.terminal_id}"
 
 
 def _location_args(location: Location | None) -> tuple[str, str, str]:
@@ -62,10 +86,12 @@ def _location_args(location: Location | None) -> tuple[str, str, str]:
 
 def _item_args(command: RedeemCommand, redemption_id: str) -> list[str]:
     return [
-        idempotency_field(command.caller, command.idempotency_key),
+        idempotency_field(command.client_id, command.terminal_id, command.idempotency_key),
+        legacy_idempotency_field(command.store_id, command.terminal_id, command.idempotency_key),
         command.fingerprint,
         redemption_id,
-        command.caller,
+        caller_of(command),
+        command.client_id,
         command.store_id,
         command.terminal_id,
         command.customer_device_id,
@@ -108,7 +134,7 @@ class RedisCodeStore:
         cid, shard = route.campaign_id, route.shard
         nk = len(commands[0].lookup.refs)
         script_keys = [keys.meta_key(cid, shard), keys.outbox_key(cid, shard)]
-        args: list[str | int] = [mode, now_ms, nk, cid, shard]
+        args: list[str | int] = [mode, now_ms, nk, cid, shard, commands[0].brand_id]
         for command, redemption_id in zip(commands, redemption_ids, strict=True):
             script_keys += [keys.code_key(cid, shard, ref.ref) for ref in command.lookup.refs]
             args += _item_args(command, redemption_id)
@@ -120,15 +146,16 @@ class RedisCodeStore:
         replies = await self.decide([command], [redemption_id], mode=mode, now_ms=now_ms)
         return to_result(replies[0], command.lookup.route.campaign_id)
 
-    async def code_state(self, lookup: CodeLookup) -> CodeState | None:
-        """The stored state of a code, or None when unknown (one pipelined round trip)."""
+    async def code_state(self, lookup: CodeLookup, brand_id: int) -> CodeState | None:
+        """The stored state of a code of `brand_id`, or None when unknown - another brand's code is unknown
+        (one pipelined round trip)."""
         cid, shard = lookup.route.campaign_id, lookup.route.shard
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hmget(keys.meta_key(cid, shard), "vf", "vu")
+            pipe.hmget(keys.meta_key(cid, shard), "vf", "vu", "brand")
             for ref in lookup.refs:
                 pipe.hmget(keys.code_key(cid, shard, ref.ref), "uses", "used", "vf", "vu", "last")
             meta, *found = await pipe.execute()
-        if meta[0] is None:
+        if meta[0] is None or int(meta[2] or DEFAULT_BRAND_ID) != brand_id:
             return None
         for ref, fields in zip(lookup.refs, found, strict=True):
             if fields[0] is not None:

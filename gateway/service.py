@@ -9,10 +9,12 @@ from collections.abc import Callable, Sequence
 from gateway.clock import Clock
 from gateway.coderefs import KeyRing
 from gateway.domain import (
+    Caller,
     CodeNotFound,
     CodeState,
     ItemFailure,
     NotReady,
+    PermissionDenied,
     Readiness,
     RedeemCommand,
     RedeemInput,
@@ -20,6 +22,7 @@ from gateway.domain import (
 )
 from gateway.ids import uuid7
 from gateway.redis_store import RedisCodeStore, to_result
+from gateway.tenancy.sightings import Sightings
 from gateway.validation import InvalidRequest, check_redeem, lookup_code
 
 log = logging.getLogger("rgw.redeem")
@@ -36,18 +39,21 @@ class RedemptionService:
         clock: Clock,
         readiness: Readiness,
         new_id: Callable[[int], str] = uuid7,
+        sightings: Sightings | None = None,
     ) -> None:
         self._readiness = readiness
+        self._sightings = sightings or Sightings()
         self._store = store
         self._keyring = keyring
         self._clock = clock
         self._new_id = new_id
 
-    async def redeem(self, request: RedeemInput) -> RedeemResult:
+    async def redeem(self, request: RedeemInput, caller: Caller) -> RedeemResult:
         """Use the code once, or say why not; a retry with the same key replays the first answer."""
-        command = check_redeem(request, self._keyring)
+        command = check_redeem(request, self._keyring, caller)
         self._require_ready()
         now = self._clock.now_ms()
+        self._sightings.saw(command.brand_id, command.store_id, command.terminal_id, now)
         result = await self._store.redeem_one(command, self._new_id(now), mode="redeem", now_ms=now)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
@@ -58,7 +64,7 @@ class RedemptionService:
             )
         return result
 
-    async def redeem_many(self, requests: Sequence[RedeemInput]) -> list[RedeemResult | ItemFailure]:
+    async def redeem_many(self, requests: Sequence[RedeemInput], caller: Caller) -> list[RedeemResult | ItemFailure]:
         """Redeem a batch: every item keeps Redeem's guarantees; one script call per campaign shard, the shards
         concurrently. A malformed item, or a shard Redis could not decide, fails alone."""
         results: list[RedeemResult | ItemFailure] = [ItemFailure(NotReady(self._readiness.reason))] * len(requests)
@@ -67,13 +73,16 @@ class RedemptionService:
         by_shard: dict[tuple[int, int], list[tuple[int, RedeemCommand]]] = {}
         for index, request in enumerate(requests):
             try:
-                command = check_redeem(request, self._keyring)
-            except InvalidRequest as exc:
+                command = check_redeem(request, self._keyring, caller)
+            except (InvalidRequest, PermissionDenied) as exc:
                 results[index] = ItemFailure(exc)
                 continue
             route = command.lookup.route
             by_shard.setdefault((route.campaign_id, route.shard), []).append((index, command))
         now = self._clock.now_ms()
+        for group in by_shard.values():
+            for _, command in group:
+                self._sightings.saw(command.brand_id, command.store_id, command.terminal_id, now)
         groups = list(by_shard.values())
         replies = await asyncio.gather(*(self._decide(group, now) for group in groups), return_exceptions=True)
         for group, reply in zip(groups, replies, strict=True):
@@ -85,18 +94,19 @@ class RedemptionService:
         commands = [command for _, command in group]
         return await self._store.decide(commands, [self._new_id(now) for _ in commands], mode="redeem", now_ms=now)
 
-    async def validate(self, request: RedeemInput) -> RedeemResult:
+    async def validate(self, request: RedeemInput, caller: Caller) -> RedeemResult:
         """What redeem would answer now; changes nothing."""
-        command = check_redeem(request, self._keyring, needs_key=False)
+        command = check_redeem(request, self._keyring, caller, needs_key=False)
         self._require_ready()
         now = self._clock.now_ms()
+        self._sightings.saw(command.brand_id, command.store_id, command.terminal_id, now)
         return await self._store.redeem_one(command, "", mode="validate", now_ms=now)
 
-    async def get_code(self, raw_code: str) -> tuple[CodeState, int]:
-        """A code's state and the time it was read at (ms)."""
+    async def get_code(self, raw_code: str, caller: Caller) -> tuple[CodeState, int]:
+        """A code's state and the time it was read at (ms); another brand's code is not found."""
         lookup = lookup_code(raw_code, self._keyring)
         self._require_ready()
-        state = await self._store.code_state(lookup)
+        state = await self._store.code_state(lookup, caller.brand_id)
         if state is None:
             raise CodeNotFound("no such code")
         return state, self._clock.now_ms()

@@ -56,6 +56,7 @@ SPECS: tuple[Spec, ...] = (
     Spec("RGW_WRITER_MAX_ATTEMPTS", "5", "tries for an entry Postgres rejects before it is dead-lettered"),
     Spec("RGW_WRITER_BACKOFF_MAX_SECONDS", "10", "cap of the retry backoff while Postgres is unreachable"),
     Spec("RGW_WRITER_CONSUMER", "", "consumer name in the outbox groups (default: hostname-pid)"),
+    Spec("RGW_API_KEY", "", "the API key `rgw redeem|validate|get-code` sends (or --key); never logged"),
     Spec("RGW_KEY_ENV", "dev", "environment tag of new API keys (rgw_<env>_...): live, test or dev"),
     Spec("RGW_KEY_ROTATION_GRACE_SECONDS", "86400", "how long a rotated-out API key stays valid"),
     Spec("RGW_REGISTRY_POLL_SECONDS", "1", "how often each process checks the registry version (the backstop)"),
@@ -63,10 +64,11 @@ SPECS: tuple[Spec, ...] = (
     Spec("RGW_TLS_CERT_FILE", "", "server certificate chain (PEM); empty: plaintext gRPC"),
     Spec("RGW_TLS_KEY_FILE", "", "server private key (PEM)"),
     Spec("RGW_TLS_CLIENT_CA_FILE", "", "CA bundle (PEM) that client certificates must chain to"),
-    Spec("RGW_TLS_CLIENT_AUTH", "none", "client certificates: none, optional or require (needs the CA file)"),
+    Spec("RGW_TLS_CLIENT_AUTH", "none", "client certificates: none or require (needs the CA file)"),
 )
 
-TLS_CLIENT_AUTH = ("none", "optional", "require")
+# No "optional": grpcio cannot ask for a client certificate without requiring one (gateway/grpc_api/tls.py).
+TLS_CLIENT_AUTH = ("none", "require")
 KEY_ENVIRONMENTS = ("live", "test", "dev")
 
 DURABILITY_LEVELS = ("always", "everysec", "none")
@@ -101,6 +103,7 @@ class Settings:
     writer_max_attempts: int
     writer_backoff_max_seconds: float
     writer_consumer: str
+    api_key: str
     key_env: str
     key_rotation_grace_seconds: float
     registry_poll_seconds: float
@@ -223,7 +226,8 @@ class _Reader:
         try:
             return parse(text)
         except ValueError as exc:
-            self.errors.append(f"{name}={text[:40]!r}: {exc}" if name != "RGW_CODE_KEYS" else f"{name}: {exc}")
+            secret = name in ("RGW_CODE_KEYS", "RGW_API_KEY")
+            self.errors.append(f"{name}: {exc}" if secret else f"{name}={text[:40]!r}: {exc}")
             return None
 
     def settings(self) -> Settings:
@@ -253,6 +257,7 @@ class _Reader:
             writer_max_attempts=self.get("RGW_WRITER_MAX_ATTEMPTS", _positive_int),
             writer_backoff_max_seconds=self.get("RGW_WRITER_BACKOFF_MAX_SECONDS", _positive_float),
             writer_consumer=self.get("RGW_WRITER_CONSUMER", str),
+            api_key=self.get("RGW_API_KEY", str),
             key_env=self.get("RGW_KEY_ENV", _one_of(*KEY_ENVIRONMENTS)),
             key_rotation_grace_seconds=self.get("RGW_KEY_ROTATION_GRACE_SECONDS", _non_negative_float),
             registry_poll_seconds=self.get("RGW_REGISTRY_POLL_SECONDS", _positive_float),

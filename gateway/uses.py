@@ -16,7 +16,7 @@ from gateway.redis_store import load_lua
 _LEDGER_USES = """
 SELECT cu.code_ref, cu.use_number, r.redemption_id, r.redeemed_at, r.fingerprint, r.caller, r.store_id,
        r.terminal_id, r.customer_device_id, r.latitude, r.longitude, r.accuracy_m, r.idempotency_scope,
-       r.key_id, r.campaign_id, r.shard, ic.uses
+       r.client_id, r.brand_id, r.key_id, r.campaign_id, r.shard, ic.uses
 FROM code_uses cu
 JOIN redemptions r ON r.redemption_id = cu.redemption_id
 LEFT JOIN issued_codes ic ON ic.code_ref = cu.code_ref
@@ -43,6 +43,8 @@ class Use:
     lon: str
     acc: str
     idem: str
+    client_id: str
+    brand_id: str
     uses_total: int = 0
 
     @property
@@ -52,7 +54,8 @@ class Use:
     def record(self) -> str:
         """The Redis use record (see lua/redeem.lua)."""
         return "|".join((self.redemption_id, str(self.at_ms), self.fingerprint, self.caller, self.store_id,
-                         self.terminal_id, self.device, self.lat, self.lon, self.acc, self.idem))  # fmt: skip
+                         self.terminal_id, self.device, self.lat, self.lon, self.acc, self.idem, self.client_id,
+                         self.brand_id))  # fmt: skip
 
     def event(self) -> dict[str, str]:
         """The outbox entry, as redeem.lua writes it."""
@@ -60,7 +63,8 @@ class Use:
             "rid": self.redemption_id, "ref": self.code_ref, "kid": self.key_id, "cid": str(self.campaign_id),
             "shard": str(self.shard), "use": str(self.use_number), "at": str(self.at_ms), "fp": self.fingerprint,
             "caller": self.caller, "store": self.store_id, "term": self.terminal_id, "dev": self.device,
-            "lat": self.lat, "lon": self.lon, "acc": self.acc, "idem": self.idem,
+            "lat": self.lat, "lon": self.lon, "acc": self.acc, "idem": self.idem, "client": self.client_id,
+            "brand": self.brand_id,
         })  # fmt: skip
 
 
@@ -69,10 +73,10 @@ def _coordinate(value: float | None) -> str:
 
 
 def from_record(campaign_id: int, shard: int, code_ref: str, key_id: str, use_number: int, record: str) -> Use:
-    """A Use from a Redis use record."""
-    rid, at, fp, caller, store, term, dev, lat, lon, acc, idem = (record.split("|") + [""] * 11)[:11]
+    """A Use from a Redis use record (one written before brands has no client and belongs to the default brand)."""
+    rid, at, fp, caller, store, term, dev, lat, lon, acc, idem, client, brand = (record.split("|") + [""] * 13)[:13]
     return Use(campaign_id, shard, code_ref, key_id, use_number, rid, int(at or 0), fp, caller, store, term,
-               dev, lat, lon, acc, idem)  # fmt: skip
+               dev, lat, lon, acc, idem, client, brand or "1")  # fmt: skip
 
 
 async def ledger_uses(conn: asyncpg.Connection, campaign_id: int) -> dict[tuple[str, int], Use]:
@@ -83,7 +87,7 @@ async def ledger_uses(conn: asyncpg.Connection, campaign_id: int) -> dict[tuple[
             r["campaign_id"], r["shard"], r["code_ref"].hex(), r["key_id"], r["use_number"], str(r["redemption_id"]),
             int(r["redeemed_at"].timestamp() * 1000), r["fingerprint"], r["caller"], r["store_id"], r["terminal_id"],
             r["customer_device_id"], _coordinate(r["latitude"]), _coordinate(r["longitude"]),
-            _coordinate(r["accuracy_m"]), r["idempotency_scope"], r["uses"] or 0,
+            _coordinate(r["accuracy_m"]), r["idempotency_scope"], r["client_id"], str(r["brand_id"]), r["uses"] or 0,
         )  # fmt: skip
         uses[use.key] = use
     return uses

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from gateway import codes
 from gateway.coderefs import KeyRing
-from gateway.domain import CodeLookup, Location, RedeemCommand, RedeemInput
+from gateway.domain import Caller, CodeLookup, Location, PermissionDenied, RedeemCommand, RedeemInput
 
 MAX_RAW_CODE_CHARS = 64
 _ID_RE = re.compile(r"[A-Za-z0-9._:-]+")
@@ -90,8 +90,17 @@ def fingerprint(request: RedeemInput, code_ref: str) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
-def check_redeem(request: RedeemInput, keyring: KeyRing, *, needs_key: bool = True) -> RedeemCommand:
-    """A RedeemCommand for a well-formed request, or InvalidRequest listing every bad field."""
+def check_binding(request: RedeemInput, caller: Caller) -> None:
+    """A key bound to a store (or terminal) acts only for it: PermissionDenied otherwise."""
+    if caller.store_id and request.store_id != caller.store_id:
+        raise PermissionDenied("this API key is bound to another store")
+    if caller.terminal_id and request.terminal_id != caller.terminal_id:
+        raise PermissionDenied("this API key is bound to another terminal")
+
+
+def check_redeem(request: RedeemInput, keyring: KeyRing, caller: Caller, *, needs_key: bool = True) -> RedeemCommand:
+    """A RedeemCommand for a well-formed request of this caller: InvalidRequest listing every bad field, or
+    PermissionDenied when the caller's key is bound to another store or terminal."""
     violations = [
         *_check_id(request.idempotency_key, "idempotency_key", 128, required=needs_key),
         *_check_id(request.store_id, "store_id", 64, required=True),
@@ -105,9 +114,11 @@ def check_redeem(request: RedeemInput, keyring: KeyRing, *, needs_key: bool = Tr
         violations = exc.violations + violations
     if violations:
         raise InvalidRequest(violations)
+    check_binding(request, caller)
     return RedeemCommand(
         lookup=lookup,
-        caller=f"{request.store_id}/{request.terminal_id}",
+        client_id=caller.client_id,
+        brand_id=caller.brand_id,
         idempotency_key=request.idempotency_key,
         fingerprint=fingerprint(request, lookup.refs[0].ref),
         store_id=request.store_id,

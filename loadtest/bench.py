@@ -142,7 +142,7 @@ class Bench:
         meter = CpuMeter({"server": pids, "redis": [self.stack.redis.pid], "postgres": [self.stack.postgres.pid or 0]},
                          with_children=("postgres",))  # fmt: skip
         meter.start()
-        result = run_generator(target, variant, frames, rate, p)
+        result = run_generator(target, variant, frames, rate, p, self.stack.api_key)
         cpu = meter.stop()
         cpu["generator"] = round(result["generator_cpu_s"], 3)
         per_call = p.items if variant.mode == "stream" else 1
@@ -218,13 +218,15 @@ def settle() -> None:
     time.sleep(1)
 
 
-def run_generator(target: str, variant: Variant, frames: Path, rate: int, p: Profile) -> dict[str, Any]:
+def run_generator(target: str, variant: Variant, frames: Path, rate: int, p: Profile, api_key: str) -> dict[str, Any]:
     """Run h2gen (Node) once and return its JSON report. 32 connections: SO_REUSEPORT spreads connections, not
     calls, over the server processes, and a few connections can leave one process idle while another is full."""
     command = ["node", str(GENERATOR), "--target", target, "--path", variant.path, "--frames", str(frames),
                "--rate", str(rate), "--duration", str(p.duration), "--warmup", str(p.warmup),
                "--mode", variant.mode, "--connections", "32", "--streams", "64"]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=p.duration + p.warmup + 90, check=True)  # noqa: S603
+    env = {**os.environ, "RGW_API_KEY": api_key}  # not on argv, which any `ps` shows
+    timeout = p.duration + p.warmup + 90
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=True, env=env)  # noqa: S603
     result: dict[str, Any] = json.loads(done.stdout)
     return result
 

@@ -14,7 +14,7 @@ import redis as redis_sync
 
 from gateway import keys
 from gateway.dev.servers import RedisServer
-from gateway.redis_store import load_lua
+from gateway.redis_store import ITEM_ARGS, SCRIPT_ARGS, load_lua
 from loadtest.procstat import cpu_seconds
 
 CAMPAIGN = 999_999
@@ -28,13 +28,22 @@ end
 return 1"""
 
 
+def script_args() -> list[str]:
+    """One redemption's ARGV in the layout gateway/redis_store.py defines (random parts filled by redis-benchmark)."""
+    scalar = {"mode": "redeem", "now_ms": str(int(time.time() * 1000)), "candidates": "1",
+              "campaign": str(CAMPAIGN), "shard": "0", "brand": "1"}  # fmt: skip
+    item = {"idem": "i:__rand_int__", "legacy_idem": "i:none", "fp": "fp", "rid": "rid-__rand_int__",
+            "caller": "cl/t", "client": "cl", "store": "s", "term": "t", "dev": "d", "lat": "31.2", "lon": "121.4",
+            "acc": "10"}  # fmt: skip
+    return [scalar[name] for name in SCRIPT_ARGS] + [item[name] for name in ITEM_ARGS]
+
+
 def _run(port: int, sha: str, requests: int, pipeline: int) -> dict[str, Any]:
     code_prefix = keys.code_key(CAMPAIGN, 0, "")
     command = [
         "redis-benchmark", "-p", str(port), "-n", str(requests), "-c", "50", "-P", str(pipeline), "-r", str(KEYSPACE),
         "--csv", "EVALSHA", sha, "3", keys.meta_key(CAMPAIGN, 0), keys.outbox_key(CAMPAIGN, 0),
-        code_prefix + "__rand_int__", "redeem", str(int(time.time() * 1000)), "1", str(CAMPAIGN), "0",
-        "i:__rand_int__", "fp", "rid-__rand_int__", "s/t", "s", "t", "d", "31.2", "121.4", "10",
+        code_prefix + "__rand_int__", *script_args(),
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=True)  # noqa: S603
     rows = [line for line in done.stdout.splitlines() if line.startswith('"EVALSHA')]

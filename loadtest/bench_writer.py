@@ -30,7 +30,7 @@ from gateway.clock import SystemClock
 from gateway.coderefs import KeyRing
 from gateway.db.migrate import migrate
 from gateway.dev.servers import PostgresServer, RedisServer
-from gateway.domain import RedeemInput
+from gateway.domain import Caller, RedeemInput
 from gateway.durability import mark_initialised
 from gateway.ids import uuid7
 from gateway.issuance import create_campaign, issue_codes
@@ -41,6 +41,7 @@ from gateway.validation import check_redeem
 from loadtest.report import update_section
 
 KEYRING = KeyRing({"bench": os.urandom(32)}, "bench")
+CALLER = Caller(client_id="cl_bench", brand_id=1, role="internal")  # the campaign is the default brand's
 REDEEM_CHUNK = 64
 PG_SETTINGS = "SELECT name, setting FROM pg_settings WHERE name IN ('fsync', 'synchronous_commit', 'full_page_writes')"
 
@@ -61,7 +62,7 @@ async def fill_outbox(
     store = RedisCodeStore(redis)
     for i in range(0, len(codes), REDEEM_CHUNK):
         chunk = codes[i : i + REDEEM_CHUNK]
-        commands = [check_redeem(RedeemInput(c, f"k{i + n}", "bench-store", "till-1", "", None), KEYRING)
+        commands = [check_redeem(RedeemInput(c, f"k{i + n}", "bench-store", "till-1", "", None), KEYRING, CALLER)
                     for n, c in enumerate(chunk)]  # fmt: skip
         await store.decide(commands, [uuid7(now) for _ in chunk], mode="redeem", now_ms=now)
     entries: Any = await redis.xrange(keys.outbox_key(campaign.id, 0))

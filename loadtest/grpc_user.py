@@ -114,6 +114,7 @@ class GrpcUser(User):
         )
         self._channel: grpc.Channel | None = None
         self._stub: Any = None
+        self.api_key = ""  # set before on_start: every call carries it, as a real client's do
 
     def on_start(self) -> None:
         # Opened here, not in __init__: on_stop (which closes it) only runs for users that started.
@@ -140,7 +141,8 @@ class GrpcUser(User):
             raise LocustError("the channel is opened in on_start: call super().on_start() when overriding it")
         self._interceptor.check = check
         try:
-            return getattr(self._stub, method)(request, timeout=self.timeout_s)
+            metadata = (("authorization", f"Bearer {self.api_key}"),) if self.api_key else None
+            return getattr(self._stub, method)(request, timeout=self.timeout_s, metadata=metadata)
         except grpc.RpcError:
             return None
         finally:

@@ -16,6 +16,8 @@
 //          [--max-inflight 4000] [--warmup 1]
 // Prints one JSON object: counts, grpc statuses, outcome counts (all calls, warm-up included), latency
 // percentiles in ms (after the warm-up), generator CPU.
+// Authentication like a real client: RGW_API_KEY in the environment (not argv, which `ps` shows) is sent as
+// `authorization: Bearer <key>` on every call.
 import http2 from "node:http2";
 import fs from "node:fs";
 import { performance } from "node:perf_hooks";
@@ -89,8 +91,9 @@ function* grpcMessages(state, chunk) {
   }
 }
 
+const AUTHORIZATION = process.env.RGW_API_KEY ? { authorization: `Bearer ${process.env.RGW_API_KEY}` } : {};
 const HEADERS = (path) => ({
-  ":method": "POST", ":path": path, "content-type": "application/grpc", te: "trailers",
+  ":method": "POST", ":path": path, "content-type": "application/grpc", te: "trailers", ...AUTHORIZATION,
 });
 
 class Stats {

@@ -63,6 +63,7 @@ class Shared:
     manifest: Manifest
     fresh_codes: list[str]
     hot_codes: list[str]
+    api_key: str = field(repr=False)
     _fresh: Iterator[str] | None = field(default=None, init=False)
 
     @classmethod
@@ -70,7 +71,7 @@ class Shared:
         manifest = Manifest.read(directory)
         fresh = (directory / manifest.fresh.file).read_text().split()
         hot = (directory / manifest.hot.file).read_text().split()
-        return cls(manifest, fresh, hot)
+        return cls(manifest, fresh, hot, (directory / manifest.key_file).read_text().strip())
 
     def take_fresh(self, environment: Environment) -> str | None:
         """The next unused fresh code of this worker's share, or None when the share is used up."""
@@ -153,6 +154,7 @@ class Terminal(GrpcUser):
     wait_time = constant(0)
 
     def on_start(self) -> None:
+        self.api_key = shared().api_key
         super().on_start()
         number = next(_terminal_numbers)
         self.store_id = f"store-{number % STORES}"

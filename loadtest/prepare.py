@@ -38,8 +38,11 @@ from gateway.durability import is_initialised
 from gateway.rebuild import rebuild_redis
 from gateway.redis_store import connect
 from gateway.settings import Settings, SettingsError
+from gateway.tenancy import admin_store, notify
+from gateway.tenancy.model import DEFAULT_BRAND_ID
 
 MANIFEST = "manifest.json"
+KEY_FILE = "api-key"
 FRESH_FILE = "fresh-codes.txt"
 HOT_FILE = "hot-codes.txt"
 
@@ -62,6 +65,7 @@ class Manifest:
     created_at: str
     fresh: CampaignData
     hot: CampaignData
+    key_file: str = KEY_FILE  # the internal API key the users authenticate with (0600, beside the codes)
 
     def write(self, directory: Path) -> None:
         fd = os.open(directory / MANIFEST, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -71,7 +75,8 @@ class Manifest:
     @classmethod
     def read(cls, directory: Path) -> Manifest:
         raw = json.loads((directory / MANIFEST).read_text())
-        return cls(raw["created_at"], CampaignData(**raw["fresh"]), CampaignData(**raw["hot"]))
+        fresh, hot = CampaignData(**raw["fresh"]), CampaignData(**raw["hot"])
+        return cls(raw["created_at"], fresh, hot, raw.get("key_file", KEY_FILE))
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +114,19 @@ async def _issue(
     return CampaignData(campaign.id, campaign.shards, uses, count, file)
 
 
+async def _write_key(conn: asyncpg.Connection, redis: Redis, settings: Settings, path: Path) -> None:
+    """An internal client of the default brand (whose campaigns these are) for the users, its key shown only in
+    `path` (0600): Locust calls like a real order system. Revoke it with `rgw client revoke` after the run."""
+    made = await admin_store.create_client(
+        conn, actor="loadtest.prepare", brand_id=DEFAULT_BRAND_ID, role="internal",
+        label=f"loadtest {datetime.now(UTC):%Y-%m-%d %H:%M:%S}", env=settings.key_env,
+    )  # fmt: skip
+    await notify.publish(redis, made.version)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(made.value.plaintext + "\n")
+
+
 async def prepare(settings: Settings, plan: Plan) -> Manifest:
     """Migrate, make sure Redis is initialised, issue both campaigns, write the manifest."""
     keyring = settings.keyring()
@@ -119,6 +137,7 @@ async def prepare(settings: Settings, plan: Plan) -> Manifest:
         await _ensure_initialised(conn, redis)
         fresh = await _issue(conn, redis, keyring, plan, kind="fresh", count=plan.fresh, uses=1)
         hot = await _issue(conn, redis, keyring, plan, kind="hot", count=plan.hot, uses=plan.hot_uses)
+        await _write_key(conn, redis, settings, plan.out / KEY_FILE)
     finally:
         await redis.aclose()
         await conn.close()

@@ -19,6 +19,7 @@ import grpc
 from gateway.clock import SystemClock
 from gateway.coderefs import KeyRing
 from gateway.domain import Outcome, RedeemCommand, RedeemResult
+from gateway.grpc_api.auth import current_caller
 from gateway.grpc_api.errors import rpc_boundary
 from gateway.grpc_api.servicer import redeem_input, redeem_response
 from gateway.ids import uuid7
@@ -62,15 +63,16 @@ class PeerServicer(pb_grpc.RedemptionServiceServicer):
 
     @rpc_boundary
     async def Redeem(self, request: pb.RedeemRequest, context: grpc.aio.ServicerContext) -> pb.RedeemResponse:
-        command = check_redeem(redeem_input(request), self._keyring)
+        command = check_redeem(redeem_input(request), self._keyring, current_caller())
         async with self._pool.acquire() as conn, conn.transaction():
             return redeem_response(await self._decide(conn, command, self._clock.now_ms()))
 
     async def RedeemStream(
         self, request_iterator: AsyncIterator[pb.RedeemStreamRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.RedeemStreamResponse]:
+        caller = current_caller()
         async for message in request_iterator:
-            commands = [check_redeem(redeem_input(item), self._keyring) for item in message.items]
+            commands = [check_redeem(redeem_input(item), self._keyring, caller) for item in message.items]
             now = self._clock.now_ms()
             async with self._pool.acquire() as conn, conn.transaction():
                 refs = sorted({bytes.fromhex(c.lookup.refs[0].ref) for c in commands})
@@ -87,7 +89,7 @@ class PeerServicer(pb_grpc.RedemptionServiceServicer):
     async def _decide(self, conn: asyncpg.Connection, command: RedeemCommand, now_ms: int) -> RedeemResult:
         ref = bytes.fromhex(command.lookup.refs[0].ref)
         cid = command.lookup.route.campaign_id
-        scope = idempotency_field(command.caller, command.idempotency_key)
+        scope = idempotency_field(command.client_id, command.terminal_id, command.idempotency_key)
         prior = await conn.fetchrow(
             "SELECT redemption_id, fingerprint, use_number, redeemed_at FROM peer_redemptions "
             "WHERE code_ref = $1 AND scope = $2", ref, scope,

@@ -23,6 +23,8 @@ from gateway.dev.servers import PostgresServer, RedisServer, free_port
 from gateway.issuance import create_campaign, issue_codes
 from gateway.rebuild import rebuild_redis
 from gateway.redis_store import connect
+from gateway.tenancy import admin_store, notify
+from gateway.tenancy.model import DEFAULT_BRAND_ID
 from loadtest.servicers import LOAD_PEER_CODES, PEER_SCHEMA
 
 KEY = os.urandom(32)
@@ -38,6 +40,8 @@ class Stack:
     workdir: Path
     issued: int = 0
     servers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    # The benchmark authenticates like a real internal client (Redeem and RedeemStream), for the default brand.
+    api_key: str = field(default="", repr=False)
 
     @property
     def env(self) -> dict[str, str]:
@@ -60,6 +64,11 @@ class Stack:
             await migrate(conn)
             await conn.execute(PEER_SCHEMA)
             await rebuild_redis(conn, redis)
+            made = await admin_store.create_client(
+                conn, actor="bench", brand_id=DEFAULT_BRAND_ID, role="internal", label="bench", env="test"
+            )
+            await notify.publish(redis, made.version)
+            self.api_key = made.value.plaintext
         finally:
             await redis.aclose()
             await conn.close()

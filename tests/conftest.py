@@ -66,7 +66,12 @@ async def redis(redis_url: str) -> AsyncIterator[Redis]:
 async def db(migrated: str) -> AsyncIterator[asyncpg.Connection]:
     conn = await asyncpg.connect(migrated)
     await conn.execute(
-        "TRUNCATE issued_codes, campaigns, redemptions, code_uses, double_spend_alarms RESTART IDENTITY CASCADE"
+        "TRUNCATE issued_codes, campaigns, redemptions, code_uses, double_spend_alarms, brands, stores, terminals,"
+        " api_clients, api_keys, audit_log, registry_version RESTART IDENTITY CASCADE;"
+        # what migration 0003 seeds: the default brand (id 1; the identity starts at 2) and the registry version
+        " INSERT INTO brands (id, slug, name, status, row_version) OVERRIDING SYSTEM VALUE"
+        " VALUES (1, 'default', 'Default brand', 'active', 1);"
+        " INSERT INTO registry_version (version) VALUES (1)"
     )
     yield conn
     await conn.close()

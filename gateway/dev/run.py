@@ -1,9 +1,10 @@
-"""`make run`: a local gateway with a demo campaign, from nothing.
+"""`make run`: a local gateway with a demo brand, store, terminal, POS key and campaign, from nothing.
 
 Starts Redis (AOF on, fsync always) and Postgres under ./.local/ unless RGW_REDIS_URL / RGW_DATABASE_URL name
 servers to use, makes a development HMAC key unless RGW_CODE_KEYS is set, migrates, restores Redis from Postgres,
-creates a demo campaign, prints a few demo codes and a command that redeems one, and serves (with the ledger
-writer in the same process) until Ctrl-C; then stops what it started.
+makes sure the demo brand, store and terminal exist, creates a POS key bound to the demo store and a demo
+campaign, prints a few demo codes and a command (with the key) that redeems one, and serves (with the ledger writer
+in the same process) until Ctrl-C; then stops what it started.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import secrets
 import shlex
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
 import uvloop
+from redis.asyncio import Redis
 
 from gateway import issuance
 from gateway.db.migrate import migrate
@@ -29,9 +32,13 @@ from gateway.dev.servers import PostgresServer, RedisServer
 from gateway.rebuild import rebuild_redis
 from gateway.redis_store import connect
 from gateway.settings import Settings
+from gateway.tenancy import admin_store, notify
+from gateway.tenancy.model import Brand, Store, Terminal
 
 LOCAL = Path(".local")
 DEMO_CODES = 5
+DEMO_BRAND, DEMO_STORE, DEMO_TILL = "demo", "demo-store", "till-1"
+ACTOR = "make run"
 log = logging.getLogger("rgw.dev")
 
 
@@ -66,8 +73,46 @@ def local_servers(environ: dict[str, str]) -> Iterator[dict[str, str]]:
         yield env
 
 
-async def prepare_demo(settings: Settings) -> tuple[int, list[str]]:
-    """Migrate and create a demo campaign with a few fresh codes (plaintext only in .local/)."""
+@dataclass(frozen=True)
+class Demo:
+    """What `make run` made: the campaign, its codes, and the POS key (shown once, in the banner)."""
+
+    campaign_id: int
+    codes: list[str]
+    brand: Brand
+    store: Store
+    terminal: Terminal
+    api_key: str = field(repr=False)
+
+
+async def _demo_tenant(conn: asyncpg.Connection, redis: Redis, settings: Settings) -> Demo:
+    """The demo brand, store and terminal (made once, found after) and a new POS key bound to the store."""
+    brands = await admin_store.list_brands(conn)
+    brand = (
+        next((b for b in brands if b.slug == DEMO_BRAND), None)
+        or (await admin_store.create_brand(conn, actor=ACTOR, slug=DEMO_BRAND, name="Demo brand")).value
+    )
+    stores = await admin_store.list_stores(conn, brand_id=brand.id)
+    store = next((s for s in stores if s.external_id == DEMO_STORE), None) or (
+        await admin_store.create_store(conn, actor=ACTOR, brand_id=brand.id, external_id=DEMO_STORE,
+                                       name="Demo store", latitude=31.2304, longitude=121.4737,
+                                       time_zone="Asia/Shanghai")
+    ).value  # fmt: skip
+    tills = await admin_store.list_terminals(conn, brand_id=brand.id, store_id=store.id)
+    terminal = next((t for t in tills if t.external_id == DEMO_TILL), None) or (
+        await admin_store.create_terminal(conn, actor=ACTOR, brand_id=brand.id, store_id=store.id,
+                                          external_id=DEMO_TILL)
+    ).value  # fmt: skip
+    made = await admin_store.create_client(
+        conn, actor=ACTOR, brand_id=brand.id, role="pos", label="make run demo till", store_id=store.id,
+        env=settings.key_env,
+    )  # fmt: skip
+    await notify.publish(redis, made.version)
+    return Demo(0, [], brand, store, terminal, made.value.plaintext)
+
+
+async def prepare_demo(settings: Settings) -> Demo:
+    """Migrate, make the demo tenant and a demo campaign with a few fresh codes (plaintext only in .local/)."""
     conn = await asyncpg.connect(settings.database_url)
     redis = connect(settings.redis_url, pool_size=4, timeout_s=settings.redis_timeout_seconds)
     try:
@@ -76,31 +121,38 @@ async def prepare_demo(settings: Settings) -> tuple[int, list[str]]:
         report = await rebuild_redis(conn, redis)
         print(f"redis restored from postgres: {report.campaigns} campaigns, {report.codes} codes, "
               f"{report.uses_restored} ledger uses")  # fmt: skip
+        tenant = await _demo_tenant(conn, redis, settings)
         keyring = settings.keyring()
         now = datetime.now(UTC)
         campaign = await issuance.create_campaign(
             conn, redis, keyring,
             name=f"demo {now:%Y-%m-%d %H:%M}", valid_from=now - timedelta(minutes=1),
-            valid_until=now + timedelta(days=30),
+            valid_until=now + timedelta(days=30), brand_id=tenant.brand.id,
         )  # fmt: skip
+        LOCAL.mkdir(exist_ok=True)  # noqa: ASYNC240 - before serving: with servers and keys configured, nothing else made it
         out = LOCAL / f"demo-codes-{campaign.id}.txt"
         await issuance.issue_codes(conn, redis, keyring, campaign, count=DEMO_CODES, out=out)
-        return campaign.id, out.read_text().split()
+        return replace(tenant, campaign_id=campaign.id, codes=out.read_text().split())
     finally:
         await redis.aclose()
         await conn.close()
 
 
-def _banner(settings: Settings, campaign_id: int, demo: list[str]) -> str:
+def _banner(settings: Settings, demo: Demo) -> str:
     host, _, port = settings.grpc_addr.rpartition(":")
     rgw = shlex.quote(str(Path(sys.executable).with_name("rgw")))
     lines = [
         "",
-        f"Demo campaign {campaign_id}: single-use codes (also in .local/demo-codes-{campaign_id}.txt):",
-        *(f"    {code}" for code in demo),
+        f"Demo brand {demo.brand.slug!r} (id {demo.brand.id}), store {demo.store.external_id!r}, terminal "
+        f"{demo.terminal.external_id!r}; a new POS API key bound to that store (shown only here):",
+        f"    {demo.api_key}",
+        "",
+        f"Demo campaign {demo.campaign_id}: single-use codes (also in .local/demo-codes-{demo.campaign_id}.txt):",
+        *(f"    {code}" for code in demo.codes),
         "",
         "Redeem one (run it twice: REDEEMED, then ALREADY_REDEEMED):",
-        f"    {rgw} redeem --addr {host}:{port} --store demo-store --terminal till-1 --code {demo[0]}",
+        f"    RGW_API_KEY={demo.api_key} {rgw} redeem --addr {host}:{port} --store {demo.store.external_id} "
+        f"--terminal {demo.terminal.external_id} --code {demo.codes[0]}",
         "",
         f"Serving redemption.v1 on {settings.grpc_addr}; Ctrl-C stops the gateway and the servers it started.",
     ]
@@ -112,8 +164,8 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     with local_servers(dict(os.environ)) as env:
         settings = Settings.from_env(env)
-        campaign_id, demo = uvloop.run(prepare_demo(settings))
-        print(_banner(settings, campaign_id, demo), flush=True)
+        demo = uvloop.run(prepare_demo(settings))
+        print(_banner(settings, demo), flush=True)
         from gateway.grpc_api.server import serve
 
         with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):

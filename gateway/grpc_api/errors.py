@@ -21,8 +21,16 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from redis import exceptions as redis_errors
 
-from gateway.domain import CodeNotFound, IdempotencyConflict, NotReady
+from gateway.domain import (
+    CodeNotFound,
+    IdempotencyConflict,
+    NotReady,
+    PermissionDenied,
+    RegistryNotReady,
+    Unauthenticated,
+)
 from gateway.ratelimited_log import RateLimitedLog
+from gateway.tenancy.model import AlreadyExists, NotFoundError
 from gateway.validation import FieldViolation, InvalidRequest, UndecodableRequest
 
 DOMAIN = "redemption.v1"
@@ -56,6 +64,10 @@ class Fault:
     retry: bool = False
 
 
+_UNAUTHENTICATED = (
+    "missing or invalid credentials: send `authorization: Bearer <API key>` metadata (or a client "
+    "certificate where mTLS is configured)"
+)
 _REUSED_KEY = FieldViolation("idempotency_key", "was used for this code with a different request")
 
 
@@ -63,32 +75,55 @@ _REUSED_KEY = FieldViolation("idempotency_key", "was used for this code with a d
 _unavailable_log = RateLimitedLog(logging.getLogger("rgw.errors.unavailable"), burst=1)
 _malformed_log = RateLimitedLog(logging.getLogger("rgw.errors.malformed"))
 _internal_log = RateLimitedLog(logging.getLogger("rgw.errors.internal"))
+_auth_log = RateLimitedLog(logging.getLogger("rgw.errors.auth"))
+
+
+def _undecodable(exc: UndecodableRequest) -> Fault:
+    _malformed_log.log(logging.WARNING, "refused an undecodable %s (%s)", exc.message_type, exc.error)
+    message = (f"the request is not a valid {exc.message_type}: its bytes do not parse as protobuf (truncated, a "
+               "wrong wire type, or a string that is not UTF-8)")  # fmt: skip
+    return Fault(code_pb2.INVALID_ARGUMENT, message, "MALFORMED_REQUEST")
+
+
+def _unauthenticated(exc: Unauthenticated) -> Fault:
+    _auth_log.log(logging.WARNING, "refused a call: %s credentials", exc.kind)
+    return Fault(code_pb2.UNAUTHENTICATED, _UNAUTHENTICATED, "UNAUTHENTICATED")
+
+
+def _unavailable(exc: Exception) -> Fault:
+    _unavailable_log.log(logging.WARNING, "redis unavailable: %s", type(exc).__name__)
+    return Fault(code_pb2.UNAVAILABLE, "redis is unavailable; retry with the same idempotency key",
+                 "DEPENDENCY_UNAVAILABLE", retry=True)  # fmt: skip
+
+
+# Request-path exceptions and their faults, most specific first.
+_FAULTS: tuple[tuple[type[Exception] | tuple[type[Exception], ...], Callable[[Any], Fault]], ...] = (
+    (UndecodableRequest, _undecodable),
+    (Unauthenticated, _unauthenticated),
+    (PermissionDenied, lambda e: Fault(code_pb2.PERMISSION_DENIED, str(e), "PERMISSION_DENIED")),
+    (RegistryNotReady, lambda e: Fault(code_pb2.UNAVAILABLE, f"the tenant registry is not ready ({e}); retry with "
+                                       "the same idempotency key", "REGISTRY_NOT_READY", retry=True)),
+    (InvalidRequest, lambda e: Fault(code_pb2.INVALID_ARGUMENT, "invalid request: " + "; ".join(
+        v.field for v in e.violations), "INVALID_REQUEST", e.violations)),
+    (IdempotencyConflict, lambda e: Fault(code_pb2.INVALID_ARGUMENT, "idempotency key reused with a different "
+                                          "request", "IDEMPOTENCY_KEY_REUSED", [_REUSED_KEY])),
+    (NotReady, lambda e: Fault(code_pb2.UNAVAILABLE, f"redis is not ready ({e}); retry with the same idempotency "
+                               "key", "REDIS_NOT_READY", retry=True)),
+    (CodeNotFound, lambda e: Fault(code_pb2.NOT_FOUND, "no such code", "CODE_NOT_FOUND")),
+    # an administered entity - or another brand's, which looks exactly the same
+    (NotFoundError, lambda e: Fault(code_pb2.NOT_FOUND, str(e), "NOT_FOUND")),
+    (AlreadyExists, lambda e: Fault(code_pb2.ALREADY_EXISTS, str(e), "ALREADY_EXISTS")),
+    (_UNAVAILABLE_ERRORS, _unavailable),
+)  # fmt: skip
 
 
 def fault_for(exc: Exception, request_id: Callable[[], str]) -> Fault:
     """The one mapping from exceptions to faults (unary statuses and stream item errors alike)."""
-    if isinstance(exc, UndecodableRequest):
-        _malformed_log.log(logging.WARNING, "refused an undecodable %s (%s)", exc.message_type, exc.error)
-        return Fault(code_pb2.INVALID_ARGUMENT, f"the request is not a valid {exc.message_type}: its bytes do not "
-                     "parse as protobuf (truncated, a wrong wire type, or a string that is not UTF-8)",
-                     "MALFORMED_REQUEST")  # fmt: skip
-    if isinstance(exc, InvalidRequest):
-        return Fault(code_pb2.INVALID_ARGUMENT, "invalid request: " + "; ".join(v.field for v in exc.violations),
-                     "INVALID_REQUEST", exc.violations)  # fmt: skip
-    if isinstance(exc, IdempotencyConflict):
-        return Fault(code_pb2.INVALID_ARGUMENT, "idempotency key reused with a different request",
-                     "IDEMPOTENCY_KEY_REUSED", [_REUSED_KEY])  # fmt: skip
-    if isinstance(exc, NotReady):
-        return Fault(code_pb2.UNAVAILABLE, f"redis is not ready ({exc}); retry with the same idempotency key",
-                     "REDIS_NOT_READY", retry=True)  # fmt: skip
-    if isinstance(exc, CodeNotFound):
-        return Fault(code_pb2.NOT_FOUND, "no such code", "CODE_NOT_FOUND")
-    if isinstance(exc, _UNAVAILABLE_ERRORS) or (
-        isinstance(exc, redis_errors.ResponseError) and str(exc).startswith("OOM")
-    ):
-        _unavailable_log.log(logging.WARNING, "redis unavailable: %s", type(exc).__name__)
-        return Fault(code_pb2.UNAVAILABLE, "redis is unavailable; retry with the same idempotency key",
-                     "DEPENDENCY_UNAVAILABLE", retry=True)  # fmt: skip
+    for kind, fault in _FAULTS:
+        if isinstance(exc, kind):
+            return fault(exc)
+    if isinstance(exc, redis_errors.ResponseError) and str(exc).startswith("OOM"):
+        return _unavailable(exc)
     rid = request_id()
     _internal_log.log(logging.ERROR, "internal error, request id %s", rid, exc_info=exc)
     return Fault(code_pb2.INTERNAL, f"internal error; request id {rid}", "INTERNAL")

@@ -21,15 +21,18 @@ from gateway.coderefs import KeyRing
 from gateway.domain import Readiness
 from gateway.durability import LOSS_WINDOW, check_durability
 from gateway.gateway_metrics import REDIS_DURABILITY, start_metrics_server
+from gateway.grpc_api.auth import Authenticator, AuthInterceptor, RegistrySource
 from gateway.grpc_api.interceptors import DecodeGuard
 from gateway.grpc_api.servicer import RedemptionServicer
 from gateway.grpc_api.stream_replies import send_limit
+from gateway.grpc_api.tls import client_id_from_context, server_credentials
 from gateway.pb.redemption.v1 import redemption_pb2 as pb
 from gateway.pb.redemption.v1 import redemption_pb2_grpc as pb_grpc
 from gateway.pipelined_redis import PipelinedRedis
 from gateway.redis_store import RedisCodeStore, connect
 from gateway.service import RedemptionService
 from gateway.settings import Settings
+from gateway.tenancy.watcher import RegistryWatcher
 
 log = logging.getLogger("rgw.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RedemptionService"].full_name
@@ -49,9 +52,10 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
     ]
 
 
-def default_interceptors() -> list[grpc.aio.ServerInterceptor]:
-    """What every call goes through before its handler, outermost first."""
-    return [DecodeGuard()]
+def default_interceptors(source: RegistrySource) -> list[grpc.aio.ServerInterceptor]:
+    """What every call goes through before its handler, outermost first: who is calling (so an unknown caller
+    learns nothing, not even how its bytes parse), then undecodable bytes."""
+    return [AuthInterceptor(Authenticator(source), peer_identity=client_id_from_context), DecodeGuard()]
 
 
 def register_redemption_service(server: grpc.aio.Server, service: RedemptionService, settings: Settings) -> None:
@@ -77,6 +81,7 @@ class Gateway:
     # (an empty-handler ceiling, a Postgres peer) to measure them on exactly this server stack.
     register: Callable[[grpc.aio.Server, RedemptionService, Settings], None] | None = None
     # None: default_interceptors(). The benchmark passes [] to measure what the interceptors cost.
+    registry: RegistryWatcher = field(init=False)
     interceptors: Sequence[grpc.aio.ServerInterceptor] | None = None
     _health_task: asyncio.Task[None] | None = field(init=False, default=None)
 
@@ -94,6 +99,13 @@ class Gateway:
             appendfsync=config.get("appendfsync", "unknown"),
             loss_window=LOSS_WINDOW[s.redis_durability],
         ).set(1)
+        self.registry = RegistryWatcher(
+            database_url=s.database_url,
+            redis=self.redis,
+            poll_s=s.registry_poll_seconds,
+            max_stale_s=s.registry_max_stale_seconds,
+        )
+        await self.registry.start()
         self.pipelined = None
         if s.redis_url.startswith("redis://"):
             self.pipelined = PipelinedRedis(
@@ -105,13 +117,17 @@ class Gateway:
         self.server = grpc.aio.server(
             options=server_options(s),
             maximum_concurrent_rpcs=s.max_concurrent_rpcs,
-            interceptors=default_interceptors() if self.interceptors is None else self.interceptors,
+            interceptors=default_interceptors(self.registry) if self.interceptors is None else self.interceptors,
         )
         (self.register or register_redemption_service)(self.server, service, s)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
-        self.port = self.server.add_insecure_port(s.grpc_addr)
+        credentials = server_credentials(s)
+        if credentials is None:
+            self.port = self.server.add_insecure_port(s.grpc_addr)
+        else:
+            self.port = self.server.add_secure_port(s.grpc_addr, credentials)
         if self.port == 0:
             raise RuntimeError(f"cannot bind {s.grpc_addr}")
         await self.server.start()
@@ -151,6 +167,7 @@ class Gateway:
                 await self._health_task
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.shutdown_grace_seconds)
+        await self.registry.stop()
         if self.pipelined is not None:
             await self.pipelined.close()
         await self.redis.aclose()

@@ -8,6 +8,7 @@ import grpc
 from google.protobuf import timestamp_pb2
 
 from gateway.domain import REASONS, CodeState, ItemFailure, Location, Outcome, RedeemInput, RedeemResult
+from gateway.grpc_api.auth import current_caller
 from gateway.grpc_api.errors import fault_for, request_id_of, rpc_boundary, status_for
 from gateway.grpc_api.stream_replies import item_error
 from gateway.pb.redemption.v1 import redemption_pb2 as pb
@@ -85,7 +86,7 @@ class RedemptionServicer(pb_grpc.RedemptionServiceServicer):
 
     @rpc_boundary
     async def Redeem(self, request: pb.RedeemRequest, context: grpc.aio.ServicerContext) -> pb.RedeemResponse:
-        return redeem_response(await self._service.redeem(redeem_input(request)))
+        return redeem_response(await self._service.redeem(redeem_input(request), current_caller()))
 
     @rpc_boundary
     async def Validate(self, request: pb.ValidateRequest, context: grpc.aio.ServicerContext) -> pb.ValidateResponse:
@@ -97,7 +98,7 @@ class RedemptionServicer(pb_grpc.RedemptionServiceServicer):
             customer_device_id=request.customer_device_id,
             location=_location(request),
         )
-        result = await self._service.validate(query)
+        result = await self._service.validate(query, current_caller())
         return pb.ValidateResponse(
             outcome=_OUTCOMES[result.outcome],
             reason=REASONS[result.outcome],
@@ -107,7 +108,7 @@ class RedemptionServicer(pb_grpc.RedemptionServiceServicer):
 
     @rpc_boundary
     async def GetCode(self, request: pb.GetCodeRequest, context: grpc.aio.ServicerContext) -> pb.GetCodeResponse:
-        state, now_ms = await self._service.get_code(request.code)
+        state, now_ms = await self._service.get_code(request.code, current_caller())
         response = pb.GetCodeResponse(
             campaign_id=state.campaign_id,
             status=_code_status(state, now_ms),
@@ -125,10 +126,11 @@ class RedemptionServicer(pb_grpc.RedemptionServiceServicer):
         self, request_iterator: AsyncIterator[pb.RedeemStreamRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.RedeemStreamResponse]:
         request_id = request_id_of(context)
+        caller = current_caller()
         try:
             async for message in request_iterator:
                 check_stream_message(message.batch_id, len(message.items), self._stream_max_items)
-                outcomes = await self._service.redeem_many([redeem_input(item) for item in message.items])
+                outcomes = await self._service.redeem_many([redeem_input(item) for item in message.items], caller)
                 yield pb.RedeemStreamResponse(
                     batch_id=message.batch_id, results=[self._stream_result(o, request_id) for o in outcomes]
                 )

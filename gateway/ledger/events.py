@@ -9,12 +9,16 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import NamedTuple
 
-# The outbox entry format: one field, "v1", holding these values joined by "|" (none of them can contain "|":
-# ids are validated to [A-Za-z0-9._:-], the rest are hex, numbers or UUIDs).
-EVENT_FIELDS = ("rid", "ref", "kid", "cid", "shard", "use", "at", "fp", "caller", "store", "term", "dev", "lat", "lon",
-                "acc", "idem")  # fmt: skip
-VERSION_FIELD = "v1"
-REQUIRED = ("rid", "ref", "kid", "cid", "shard", "use", "at", "fp", "caller", "store", "term")
+# The outbox entry format: one field, "v2", holding these values joined by "|" (none of them can contain "|":
+# ids are validated to [A-Za-z0-9._:-], the rest are hex, numbers or UUIDs). "v1" entries, written before
+# authentication existed, lack the client and brand: they belonged to the default brand (migration 0003).
+EVENT_FIELDS_V1 = ("rid", "ref", "kid", "cid", "shard", "use", "at", "fp", "caller", "store", "term", "dev", "lat",
+                   "lon", "acc", "idem")  # fmt: skip
+EVENT_FIELDS = (*EVENT_FIELDS_V1, "client", "brand")
+VERSION_FIELD = "v2"
+_FORMATS = {"v2": EVENT_FIELDS, "v1": EVENT_FIELDS_V1}
+_V1_DEFAULTS = {"client": "", "brand": "1"}
+REQUIRED = ("rid", "ref", "kid", "cid", "shard", "use", "at", "fp", "caller", "store", "term", "brand")
 
 
 class PoisonEntry(ValueError):
@@ -42,6 +46,8 @@ class LedgerRow(NamedTuple):
     fingerprint: str
     idempotency_scope: str
     outbox_id: str
+    client_id: str
+    brand_id: int
 
 
 COLUMNS = list(LedgerRow._fields)
@@ -62,14 +68,16 @@ def encode_event(event: Mapping[str, str]) -> dict[str, str]:
 
 
 def decode_event(fields: Mapping[str, str]) -> dict[str, str]:
-    """The event held by an outbox entry; PoisonEntry when it is not in a known format."""
-    packed = fields.get(VERSION_FIELD)
-    if packed is None:
-        raise PoisonEntry(f"unknown entry format (fields: {', '.join(sorted(fields))[:100]})")
-    values = packed.split("|")
-    if len(values) != len(EVENT_FIELDS):
-        raise PoisonEntry(f"expected {len(EVENT_FIELDS)} values, found {len(values)}")
-    return dict(zip(EVENT_FIELDS, values, strict=True))
+    """The event held by an outbox entry (v2, or v1 from before brands); PoisonEntry when it is not in a known
+    format."""
+    for version, names in _FORMATS.items():
+        packed = fields.get(version)
+        if packed is not None:
+            values = packed.split("|")
+            if len(values) != len(names):
+                raise PoisonEntry(f"expected {len(names)} values, found {len(values)}")
+            return {**_V1_DEFAULTS, **dict(zip(names, values, strict=True))}
+    raise PoisonEntry(f"unknown entry format (fields: {', '.join(sorted(fields))[:100]})")
 
 
 def parse(entry_id: str, fields: Mapping[str, str]) -> LedgerRow:
@@ -100,6 +108,8 @@ def parse(entry_id: str, fields: Mapping[str, str]) -> LedgerRow:
             fingerprint=entry["fp"],
             idempotency_scope=entry.get("idem", ""),
             outbox_id=entry_id,
+            client_id=entry["client"],
+            brand_id=int(entry["brand"]),
         )
     except (ValueError, OverflowError) as exc:
         raise PoisonEntry(f"malformed entry: {exc}") from None

@@ -3,24 +3,27 @@
 Every key below carries the same hash tag {c<campaign>.<shard>}, so the whole decision and its effects happen
 in one atomic script call (no read-then-write across round trips), on one Redis or on Redis Cluster.
 
-KEYS[1]          rgw:{c.s}:meta     campaign rules for this shard: vf, vu (validity window, ms since epoch)
-KEYS[2]          rgw:{c.s}:outbox   stream the redemption event is appended to (the ledger writer's input):
-                                    one field v1 = "rid|ref|kid|cid|shard|use|at|fp|caller|store|term|dev|lat|lon|acc|idem"
+KEYS[1]          rgw:{c.s}:meta     campaign rules for this shard: vf, vu (validity window, ms since epoch), brand
+KEYS[2]          rgw:{c.s}:outbox   stream the redemption event is appended to (the ledger writer's input): one
+                 field v2 = "rid|ref|kid|cid|shard|use|at|fp|caller|store|term|dev|lat|lon|acc|idem|client|brand"
 KEYS[3 ..]       code hashes, NK candidates per item (the code_ref under each HMAC key id), item by item
 
 ARGV[1]  mode: "redeem" changes state; "validate" runs the same checks and changes nothing
 ARGV[2]  now, ms since epoch, from the gateway's injected clock (the script never reads the server clock)
 ARGV[3]  NK, candidate keys per item
 ARGV[4]  campaign id      ARGV[5]  shard
-ARGV[6 ..] per item, NF = 10 fields:
-         idempotency field ("i:<hash of caller and key>"), request fingerprint, redemption id to use if this
-         call redeems (UUIDv7), caller, store, terminal, customer device, latitude, longitude, accuracy
-         (the last three empty when unknown)
+ARGV[6]  the authenticated caller's brand id: a shard of another brand's campaign answers exactly as a code that
+         was never issued (NOT_FOUND, nothing read back, nothing written) - tenants are isolated inside the script
+ARGV[7 ..] per item, NF = 12 fields (gateway/redis_store.py ITEM_ARGS):
+         idempotency field ("i:<hash of client, terminal and key>"), the same scope's field from before
+         authentication ("i:<hash of store/terminal and key>", replayed, never written), request fingerprint,
+         redemption id to use if this call redeems (UUIDv7), caller ("client/terminal"), client id, store,
+         terminal, customer device, latitude, longitude, accuracy (the last three empty when unknown)
 
 Code hash fields: cid, kid, uses (allowed), used (taken now), seq (last use number: only grows, so a use number is
 never reused, even after a reversal gives a use back), vf, vu, last (ms of last use),
-u:<n> = use record n: "rid|at|fp|caller|store|term|dev|lat|lon|acc|idem" - everything the outbox event carries, so
-reconciliation can re-enqueue a use the ledger is missing; i:<scope> = "<fingerprint>|<redemption id>|<at ms>|
+u:<n> = use record n: "rid|at|fp|caller|store|term|dev|lat|lon|acc|idem|client|brand" - everything the outbox
+event carries, so reconciliation can re-enqueue a use the ledger is missing; i:<scope> = "<fingerprint>|<redemption id>|<at ms>|
 <use number>|<uses left>" (first answer to that idempotency key; only redemptions are recorded - a decline
 changed nothing, so a retry is simply decided again).
 
@@ -28,20 +31,24 @@ Reply: one array per item {status, uses_left, redemption_id, at_ms, use_number, 
 REDEEMED, REDEEMABLE, ALREADY_REDEEMED, NOT_FOUND, EXPIRED, NOT_YET_VALID, IDEMPOTENCY_MISMATCH.
 ]]
 
-local NF = 10
+local NF = 12
+local GLOBAL = 6
+local DEFAULT_BRAND = '1' -- metas written before brands existed: the campaigns migration 0003 gave brand 1
 local mode = ARGV[1]
 local now = tonumber(ARGV[2])
 local nk = tonumber(ARGV[3])
-local campaign, shard = ARGV[4], ARGV[5]
-local meta = redis.call('HMGET', KEYS[1], 'vf', 'vu')
-local items = (#ARGV - 5) / NF
+local campaign, shard, brand = ARGV[4], ARGV[5], ARGV[6]
+local meta = redis.call('HMGET', KEYS[1], 'vf', 'vu', 'brand')
+local items = (#ARGV - GLOBAL) / NF
+-- Another brand's campaign is invisible: the same answer as a campaign that does not exist.
+local visible = meta[1] and (meta[3] or DEFAULT_BRAND) == brand
 
 -- One HMGET per candidate key fetches everything a decision needs, this caller's idempotency record included:
 -- the fewer commands per item, the more redemptions one Redis core (and one AOF fsync) carries.
-local function find_code(item, idem_field)
+local function find_code(item, idem_field, legacy_field)
   for j = 1, nk do
     local key = KEYS[2 + item * nk + j]
-    local c = redis.call('HMGET', key, 'uses', 'used', 'vf', 'vu', 'seq', 'kid', idem_field)
+    local c = redis.call('HMGET', key, 'uses', 'used', 'vf', 'vu', 'seq', 'kid', idem_field, legacy_field)
     if c[1] then return key, c end
   end
   return nil, nil
@@ -69,25 +76,27 @@ local function redeem(key, c, a)
   local seq = tonumber(c[5] or '0') + 1
   local used = tonumber(c[2]) + 1
   local left = tonumber(c[1]) - used
-  local rid, fp, caller = ARGV[a + 3], ARGV[a + 2], ARGV[a + 4]
-  local use_record = table.concat({rid, now, fp, caller, ARGV[a + 5], ARGV[a + 6], ARGV[a + 7], ARGV[a + 8],
-    ARGV[a + 9], ARGV[a + 10], ARGV[a + 1]}, '|')
+  local idem, fp, rid, caller, client = ARGV[a + 1], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], ARGV[a + 6]
+  local store, term, dev = ARGV[a + 7], ARGV[a + 8], ARGV[a + 9]
+  local lat, lon, acc = ARGV[a + 10], ARGV[a + 11], ARGV[a + 12]
+  local use_record = table.concat({rid, now, fp, caller, store, term, dev, lat, lon, acc, idem, client, brand}, '|')
   redis.call('HSET', key, 'seq', seq, 'used', used, 'last', now, 'u:' .. seq, use_record,
-    ARGV[a + 1], fp .. '|' .. rid .. '|' .. now .. '|' .. seq .. '|' .. left)
+    idem, fp .. '|' .. rid .. '|' .. now .. '|' .. seq .. '|' .. left)
   local code_ref = string.match(key, ':code:(.+)$')
-  -- One field, "v1" = the event's values joined by '|' (see gateway/ledger/events.py): a sixth of the bytes and
+  -- One field, "v2" = the event's values joined by '|' (see gateway/ledger/events.py): a sixth of the bytes and
   -- of the strings to decode compared with one field per value, which dominated the ledger writer's reads.
-  redis.call('XADD', KEYS[2], '*', 'v1', table.concat({rid, code_ref, c[6], campaign, shard, seq, now, fp, caller,
-    ARGV[a + 5], ARGV[a + 6], ARGV[a + 7], ARGV[a + 8], ARGV[a + 9], ARGV[a + 10], ARGV[a + 1]}, '|'))
+  redis.call('XADD', KEYS[2], '*', 'v2', table.concat({rid, code_ref, c[6], campaign, shard, seq, now, fp, caller,
+    store, term, dev, lat, lon, acc, idem, client, brand}, '|'))
   return {'REDEEMED', left, rid, now, seq, 0}
 end
 
 local function decide(item)
-  local a = 5 + item * NF
+  local a = GLOBAL + item * NF
   local key, c = nil, nil
-  if meta[1] then key, c = find_code(item, ARGV[a + 1]) end
+  if visible then key, c = find_code(item, ARGV[a + 1], ARGV[a + 2]) end
   if not key then return {'NOT_FOUND', 0, '', 0, 0, 0} end
-  if mode == 'redeem' and c[7] then return replay(c[7], ARGV[a + 2]) end
+  local answered = c[7] or c[8] -- this scope's first answer, or the same scope's from before authentication
+  if mode == 'redeem' and answered then return replay(answered, ARGV[a + 3]) end
   local left = tonumber(c[1]) - tonumber(c[2])
   local window = window_status(c[3], c[4])
   if window then return {window, left, '', 0, 0, 0} end

@@ -25,9 +25,12 @@ from redis.asyncio import Redis
 from gateway import codes, keys
 from gateway.coderefs import KeyRing
 from gateway.dev.servers import free_port
+from gateway.grpc_api.client_auth import authenticated_channel
 from gateway.ledger.events import decode_event
 from gateway.pb.redemption.v1 import redemption_pb2 as pb
 from gateway.pb.redemption.v1 import redemption_pb2_grpc as pb_grpc
+from gateway.tenancy import admin_store
+from gateway.tenancy.model import DEFAULT_BRAND_ID
 from tests.conftest import gateway_environ
 from tests.integration.conftest import DAY_MS, Issued, issue_campaign
 from tests.integration.grpc_helpers import redeem_request
@@ -261,13 +264,26 @@ class Rig:
         return proc
 
 
+async def internal_key(database_url: str) -> str:
+    """A new internal API key of the default brand (whose campaigns the tests issue), in that database."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        made = await admin_store.create_client(
+            conn, actor="tests", brand_id=DEFAULT_BRAND_ID, role="internal", label="chaos load", env="test"
+        )
+    finally:
+        await conn.close()
+    return made.value.plaintext
+
+
 @contextlib.asynccontextmanager
 async def rig(tmp_path: Path, redis_url: str, database_url: str, **extra: str) -> AsyncIterator[Rig]:
     port = free_port()
     env = gateway_environ(redis_url, database_url, RGW_GRPC_ADDR=f"127.0.0.1:{port}", **PROCESS_KNOBS, **extra)
     reconnect = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
                  ("grpc.max_reconnect_backoff_ms", 300)]  # fmt: skip
-    running = Rig(Processes(tmp_path, env), port, grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=reconnect))
+    channel = authenticated_channel(f"127.0.0.1:{port}", await internal_key(database_url), options=reconnect)
+    running = Rig(Processes(tmp_path, env), port, channel)
     try:
         yield running
     except BaseException:

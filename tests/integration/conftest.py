@@ -16,9 +16,12 @@ from redis.asyncio import Redis
 from gateway import issuance
 from gateway.clock import ManualClock
 from gateway.coderefs import KeyRing
+from gateway.grpc_api.client_auth import authenticated_channel
 from gateway.grpc_api.server import Gateway
 from gateway.pb.redemption.v1 import redemption_pb2_grpc as pb_grpc
 from gateway.settings import Settings
+from gateway.tenancy import admin_store, notify
+from gateway.tenancy.model import Store, Terminal
 from tests.conftest import T0_MS, gateway_environ
 
 DAY_MS = 86_400_000
@@ -91,21 +94,75 @@ def issue(db: asyncpg.Connection, redis: Redis, keyring: KeyRing, tmp_path: Path
 
 
 @dataclass
+class Tenants:
+    """The registry the tests call as: the default brand (1, which `issue` issues for) and another brand, each
+    with clients of every role; `keys` and `clients` are by name (see the fixture)."""
+
+    keys: dict[str, str]
+    clients: dict[str, str]
+    other_brand: int
+    store: Store
+    terminal: Terminal
+
+
+async def _client(db: asyncpg.Connection, brand_id: int | None, role: str, **binding: int) -> tuple[str, str]:
+    made = await admin_store.create_client(
+        db, actor="tests", brand_id=brand_id, role=role, label=f"test {role}", env="test", **binding
+    )
+    return made.value.client.id, made.value.plaintext
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def tenants(db: asyncpg.Connection, redis: Redis) -> Tenants:
+    """pos, internal, admin and platform clients of brand 1; other_pos / other_internal of brand `other`;
+    store_pos / terminal_pos bound to store `store-1` / its terminal `till-1`."""
+    other = (await admin_store.create_brand(db, actor="tests", slug="other", name="Other brand")).value
+    store = (await admin_store.create_store(
+        db, actor="tests", brand_id=1, external_id="store-1", name="Store one", latitude=31.23, longitude=121.47,
+        time_zone="Asia/Shanghai",
+    )).value  # fmt: skip
+    terminal = (
+        await admin_store.create_terminal(db, actor="tests", brand_id=1, store_id=store.id, external_id="till-1")
+    ).value
+    made = {
+        **{role: await _client(db, 1, role) for role in ("pos", "internal", "admin")},
+        "platform": await _client(db, None, "platform"),
+        "other_pos": await _client(db, other.id, "pos"),
+        "other_internal": await _client(db, other.id, "internal"),
+        "store_pos": await _client(db, 1, "pos", store_id=store.id),
+        "terminal_pos": await _client(db, 1, "pos", terminal_id=terminal.id),
+    }
+    version = await db.fetchval("SELECT version FROM registry_version")
+    await notify.publish(redis, version)
+    return Tenants({n: key for n, (_, key) in made.items()}, {n: cid for n, (cid, _) in made.items()}, other.id,
+                   store, terminal)  # fmt: skip
+
+
+@dataclass
 class RunningGateway:
     gateway: Gateway
     target: str
     channel: grpc.aio.Channel
     stub: pb_grpc.RedemptionServiceStub
+    tenants: Tenants
+
+    def channel_as(self, name: str, **extra: str) -> grpc.aio.Channel:
+        """A new channel authenticated as the tenants' client `name` (close it after use)."""
+        metadata = [(key.replace("_", "-"), value) for key, value in extra.items()]
+        return authenticated_channel(self.target, self.tenants.keys[name], extra=metadata)
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def gateway(redis_url: str, migrated: str, clock: ManualClock, redis: Redis) -> AsyncIterator[RunningGateway]:
-    """The real server stack on 127.0.0.1:<free port>, on the test clock, with a client channel."""
+async def gateway(
+    redis_url: str, migrated: str, clock: ManualClock, redis: Redis, tenants: Tenants
+) -> AsyncIterator[RunningGateway]:
+    """The real server stack on 127.0.0.1:<free port>, on the test clock, with a channel authenticated as brand
+    1's internal client (Redeem, Validate, GetCode and RedeemStream)."""
     settings = Settings.from_env(gateway_environ(redis_url, migrated))
     gw = Gateway(settings=settings, keyring=settings.keyring(), clock=clock)
     port = await gw.start()
     target = f"127.0.0.1:{port}"
-    channel = grpc.aio.insecure_channel(target)
-    yield RunningGateway(gw, target, channel, pb_grpc.RedemptionServiceStub(channel))
+    channel = authenticated_channel(target, tenants.keys["internal"])
+    yield RunningGateway(gw, target, channel, pb_grpc.RedemptionServiceStub(channel), tenants)
     await channel.close()
     await gw.stop()

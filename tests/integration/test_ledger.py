@@ -60,12 +60,14 @@ async def test_redemption_reaches_the_ledger_with_every_field(
     event_ref = keys.code_key(issued.campaign.id, 0, row["code_ref"].hex())
     assert await redis.exists(event_ref)
     assert (row["use_number"], row["campaign_id"], row["shard"], row["key_id"]) == (1, issued.campaign.id, 0, "k2")
+    client = gateway.tenants.clients["internal"]
     assert (row["store_id"], row["terminal_id"], row["customer_device_id"], row["caller"]) == (
         "s-9",
         "t-3",
         "d-7",
-        "s-9/t-3",
+        f"{client}/t-3",
     )
+    assert (row["client_id"], row["brand_id"]) == (client, 1)
     assert (row["latitude"], row["longitude"], row["accuracy_m"]) == (31.2304, 121.4737, 12.5)
     assert int(row["redeemed_at"].timestamp() * 1000) == T0_MS
     assert len(row["fingerprint"]) == 32 and row["idempotency_scope"].startswith("i:")

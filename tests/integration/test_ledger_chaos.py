@@ -153,7 +153,9 @@ async def _outage_under_load(pg: PostgresServer, redis: Redis, issued: Issued, r
         up_at = time.monotonic()
         caught_up = await wait_for_backlog_below(redis, stream, int(load.rate), within=30.0)
         await running
-        during = load.redeemed_between(down_at, measured_at)
+        # A second's margin: the SIGKILLed postmaster's backends notice its death only at their next wake-up, and
+        # one may still commit a writer batch of redemptions made just after the kill.
+        during = load.redeemed_between(down_at + 1.0, measured_at)
         assert during > 0.5 * load.rate * outage_s, f"only {during} redemptions while Postgres was down"
         assert backlog >= during, f"outbox holds {backlog} entries, fewer than the {during} redeemed meanwhile"
         failed = [str(c) for c in load.calls if c.outcome is None]

@@ -5,19 +5,22 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
-import grpc
 from redis.asyncio import Redis
 
 from gateway import keys
+from gateway.grpc_api.client_auth import authenticated_channel
 from gateway.pb.redemption.v1 import redemption_pb2 as pb
 from gateway.pb.redemption.v1 import redemption_pb2_grpc as pb_grpc
 from tests.integration.conftest import Issue, RunningGateway
 from tests.integration.grpc_helpers import outbox_events, redeem_request
 
 
-async def _storm(target: str, requests: list[tuple[int, pb.RedeemRequest]], terminals: int) -> list[pb.RedeemResponse]:
+async def _storm(
+    gateway: RunningGateway, requests: list[tuple[int, pb.RedeemRequest]], terminals: int
+) -> list[pb.RedeemResponse]:
     """Send every request at once, each terminal on its own channel (its own HTTP/2 connection)."""
-    channels = [grpc.aio.insecure_channel(target) for _ in range(terminals)]
+    key = gateway.tenants.keys["pos"]
+    channels = [authenticated_channel(gateway.target, key) for _ in range(terminals)]
     stubs = [pb_grpc.RedemptionServiceStub(c) for c in channels]
     try:
         await asyncio.gather(*(c.channel_ready() for c in channels))
@@ -33,7 +36,7 @@ async def test_500_concurrent_redeems_of_one_code_from_50_terminals(
     code = issued.codes[0]
     requests = [(n % 50, redeem_request(code, f"key-{n}", terminal=f"till-{n % 50}")) for n in range(500)]
 
-    responses = await _storm(gateway.target, requests, terminals=50)
+    responses = await _storm(gateway, requests, terminals=50)
 
     outcomes = Counter(r.outcome for r in responses)
     assert outcomes == {pb.OUTCOME_REDEEMED: 1, pb.OUTCOME_ALREADY_REDEEMED: 499}
@@ -54,7 +57,7 @@ async def test_100_codes_each_redeemed_by_10_concurrent_callers(
         for caller in range(10)
     ]
 
-    responses = await _storm(gateway.target, requests, terminals=10)
+    responses = await _storm(gateway, requests, terminals=10)
 
     redeemed = [
         req.code for (_, req), resp in zip(requests, responses, strict=True) if resp.outcome == pb.OUTCOME_REDEEMED
@@ -71,7 +74,7 @@ async def test_concurrent_retries_with_one_key_redeem_once(gateway: RunningGatew
     issued = await issue(1)
     request = redeem_request(issued.codes[0], "the-same-key")
 
-    responses = await _storm(gateway.target, [(n % 5, request) for n in range(50)], terminals=5)
+    responses = await _storm(gateway, [(n % 5, request) for n in range(50)], terminals=5)
 
     assert all(r.outcome == pb.OUTCOME_REDEEMED for r in responses)
     assert len({r.redemption_id for r in responses}) == 1
@@ -83,7 +86,7 @@ async def test_multi_use_code_never_exceeds_its_uses(gateway: RunningGateway, is
     issued = await issue(1, uses_per_code=5)
     requests = [(n % 20, redeem_request(issued.codes[0], f"k{n}", terminal=f"t{n % 20}")) for n in range(200)]
 
-    responses = await _storm(gateway.target, requests, terminals=20)
+    responses = await _storm(gateway, requests, terminals=20)
 
     winners = [r for r in responses if r.outcome == pb.OUTCOME_REDEEMED]
     assert len(winners) == 5

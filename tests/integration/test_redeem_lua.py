@@ -7,17 +7,28 @@ from redis.asyncio import Redis
 
 from gateway import keys
 from gateway.coderefs import KeyRing
-from gateway.domain import IdempotencyConflict, Outcome, RedeemInput
-from gateway.redis_store import RedisCodeStore, idempotency_field
+from gateway.domain import Caller, IdempotencyConflict, Outcome, RedeemInput
+from gateway.redis_store import (
+    ITEM_ARGS,
+    SCRIPT_ARGS,
+    RedisCodeStore,
+    idempotency_field,
+    legacy_idempotency_field,
+    load_lua,
+)
 from gateway.validation import check_redeem
 from tests.conftest import T0_MS
 from tests.integration.conftest import DAY_MS, Issue
 from tests.integration.grpc_helpers import outbox_events, redis_snapshot
 
+CALLER = Caller(client_id="cl_a", brand_id=1, role="pos")  # the `issue` fixture's campaigns are brand 1's
+OTHER_BRAND = Caller(client_id="cl_b", brand_id=2, role="pos")
 
-def command(code: str, keyring: KeyRing, key: str = "idem-1", store: str = "s1", terminal: str = "t1"):  # type: ignore[no-untyped-def]
+
+def command(code: str, keyring: KeyRing, key: str = "idem-1", store: str = "s1", terminal: str = "t1",  # type: ignore[no-untyped-def]
+            caller: Caller = CALLER):  # fmt: skip
     request = RedeemInput(code, key, store, terminal, "dev-1", None)
-    return check_redeem(request, keyring)
+    return check_redeem(request, keyring, caller)
 
 
 async def test_redeem_writes_use_record_idempotency_record_and_one_outbox_event(
@@ -33,15 +44,15 @@ async def test_redeem_writes_use_record_idempotency_record_and_one_outbox_event(
     assert (result.outcome, result.use_number, result.uses_left, result.replayed) == (Outcome.REDEEMED, 1, 0, False)
     state = await redis.hgetall(keys.code_key(cid, 0, ref))
     assert state["used"] == "1" and state["seq"] == "1" and state["last"] == str(T0_MS)
-    assert (
-        state["u:1"] == f"rid-1|{T0_MS}|{cmd.fingerprint}|s1/t1|s1|t1|dev-1||||{idempotency_field('s1/t1', 'idem-1')}"
-    )
-    assert state[idempotency_field("s1/t1", "idem-1")].startswith(cmd.fingerprint + "|rid-1|")
+    scope = idempotency_field("cl_a", "t1", "idem-1")
+    assert state["u:1"] == f"rid-1|{T0_MS}|{cmd.fingerprint}|cl_a/t1|s1|t1|dev-1||||{scope}|cl_a|1"
+    assert state[scope].startswith(cmd.fingerprint + "|rid-1|")
     events = await outbox_events(redis, cid)
     assert len(events) == 1
     event = events[0]
     assert event["rid"] == "rid-1" and event["ref"] == ref and event["use"] == "1" and event["kid"] == "k2"
     assert event["store"] == "s1" and event["term"] == "t1" and event["dev"] == "dev-1"
+    assert (event["client"], event["brand"], event["caller"]) == ("cl_a", "1", "cl_a/t1")
     assert issued.codes[0] not in str(state) + str(events)  # never plaintext
 
 
@@ -72,7 +83,7 @@ async def test_same_key_with_different_request_is_a_conflict(issue: Issue, redis
     store = RedisCodeStore(redis)
     await store.redeem_one(command(issued.codes[0], keyring), "rid-1", mode="redeem", now_ms=T0_MS)
     # Same caller (store s1, terminal t1) and key, different customer device: a different request.
-    changed = check_redeem(RedeemInput(issued.codes[0], "idem-1", "s1", "t1", "other-device", None), keyring)
+    changed = check_redeem(RedeemInput(issued.codes[0], "idem-1", "s1", "t1", "other-device", None), keyring, CALLER)
     with pytest.raises(IdempotencyConflict):
         await store.redeem_one(changed, "rid-2", mode="redeem", now_ms=T0_MS)
 
@@ -153,3 +164,63 @@ async def test_batch_of_items_in_one_call_is_decided_in_order(issue: Issue, redi
     a_again = command(issued.codes[0], keyring, key="k-other")
     replies = await store.decide([a, b, a_again], ["r-a", "r-b", "r-a2"], mode="redeem", now_ms=T0_MS)
     assert [r[0] for r in replies] == ["REDEEMED", "REDEEMED", "ALREADY_REDEEMED"]
+
+
+@pytest.mark.parametrize("state", ["valid", "used", "expired"])
+async def test_another_brands_code_is_answered_as_a_never_issued_one(
+    issue: Issue, redis: Redis, keyring: KeyRing, state: str
+) -> None:
+    """Brand 2 presenting brand 1's code - valid, used or expired - gets exactly the never-issued answer, reads
+    nothing back and changes nothing."""
+    issued = await issue(2)
+    store = RedisCodeStore(redis)
+    code, never_issued = issued.codes[0], issued.codes[1]
+    await redis.delete(keys.code_key(issued.campaign.id, 0, command(never_issued, keyring).lookup.refs[0].ref))
+    if state == "used":
+        await store.redeem_one(command(code, keyring, key="first"), "rid-0", mode="redeem", now_ms=T0_MS)
+    now = T0_MS + 2 * DAY_MS if state == "expired" else T0_MS
+    before = await redis_snapshot(redis)
+    for mode in ("redeem", "validate"):
+        theirs = await store.redeem_one(command(code, keyring, caller=OTHER_BRAND), "r", mode=mode, now_ms=now)
+        unknown = await store.redeem_one(command(never_issued, keyring), "r", mode=mode, now_ms=now)
+        assert theirs == unknown and theirs.outcome is Outcome.NOT_FOUND and theirs.campaign_id == 0
+    assert await redis_snapshot(redis) == before
+    assert await store.code_state(command(code, keyring).lookup, brand_id=2) is None
+    assert await store.code_state(command(code, keyring).lookup, brand_id=1) is not None
+
+
+async def test_a_retry_across_the_upgrade_replays_the_record_written_before_authentication(
+    issue: Issue, redis: Redis, keyring: KeyRing
+) -> None:
+    """Before authentication the scope was (store/terminal, key, code). A POS that redeemed then and retries
+    (same store, terminal, key and request) after the upgrade learns its redemption happened."""
+    issued = await issue(1)
+    cmd = command(issued.codes[0], keyring)
+    code_key = keys.code_key(issued.campaign.id, 0, cmd.lookup.refs[0].ref)
+    legacy = legacy_idempotency_field("s1", "t1", "idem-1")
+    await redis.hset(
+        code_key, mapping={"used": 1, "seq": 1, "u:1": "rid-old", legacy: f"{cmd.fingerprint}|rid-old|{T0_MS}|1|0"}
+    )
+    store = RedisCodeStore(redis)
+
+    retry = await store.redeem_one(cmd, "rid-new", mode="redeem", now_ms=T0_MS + 1000)
+    other_terminal = await store.redeem_one(
+        command(issued.codes[0], keyring, terminal="t2"), "r", mode="redeem", now_ms=T0_MS
+    )
+
+    assert (retry.outcome, retry.replayed, retry.redemption_id, retry.use_number) == (
+        Outcome.REDEEMED,
+        True,
+        "rid-old",
+        1,
+    )
+    assert other_terminal.outcome is Outcome.ALREADY_REDEEMED and not other_terminal.replayed
+    assert idempotency_field("cl_a", "t1", "idem-1") not in await redis.hgetall(code_key)  # replayed, not rewritten
+    assert await redis.xlen(keys.outbox_key(issued.campaign.id, 0)) == 0
+
+
+def test_the_argument_layout_is_the_scripts() -> None:
+    """The script's header and its constants agree with the layout redis_store.py defines once."""
+    source = load_lua("redeem.lua")
+    assert f"local NF = {len(ITEM_ARGS)}" in source and f"local GLOBAL = {len(SCRIPT_ARGS)}" in source
+    assert f"NF = {len(ITEM_ARGS)} fields (gateway/redis_store.py ITEM_ARGS)" in source

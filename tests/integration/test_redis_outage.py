@@ -16,12 +16,14 @@ from gateway import codes
 from gateway.clock import ManualClock
 from gateway.dev.servers import RedisServer
 from gateway.durability import mark_initialised
+from gateway.grpc_api.client_auth import authenticated_channel
 from gateway.grpc_api.server import Gateway
 from gateway.pb.redemption.v1 import redemption_pb2 as pb
 from gateway.pb.redemption.v1 import redemption_pb2_grpc as pb_grpc
 from gateway.redis_store import connect
 from gateway.settings import Settings
 from tests.conftest import gateway_environ
+from tests.integration.conftest import Tenants
 from tests.integration.grpc_helpers import redeem_request
 
 
@@ -39,7 +41,9 @@ async def _wait_for_health(channel: grpc.aio.Channel, status: int) -> None:
 
 
 @pytest.mark.slow
-async def test_redis_down_gives_unavailable_with_retry_info(tmp_path: Path, migrated: str, clock: ManualClock) -> None:
+async def test_redis_down_gives_unavailable_with_retry_info(
+    tmp_path: Path, migrated: str, clock: ManualClock, tenants: Tenants
+) -> None:
     server = RedisServer.start(data_dir=tmp_path / "redis", appendonly=False)
     client = connect(server.url, pool_size=1, timeout_s=2)
     await mark_initialised(client, "test")
@@ -48,7 +52,7 @@ async def test_redis_down_gives_unavailable_with_retry_info(tmp_path: Path, migr
     settings = Settings.from_env(env)
     gateway = Gateway(settings=settings, keyring=settings.keyring(), clock=clock)
     port = await gateway.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    channel = authenticated_channel(f"127.0.0.1:{port}", tenants.keys["internal"])
     try:
         server.kill()
         await _wait_for_health(channel, health_pb2.HealthCheckResponse.NOT_SERVING)

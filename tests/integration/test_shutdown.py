@@ -20,11 +20,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gateway.coderefs import KeyRing
 from gateway.dev.servers import RedisServer, free_port
 from gateway.durability import mark_initialised
+from gateway.grpc_api.client_auth import authenticated_channel
 from gateway.pb.redemption.v1 import redemption_pb2 as pb
 from gateway.pb.redemption.v1 import redemption_pb2_grpc as pb_grpc
 from gateway.redis_store import connect
 from tests.conftest import gateway_environ
-from tests.integration.conftest import issue_into
+from tests.integration.conftest import Tenants, issue_into
 from tests.integration.grpc_helpers import redeem_request
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -53,7 +54,7 @@ def own_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:  # type: ignore[mis
 
 @pytest.mark.slow
 async def test_sigterm_drains_in_flight_calls_and_sheds_excess(
-    own_redis: RedisServer, migrated: str, db: asyncpg.Connection, keyring: KeyRing, tmp_path: Path
+    own_redis: RedisServer, migrated: str, db: asyncpg.Connection, keyring: KeyRing, tmp_path: Path, tenants: Tenants
 ) -> None:
     client = connect(own_redis.url, pool_size=2, timeout_s=5)
     await mark_initialised(client, "test")
@@ -67,7 +68,7 @@ async def test_sigterm_drains_in_flight_calls_and_sheds_excess(
         RGW_SHUTDOWN_GRACE_SECONDS="20", RGW_REDIS_TIMEOUT_SECONDS="20", RGW_HEALTH_INTERVAL_SECONDS="60",
     )  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve"], env={**os.environ, **env})
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    channel = authenticated_channel(f"127.0.0.1:{port}", tenants.keys["internal"])
     try:
         await asyncio.wait_for(channel.channel_ready(), 30)
         stub = pb_grpc.RedemptionServiceStub(channel)

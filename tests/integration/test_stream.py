@@ -12,6 +12,7 @@ from google.rpc import code_pb2
 from redis.asyncio import Redis
 
 from gateway import keys
+from gateway.grpc_api.client_auth import authenticated_channel
 from gateway.pb.redemption.v1 import redemption_pb2 as pb
 from gateway.pb.redemption.v1 import redemption_pb2_grpc as pb_grpc
 from tests.integration.conftest import Issue, RunningGateway
@@ -68,7 +69,7 @@ async def test_one_code_in_many_messages_and_streams_is_redeemed_once(
     code = issued.codes[0]
     plans = [[[redeem_request(code, f"s{s}-m{m}-i{i}", terminal=f"t{s}") for i in range(10)] for m in range(5)]
              for s in range(20)]  # fmt: skip
-    channels = [grpc.aio.insecure_channel(gateway.target) for _ in range(4)]
+    channels = [authenticated_channel(gateway.target, gateway.tenants.keys["internal"]) for _ in range(4)]
     try:
         stubs = [pb_grpc.RedemptionServiceStub(ch) for ch in channels]
         replies = await asyncio.gather(*(stream(stubs[n % 4], plan) for n, plan in enumerate(plans)))

@@ -42,11 +42,13 @@ def test_tracebacks_are_kept_only_for_the_lines_that_are_logged(caplog: pytest.L
 
 
 async def test_a_burst_that_stops_is_still_counted(caplog: pytest.LogCaptureFixture) -> None:
-    limited = RateLimitedLog(logging.getLogger("t.timer"), interval_s=0.05, burst=1)
+    clock = FakeClock()
+    limited = RateLimitedLog(logging.getLogger("t.timer"), interval_s=0.05, burst=1, clock=clock)
     with caplog.at_level(logging.WARNING, "t.timer"):
         for _ in range(10):
             limited.log(logging.WARNING, "garbage")
-        await asyncio.sleep(0.2)  # no further line arrives: the loop's timer reports the count
+        clock.now += 0.05
+        await asyncio.sleep(0.3)  # no further line arrives: the loop's timer reports the count
     assert [r.getMessage() for r in caplog.records] == [
         "garbage",
         "9 more like this suppressed in 0.05s; the last: garbage",

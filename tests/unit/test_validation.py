@@ -6,10 +6,11 @@ import pytest
 
 from gateway import codes
 from gateway.coderefs import KeyRing
-from gateway.domain import Location, RedeemInput
+from gateway.domain import Caller, Location, PermissionDenied, RedeemInput
 from gateway.validation import InvalidRequest, check_redeem
 
 RING = KeyRing({"k": b"k" * 32}, "k")
+CALLER = Caller(client_id="cl_pos", brand_id=7, role="pos")
 CODE = codes.generate(codes.Route(5, 0))
 
 
@@ -28,14 +29,19 @@ def request(**changes: object) -> RedeemInput:
 
 def violations(req: RedeemInput) -> dict[str, str]:
     with pytest.raises(InvalidRequest) as info:
-        check_redeem(req, RING)
+        check_redeem(req, RING, CALLER)
     return {v.field: v.description for v in info.value.violations}
 
 
 def test_valid_request_becomes_a_command() -> None:
-    command = check_redeem(request(code=CODE.lower()), RING)
+    command = check_redeem(request(code=CODE.lower()), RING, CALLER)
     assert command.lookup.route == codes.Route(5, 0)
-    assert command.caller == "store-1/till-1"
+    assert (command.client_id, command.brand_id, command.store_id, command.terminal_id) == (
+        "cl_pos",
+        7,
+        "store-1",
+        "till-1",
+    )
     assert len(command.fingerprint) == 32
 
 
@@ -71,8 +77,31 @@ def test_violation_never_echoes_the_code() -> None:
 
 
 def test_fingerprint_changes_with_the_request_but_not_with_code_formatting() -> None:
-    base = check_redeem(request(), RING).fingerprint
-    assert check_redeem(request(code=CODE.lower()), RING).fingerprint == base
-    assert check_redeem(request(store_id="store-2"), RING).fingerprint != base
-    assert check_redeem(request(location=Location(1, 2, 3)), RING).fingerprint != base
-    assert check_redeem(request(idempotency_key="other"), RING).fingerprint == base
+    base = check_redeem(request(), RING, CALLER).fingerprint
+    assert check_redeem(request(code=CODE.lower()), RING, CALLER).fingerprint == base
+    assert check_redeem(request(store_id="store-2"), RING, CALLER).fingerprint != base
+    assert check_redeem(request(location=Location(1, 2, 3)), RING, CALLER).fingerprint != base
+    assert check_redeem(request(idempotency_key="other"), RING, CALLER).fingerprint == base
+
+
+@pytest.mark.parametrize(
+    ("bound", "changes"),
+    [
+        (Caller("cl", 7, "pos", store_id="store-2"), {}),
+        (Caller("cl", 7, "pos", store_id="store-1", terminal_id="till-9"), {}),
+        (Caller("cl", 7, "pos", store_id="store-1", terminal_id="till-1"), {"store_id": "store-3"}),
+    ],
+)
+def test_a_bound_key_acts_only_for_its_store_and_terminal(bound: Caller, changes: dict[str, object]) -> None:
+    with pytest.raises(PermissionDenied):
+        check_redeem(request(**changes), RING, bound)
+
+
+def test_a_bound_key_acts_for_its_own_store_and_terminal() -> None:
+    bound = Caller("cl", 7, "pos", store_id="store-1", terminal_id="till-1")
+    assert check_redeem(request(), RING, bound).store_id == "store-1"
+
+
+def test_bad_fields_are_reported_before_the_binding() -> None:
+    with pytest.raises(InvalidRequest):
+        check_redeem(request(code="", store_id="elsewhere"), RING, Caller("cl", 7, "pos", store_id="store-1"))

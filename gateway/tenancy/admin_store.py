@@ -1,0 +1,474 @@
+"""Administration of the registry: every change is ONE Postgres transaction that validates its input, bumps
+`registry_version`, stamps that version into the rows it writes and appends one `audit_log` row.
+
+Bad input raises InvalidRequest naming every bad field, before anything is written (nothing changes: the
+transaction rolls back). A duplicate slug or external id is AlreadyExists. An unknown id is NotFoundError - and so
+is an id of another brand than the `brand_id` a scoped caller acts for, with the same message, so that brands
+cannot learn about each other (`brand_id=None`: the platform, every brand).
+
+After a change commits, announce its version (`notify.publish`) so every gateway process refreshes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import secrets
+import zoneinfo
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Generic, TypeVar
+
+import asyncpg
+
+from gateway.tenancy import api_keys
+from gateway.tenancy.loader import BRANDS, CLIENTS, KEYS, STORES, TERMINALS, Table
+from gateway.tenancy.model import (
+    AlreadyExists,
+    ApiKey,
+    AuditEntry,
+    Brand,
+    Client,
+    NotFoundError,
+    Role,
+    Status,
+    Store,
+    Terminal,
+)
+from gateway.validation import FieldViolation, InvalidRequest
+
+T = TypeVar("T")
+Entity = Brand | Store | Terminal | Client
+E = TypeVar("E", bound=Entity)
+
+_SLUG_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+_EXTERNAL_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+# IANA names are letters, digits, _ + - in /-separated parts: no dots, so never a path outside the zone database.
+_ZONE_RE = re.compile(r"[A-Za-z0-9_+-]{1,64}(?:/[A-Za-z0-9_+-]{1,64}){0,3}")
+# Files of the zone database that are not IANA zone names (`localtime` is whatever the host is set to).
+_NOT_ZONES = frozenset({"localtime", "posixrules", "Factory"})
+MAX_NAME_CHARS = 200
+MAX_AUDIT_LIMIT = 1000
+_BINDABLE = frozenset({Role.POS, Role.INTERNAL})
+
+_SLUG_RULE = "must be 1 to 63 characters of a-z, 0-9 and -, not starting with -"
+_EXTERNAL_ID_RULE = "must be 1 to 64 characters of A-Z, a-z, 0-9 and . _ : -"
+_NAME_RULE = f"must be 1 to {MAX_NAME_CHARS} printable characters, not only spaces"
+_STATUS_RULE = f"must be one of {', '.join(Status)}"
+
+_BUMP = "UPDATE registry_version SET version = version + 1 RETURNING version"
+_AUDIT = """INSERT INTO audit_log (actor, brand_id, action, entity, entity_id, before, after, version)
+            VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7::jsonb, $8)"""
+
+
+@dataclass(frozen=True, slots=True)
+class Committed(Generic[T]):
+    """What a committed change wrote, and the registry version it produced (to announce with notify.publish)."""
+
+    value: T
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedKey:
+    """A new API key: its plaintext exists only here, to be shown once. `previous_keys_expire_at`: when the keys
+    it replaces stop working (rotation only)."""
+
+    client: Client
+    key_id: str
+    plaintext: str = field(repr=False)
+    previous_keys_expire_at: datetime | None = None
+
+
+# ---------------------------------------------------------------------------------------------------- validation
+
+
+def _check(ok: bool, name: str, rule: str) -> list[FieldViolation]:
+    return [] if ok else [FieldViolation(name, rule)]
+
+
+def _raise_if(*groups: list[FieldViolation]) -> None:
+    violations = [v for group in groups for v in group]
+    if violations:
+        raise InvalidRequest(violations)
+
+
+def _is_slug(value: object) -> bool:
+    return isinstance(value, str) and _SLUG_RE.fullmatch(value) is not None
+
+
+def _is_external_id(value: object) -> bool:
+    return isinstance(value, str) and _EXTERNAL_ID_RE.fullmatch(value) is not None
+
+
+def _is_name(value: object) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= MAX_NAME_CHARS and value.isprintable() and not value.isspace()
+
+
+def _in_range(value: object, low: float, high: float) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return math.isfinite(value) and low <= value <= high
+
+
+def _is_time_zone(value: object) -> bool:
+    if not isinstance(value, str) or not _ZONE_RE.fullmatch(value) or value in _NOT_ZONES:
+        return False
+    try:
+        zoneinfo.ZoneInfo(value)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+        return False
+    return True
+
+
+def _is_status(value: object) -> bool:
+    return value in Status.__members__.values()
+
+
+def _is_env(value: object) -> bool:
+    return value in api_keys.ENVIRONMENTS
+
+
+def _client_rules(
+    brand_id: int | None, role: str, store_id: int | None, terminal_id: int | None
+) -> list[FieldViolation]:
+    if role not in Role.__members__.values():
+        return [FieldViolation("role", f"must be one of {', '.join(Role)}")]
+    platform = role == Role.PLATFORM
+    bound = store_id is not None or terminal_id is not None
+    return [
+        *_check(platform == (brand_id is None), "brand_id", "is required, except for (and only for) the platform role"),
+        *_check(not bound or role in _BINDABLE, "store_id" if store_id is not None else "terminal_id",
+                "only pos and internal clients are bound to a store or terminal"),
+    ]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------- transaction + audit
+
+
+@asynccontextmanager
+async def _change(conn: asyncpg.Connection, duplicate: str = "already exists") -> AsyncIterator[int]:
+    """One administration transaction, yielding the registry version it produces. Bumping the version first takes
+    the version row's lock: changes serialise and commit in version order (what incremental loads rely on)."""
+    try:
+        async with conn.transaction():
+            yield await conn.fetchval(_BUMP)
+    except asyncpg.UniqueViolationError:
+        raise AlreadyExists(duplicate) from None
+
+
+def _json_default(value: object) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+# An API key in the audit log: listed field by field, so that the secret's hash can never reach it.
+_AUDITED_KEY_FIELDS = ("key_id", "created_at", "expires_at", "revoked_at")
+
+
+def _key_state(key: ApiKey) -> dict[str, Any]:
+    return {name: getattr(key, name) for name in _AUDITED_KEY_FIELDS}
+
+
+def _state(entity: Entity, keys: Sequence[ApiKey] | None = None) -> str:
+    data = asdict(entity)
+    if keys is not None:
+        data["keys"] = [_key_state(key) for key in keys]
+    return json.dumps(data, default=_json_default)
+
+
+async def _audit(
+    conn: asyncpg.Connection, version: int, actor: str, action: str, entity: Entity, before: str | None, after: str
+) -> None:
+    """Append the audit row of a change to `entity` (whose brand and id it records); before/after are JSON."""
+    brand_id = entity.id if isinstance(entity, Brand) else entity.brand_id
+    kind = action.partition(".")[0]
+    await conn.execute(_AUDIT, actor, brand_id, action, kind, str(entity.id), before, after, version)
+
+
+async def _get(conn: asyncpg.Connection, table: Table[T], entity_id: object, brand_id: int | None) -> T:
+    """A row by id, locked for the change; NotFoundError when it is missing or not of `brand_id` (if given)."""
+    scope = "id" if table is BRANDS else "brand_id"
+    query = f"""SELECT {table.columns} FROM {table.name}
+                WHERE id = $1 AND ($2::bigint IS NULL OR {scope} = $2) FOR UPDATE"""  # noqa: S608 - constants only
+    row = await conn.fetchrow(query, entity_id, brand_id)
+    if row is None:
+        raise NotFoundError(f"no such {table.entity}")
+    return table.row(row)
+
+
+async def _list(conn: asyncpg.Connection, table: Table[T], where: str, *args: object) -> list[T]:
+    query = f"SELECT {table.columns} FROM {table.name} WHERE {where} ORDER BY id"  # noqa: S608 - constants only
+    return [table.row(r) for r in await conn.fetch(query, *args)]
+
+
+# ---------------------------------------------------------------------------------------------------------- brands
+
+
+_INSERT_BRAND = f"INSERT INTO brands (slug, name, row_version) VALUES ($1, $2, $3) RETURNING {BRANDS.columns}"  # noqa: S608
+
+
+async def create_brand(conn: asyncpg.Connection, *, actor: str, slug: str, name: str) -> Committed[Brand]:
+    """A new, active brand (platform only)."""
+    _raise_if(_check(_is_slug(slug), "slug", _SLUG_RULE), _check(_is_name(name), "name", _NAME_RULE))
+    async with _change(conn, f"a brand with slug {slug!r} already exists") as version:
+        brand = BRANDS.row(await conn.fetchrow(_INSERT_BRAND, slug, name, version))
+        await _audit(conn, version, actor, "brand.create", brand, None, _state(brand))
+    return Committed(brand, version)
+
+
+async def list_brands(conn: asyncpg.Connection, *, brand_id: int | None = None) -> list[Brand]:
+    """Every brand (platform), or only `brand_id`'s own."""
+    return await _list(conn, BRANDS, "$1::bigint IS NULL OR id = $1", brand_id)
+
+
+async def set_brand_status(conn: asyncpg.Connection, *, actor: str, brand_id: int, status: str) -> Committed[Brand]:
+    """Enable or disable a brand: a disabled brand's clients are refused (platform only)."""
+    return await _set_status(conn, BRANDS, actor=actor, brand_id=None, entity_id=brand_id, status=status)
+
+
+async def _set_status(
+    conn: asyncpg.Connection, table: Table[E], *, actor: str, brand_id: int | None, entity_id: int, status: str
+) -> Committed[E]:
+    _raise_if(_check(_is_status(status), "status", _STATUS_RULE))
+    update = f"UPDATE {table.name} SET status = $2, row_version = $3 WHERE id = $1 RETURNING {table.columns}"  # noqa: S608
+    async with _change(conn) as version:
+        before = await _get(conn, table, entity_id, brand_id)
+        after = table.row(await conn.fetchrow(update, entity_id, status, version))
+        await _audit(conn, version, actor, f"{table.entity}.set_status", after, _state(before), _state(after))
+    return Committed(after, version)
+
+
+# ---------------------------------------------------------------------------------------------------------- stores
+
+_INSERT_STORE = f"""
+INSERT INTO stores (brand_id, external_id, name, latitude, longitude, time_zone, row_version)
+VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {STORES.columns}"""  # noqa: S608 - constants only
+
+
+async def create_store(
+    conn: asyncpg.Connection,
+    *,
+    actor: str,
+    brand_id: int,
+    external_id: str,
+    name: str,
+    latitude: float,
+    longitude: float,
+    time_zone: str,
+) -> Committed[Store]:
+    """A new, active store of the brand, with its location and IANA time zone."""
+    _raise_if(
+        _check(_is_external_id(external_id), "external_id", _EXTERNAL_ID_RULE),
+        _check(_is_name(name), "name", _NAME_RULE),
+        _check(_in_range(latitude, -90, 90), "latitude", "must be a number from -90 to 90"),
+        _check(_in_range(longitude, -180, 180), "longitude", "must be a number from -180 to 180"),
+        _check(_is_time_zone(time_zone), "time_zone", "must be an IANA time zone name, such as Europe/Paris"),
+    )
+    async with _change(conn, f"the brand already has a store {external_id!r}") as version:
+        await _get(conn, BRANDS, brand_id, brand_id)
+        row = await conn.fetchrow(
+            _INSERT_STORE, brand_id, external_id, name, float(latitude), float(longitude), time_zone, version
+        )
+        store = STORES.row(row)
+        await _audit(conn, version, actor, "store.create", store, None, _state(store))
+    return Committed(store, version)
+
+
+async def list_stores(conn: asyncpg.Connection, *, brand_id: int | None) -> list[Store]:
+    """The brand's stores (None: every brand's)."""
+    return await _list(conn, STORES, "$1::bigint IS NULL OR brand_id = $1", brand_id)
+
+
+async def set_store_status(
+    conn: asyncpg.Connection, *, actor: str, brand_id: int | None, store_id: int, status: str
+) -> Committed[Store]:
+    """Enable or disable one of the brand's stores."""
+    return await _set_status(conn, STORES, actor=actor, brand_id=brand_id, entity_id=store_id, status=status)
+
+
+# ------------------------------------------------------------------------------------------------------- terminals
+
+
+async def create_terminal(
+    conn: asyncpg.Connection, *, actor: str, brand_id: int, store_id: int, external_id: str
+) -> Committed[Terminal]:
+    """A new, active terminal of one of the brand's stores."""
+    _raise_if(_check(_is_external_id(external_id), "external_id", _EXTERNAL_ID_RULE))
+    async with _change(conn, f"the store already has a terminal {external_id!r}") as version:
+        await _get(conn, STORES, store_id, brand_id)
+        row = await conn.fetchrow(
+            f"""INSERT INTO terminals (brand_id, store_id, external_id, row_version)
+                VALUES ($1, $2, $3, $4) RETURNING {TERMINALS.columns}""",  # noqa: S608 - constants only
+            brand_id, store_id, external_id, version,
+        )  # fmt: skip
+        terminal = TERMINALS.row(row)
+        await _audit(conn, version, actor, "terminal.create", terminal, None, _state(terminal))
+    return Committed(terminal, version)
+
+
+async def list_terminals(
+    conn: asyncpg.Connection, *, brand_id: int | None, store_id: int | None = None
+) -> list[Terminal]:
+    """The brand's terminals (None: every brand's), optionally of one store."""
+    where = "($1::bigint IS NULL OR brand_id = $1) AND ($2::bigint IS NULL OR store_id = $2)"
+    return await _list(conn, TERMINALS, where, brand_id, store_id)
+
+
+async def set_terminal_status(
+    conn: asyncpg.Connection, *, actor: str, brand_id: int | None, terminal_id: int, status: str
+) -> Committed[Terminal]:
+    """Enable or disable one of the brand's terminals."""
+    return await _set_status(conn, TERMINALS, actor=actor, brand_id=brand_id, entity_id=terminal_id, status=status)
+
+
+# --------------------------------------------------------------------------------------------------------- clients
+
+_INSERT_CLIENT = f"""
+INSERT INTO api_clients (id, brand_id, role, store_id, terminal_id, label, row_version)
+VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {CLIENTS.columns}"""  # noqa: S608 - constants only
+_INSERT_KEY = f"""
+INSERT INTO api_keys (key_id, client_id, secret_hash, row_version)
+VALUES ($1, $2, $3, $4) RETURNING {KEYS.columns}"""  # noqa: S608 - constants only
+_CLIENT_KEYS = f"SELECT {KEYS.columns} FROM api_keys WHERE client_id = $1 ORDER BY created_at, key_id"  # noqa: S608
+_REVOKE_CLIENT = f"""
+UPDATE api_clients SET revoked_at = COALESCE(revoked_at, now()), row_version = $2
+WHERE id = $1 RETURNING {CLIENTS.columns}"""  # noqa: S608 - constants only
+_REVOKE_KEYS = "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, now()), row_version = $2 WHERE client_id = $1"
+# Rotation never lengthens a key's life: one already expiring sooner keeps its expiry.
+_EXPIRE_KEYS = """
+UPDATE api_keys SET expires_at = $2, row_version = $3
+WHERE client_id = $1 AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $2)"""
+
+
+def _new_client_id() -> str:
+    # 50 random bits: unguessable enough for an identifier that is not a secret, short enough to read out.
+    return "cl_" + "".join(secrets.choice(api_keys.ALPHABET) for _ in range(10))
+
+
+async def _binding(
+    conn: asyncpg.Connection, brand_id: int | None, store_id: int | None, terminal_id: int | None
+) -> tuple[int | None, list[FieldViolation]]:
+    """The store a binding names (a terminal's own store when only the terminal is given), and its violations.
+    Another brand's store or terminal is described exactly like a missing one; the brand must exist."""
+    if brand_id is None:  # a platform client: _client_rules refuses any binding
+        return store_id, []
+    await _get(conn, BRANDS, brand_id, brand_id)
+    if terminal_id is not None:
+        query = "SELECT store_id FROM terminals WHERE id = $1 AND brand_id = $2"
+        terminal_store: int | None = await conn.fetchval(query, terminal_id, brand_id)
+        if terminal_store is None:
+            return store_id, [FieldViolation("terminal_id", "names no terminal of this brand")]
+        ok = store_id in (None, terminal_store)
+        return terminal_store, _check(ok, "store_id", "must be the terminal's store, or empty")
+    if store_id is not None:
+        found = await conn.fetchval("SELECT 1 FROM stores WHERE id = $1 AND brand_id = $2", store_id, brand_id)
+        return store_id, _check(found is not None, "store_id", "names no store of this brand")
+    return None, []
+
+
+async def _insert_key(conn: asyncpg.Connection, client_id: str, env: str, version: int) -> tuple[ApiKey, str]:
+    parsed, plaintext = api_keys.generate(env)
+    secret = api_keys.secret_hash(parsed.key_id, parsed.secret)
+    return KEYS.row(await conn.fetchrow(_INSERT_KEY, parsed.key_id, client_id, secret, version)), plaintext
+
+
+async def create_client(
+    conn: asyncpg.Connection,
+    *,
+    actor: str,
+    brand_id: int | None,
+    role: str,
+    label: str,
+    store_id: int | None = None,
+    terminal_id: int | None = None,
+    env: str,
+) -> Committed[IssuedKey]:
+    """A new API client and its first key (the plaintext is in the result, and nowhere else). A platform client
+    has no brand; a pos or internal client may be bound to one store or terminal of its brand."""
+    rules = [
+        *_client_rules(brand_id, role, store_id, terminal_id),
+        *_check(_is_name(label), "label", _NAME_RULE),
+        *_check(_is_env(env), "env", f"must be one of {', '.join(api_keys.ENVIRONMENTS)}"),
+    ]
+    async with _change(conn) as version:
+        store_id, binding = await _binding(conn, brand_id, store_id, terminal_id)
+        _raise_if(rules, binding)
+        row = await conn.fetchrow(
+            _INSERT_CLIENT, _new_client_id(), brand_id, role, store_id, terminal_id, label, version
+        )
+        client = CLIENTS.row(row)
+        key, plaintext = await _insert_key(conn, client.id, env, version)
+        await _audit(conn, version, actor, "client.create", client, None, _state(client, [key]))
+    return Committed(IssuedKey(client, key.key_id, plaintext), version)
+
+
+async def list_clients(conn: asyncpg.Connection, *, brand_id: int | None) -> list[Client]:
+    """The brand's clients (None: every client, platform clients included)."""
+    return await _list(conn, CLIENTS, "$1::bigint IS NULL OR brand_id = $1", brand_id)
+
+
+async def _keys_of(conn: asyncpg.Connection, client_id: str) -> list[ApiKey]:
+    return [KEYS.row(r) for r in await conn.fetch(_CLIENT_KEYS, client_id)]
+
+
+async def revoke_client(
+    conn: asyncpg.Connection, *, actor: str, brand_id: int | None, client_id: str
+) -> Committed[Client]:
+    """Revoke a client and every key it has, at once (revoking twice keeps the first time)."""
+    async with _change(conn) as version:
+        before = await _get(conn, CLIENTS, client_id, brand_id)
+        before_json = _state(before, await _keys_of(conn, client_id))
+        after = CLIENTS.row(await conn.fetchrow(_REVOKE_CLIENT, client_id, version))
+        await conn.execute(_REVOKE_KEYS, client_id, version)
+        after_json = _state(after, await _keys_of(conn, client_id))
+        await _audit(conn, version, actor, "client.revoke", after, before_json, after_json)
+    return Committed(after, version)
+
+
+async def rotate_client_key(
+    conn: asyncpg.Connection, *, actor: str, brand_id: int | None, client_id: str, grace: timedelta, env: str
+) -> Committed[IssuedKey]:
+    """A new key for the client; its current keys keep working until now + grace (never longer than they already
+    would), then are refused. The plaintext of the new key is in the result, and nowhere else."""
+    _raise_if(
+        _check(grace >= timedelta(0), "grace", "must not be negative"),
+        _check(_is_env(env), "env", f"must be one of {', '.join(api_keys.ENVIRONMENTS)}"),
+    )
+    async with _change(conn) as version:
+        client = await _get(conn, CLIENTS, client_id, brand_id)
+        _raise_if(_check(client.revoked_at is None, "client_id", "is revoked: create a new client instead"))
+        before_json = _state(client, await _keys_of(conn, client_id))
+        expires_at: datetime = await conn.fetchval("SELECT now() + $1::interval", grace)
+        await conn.execute(_EXPIRE_KEYS, client_id, expires_at, version)
+        key, plaintext = await _insert_key(conn, client_id, env, version)
+        after_json = _state(client, await _keys_of(conn, client_id))
+        await _audit(conn, version, actor, "client.rotate_key", client, before_json, after_json)
+    return Committed(IssuedKey(client, key.key_id, plaintext, expires_at), version)
+
+
+# ----------------------------------------------------------------------------------------------------------- audit
+
+
+def _audit_entry(r: asyncpg.Record) -> AuditEntry:
+    before = json.loads(r["before"]) if r["before"] is not None else None
+    after = json.loads(r["after"]) if r["after"] is not None else None
+    return AuditEntry(
+        r["id"], r["at"], r["actor"], r["brand_id"], r["action"], r["entity"], r["entity_id"], before, after,
+        r["version"],
+    )  # fmt: skip
+
+
+async def list_audit(conn: asyncpg.Connection, *, brand_id: int | None, limit: int = 100) -> list[AuditEntry]:
+    """The newest changes first: the brand's (None: every change, platform ones included)."""
+    _raise_if(_check(0 < limit <= MAX_AUDIT_LIMIT, "limit", f"must be from 1 to {MAX_AUDIT_LIMIT}"))
+    rows = await conn.fetch(
+        """SELECT id, at, actor, brand_id, action, entity, entity_id, before, after, version FROM audit_log
+           WHERE $1::bigint IS NULL OR brand_id = $1 ORDER BY id DESC LIMIT $2""",
+        brand_id, limit,
+    )  # fmt: skip
+    return [_audit_entry(r) for r in rows]
