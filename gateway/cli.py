@@ -16,6 +16,7 @@ import uvloop
 from redis.asyncio import Redis
 
 from gateway import issuance
+from gateway.admin_cli import add_registry_commands
 from gateway.client_cli import add_client_commands
 from gateway.db.migrate import MigrationError, migrate
 from gateway.durability import DurabilityError, is_initialised
@@ -189,6 +190,7 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", required=True)
     _add_admin_commands(sub)
     add_client_commands(sub)
+    add_registry_commands(sub)
     return top
 
 

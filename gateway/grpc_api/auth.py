@@ -7,6 +7,7 @@ Health checking and reflection stay open: probes and tools need no key.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextvars import ContextVar
@@ -89,14 +90,23 @@ class Authenticator:
     def __init__(self, source: RegistrySource, *, now: Callable[[], datetime] | None = None) -> None:
         self._source = source
         self._now = now or (lambda: datetime.now(UTC))
+        self._recent = _Recent()
 
     def caller(self, method: str, metadata: Sequence[tuple[str, Any]], peer_client_id: str | None) -> Caller:
         """Who may make this call, for which brand (brand 0: a platform client administering every brand)."""
         registry = self._source.registry()
-        client = self._client(registry, _bearer(metadata), peer_client_id)
-        if client.role not in roles_for(method):
-            raise PermissionDenied(f"the {client.role} role may not call {method.rsplit('/', 1)[-1]}")
-        return self._as_caller(registry, client, metadata, brand_required=not method.startswith(_ADMIN))
+        admin = method.startswith(_ADMIN)
+        header = _bearer(metadata)
+        seen = (_digest(header), _metadata_value(metadata, BRAND_METADATA), peer_client_id, admin)
+        now = self._now()
+        caller = self._recent.get(registry, seen, now)
+        if caller is None:
+            client = self._client(registry, header, peer_client_id)
+            caller = self._as_caller(registry, client, metadata, brand_required=not admin)
+            self._recent.put(registry, seen, caller, _valid_until(registry, header, now))
+        if caller.role not in roles_for(method):
+            raise PermissionDenied(f"the {caller.role} role may not call {method.rsplit('/', 1)[-1]}")
+        return caller
 
     def _client(self, registry: Registry, header: str | None, peer_client_id: str | None) -> Client:
         by_key = self._by_key(registry, header) if header is not None else None
@@ -149,6 +159,52 @@ class Authenticator:
             reason = "names no brand" if named else "is required for a platform client: the brand it acts for"
             raise InvalidRequest([FieldViolation(field, reason)])
         return brand.id
+
+
+_FOREVER = datetime.max.replace(tzinfo=UTC)
+# (digest of the authorization header, x-rgw-brand, certificate client id, an AdminService call)
+Seen = tuple[bytes, str, "str | None", bool]
+_RECENT_MAX = 10_000
+
+
+def _digest(header: str | None) -> bytes:
+    """What the cache keeps of a credential: a keyed-free digest, never the key itself."""
+    return b"" if header is None else hashlib.blake2b(header.encode(), digest_size=16).digest()
+
+
+def _valid_until(registry: Registry, header: str | None, now: datetime) -> datetime:
+    """How long a verified key may be trusted without checking again: until it expires (a rotated-out key)."""
+    if header is None:
+        return _FOREVER
+    parsed = api_keys.parse(header[:_MAX_CREDENTIAL_CHARS].partition(" ")[2].strip())
+    key = registry.keys.get(parsed.key_id) if parsed is not None else None
+    return key.expires_at if key is not None and key.expires_at is not None else _FOREVER
+
+
+class _Recent:
+    """Callers verified against the current registry snapshot: the same credentials on the next call cost a dict
+    lookup instead of parsing, hashing and resolving them again (~10 µs). Any registry change is a new snapshot,
+    which empties the cache, so a revocation is never served from it; a key's expiry is checked on every hit.
+    Failures are never cached. Keyed by a digest of the credentials, never the key."""
+
+    def __init__(self) -> None:
+        self._registry: Registry | None = None
+        self._callers: dict[Seen, tuple[Caller, datetime]] = {}
+
+    def get(self, registry: Registry, seen: Seen, now: datetime) -> Caller | None:
+        if registry is not self._registry:
+            self._registry, self._callers = registry, {}
+            return None
+        hit = self._callers.get(seen)
+        return hit[0] if hit is not None and now < hit[1] else None
+
+    def put(
+        self, registry: Registry, seen: tuple[bytes, str, str | None, bool], caller: Caller, until: datetime
+    ) -> None:
+        if registry is self._registry:
+            if len(self._callers) >= _RECENT_MAX:
+                self._callers.clear()
+            self._callers[seen] = (caller, until)
 
 
 async def _refuse(exc: Exception, context: grpc.aio.ServicerContext) -> None:

@@ -10,6 +10,7 @@ import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import asyncpg
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -21,21 +22,25 @@ from gateway.coderefs import KeyRing
 from gateway.domain import Readiness
 from gateway.durability import LOSS_WINDOW, check_durability
 from gateway.gateway_metrics import REDIS_DURABILITY, start_metrics_server
+from gateway.grpc_api.admin_servicer import AdminServicer, register_admin_service
 from gateway.grpc_api.auth import Authenticator, AuthInterceptor, RegistrySource
 from gateway.grpc_api.interceptors import DecodeGuard
 from gateway.grpc_api.servicer import RedemptionServicer
 from gateway.grpc_api.stream_replies import send_limit
 from gateway.grpc_api.tls import client_id_from_context, server_credentials
+from gateway.pb.redemption.v1 import admin_pb2
 from gateway.pb.redemption.v1 import redemption_pb2 as pb
 from gateway.pb.redemption.v1 import redemption_pb2_grpc as pb_grpc
 from gateway.pipelined_redis import PipelinedRedis
 from gateway.redis_store import RedisCodeStore, connect
 from gateway.service import RedemptionService
 from gateway.settings import Settings
+from gateway.tenancy.sightings import Sightings, flush_every, stop_flushing
 from gateway.tenancy.watcher import RegistryWatcher
 
 log = logging.getLogger("rgw.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RedemptionService"].full_name
+ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -81,8 +86,14 @@ class Gateway:
     # (an empty-handler ceiling, a Postgres peer) to measure them on exactly this server stack.
     register: Callable[[grpc.aio.Server, RedemptionService, Settings], None] | None = None
     # None: default_interceptors(). The benchmark passes [] to measure what the interceptors cost.
-    registry: RegistryWatcher = field(init=False)
     interceptors: Sequence[grpc.aio.ServerInterceptor] | None = None
+    registry: RegistryWatcher = field(init=False)
+    # AdminService's and the sightings' connections: created empty (min_size=0), so a gateway starts while
+    # Postgres is down.
+    pool: asyncpg.Pool = field(init=False)
+    admin: AdminServicer = field(init=False)
+    sightings: Sightings = field(default_factory=Sightings)
+    _sightings_task: asyncio.Task[None] | None = field(init=False, default=None)
     _health_task: asyncio.Task[None] | None = field(init=False, default=None)
 
     async def start(self) -> int:
@@ -113,16 +124,26 @@ class Gateway:
             )
             await self.pipelined.connect()
         store = RedisCodeStore(self.redis, self.pipelined)
-        service = RedemptionService(store=store, keyring=self.keyring, clock=self.clock, readiness=self.readiness)
+        service = RedemptionService(
+            store=store, keyring=self.keyring, clock=self.clock, readiness=self.readiness, sightings=self.sightings
+        )
         self.server = grpc.aio.server(
             options=server_options(s),
             maximum_concurrent_rpcs=s.max_concurrent_rpcs,
             interceptors=default_interceptors(self.registry) if self.interceptors is None else self.interceptors,
         )
         (self.register or register_redemption_service)(self.server, service, s)
+        self.pool = await asyncpg.create_pool(s.database_url, min_size=0, max_size=4)
+        self._sightings_task = asyncio.create_task(
+            flush_every(s.terminal_seen_flush_seconds, self.sightings, self.pool)
+        )
+        self.admin = AdminServicer.from_settings(s, self.pool, self.redis)
+        register_admin_service(self.server, self.admin)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
         credentials = server_credentials(s)
         if credentials is None:
             self.port = self.server.add_insecure_port(s.grpc_addr)
@@ -168,6 +189,10 @@ class Gateway:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.shutdown_grace_seconds)
         await self.registry.stop()
+        await self.admin.close()
+        if self._sightings_task is not None:
+            await stop_flushing(self._sightings_task, self.sightings, self.pool)
+        await self.pool.close()
         if self.pipelined is not None:
             await self.pipelined.close()
         await self.redis.aclose()

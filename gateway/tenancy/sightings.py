@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 import asyncpg
@@ -61,35 +60,28 @@ async def flush(conn: asyncpg.Connection, seen: dict[Key, int]) -> int:
     return int(status.rsplit(" ", 1)[-1])
 
 
-async def flush_every(
-    interval_s: float, sightings: Sightings, connect: Callable[[], Awaitable[asyncpg.Connection]]
-) -> None:
+async def flush_every(interval_s: float, sightings: Sightings, pool: asyncpg.Pool) -> None:
     """Flush forever (until cancelled); a failed flush keeps its sightings for the next one."""
     while True:
         await asyncio.sleep(interval_s)
-        await flush_once(sightings, connect)
+        await flush_once(sightings, pool)
 
 
-async def flush_once(sightings: Sightings, connect: Callable[[], Awaitable[asyncpg.Connection]]) -> None:
+async def flush_once(sightings: Sightings, pool: asyncpg.Pool) -> None:
     """One flush of what was noted (put back when Postgres cannot take it)."""
     seen = sightings.take()
     try:
-        conn = await connect()
-        try:
+        async with pool.acquire(timeout=5) as conn:
             await flush(conn, seen)
-        finally:
-            await conn.close()
-    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         log.warning("terminal sightings not recorded (%s); retrying next interval", type(exc).__name__)
         for (brand, store, terminal), at in seen.items():
             sightings.saw(brand, store, terminal, at)
 
 
-async def stop_flushing(task: asyncio.Task[None] | None, sightings: Sightings,
-                        connect: Callable[[], Awaitable[asyncpg.Connection]]) -> None:  # fmt: skip
+async def stop_flushing(task: asyncio.Task[None], sightings: Sightings, pool: asyncpg.Pool) -> None:
     """Cancel the periodic flush and write what is left (graceful shutdown)."""
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    await flush_once(sightings, connect)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await flush_once(sightings, pool)

@@ -7,9 +7,11 @@ from datetime import UTC, datetime
 import asyncpg
 import pytest
 
+from gateway.dev.servers import free_port
+from gateway.pb.redemption.v1 import redemption_pb2 as pb
 from gateway.tenancy.sightings import Sightings, flush, flush_once
 from tests.conftest import T0_MS
-from tests.integration.conftest import Tenants
+from tests.integration.conftest import Issue, RunningGateway, Tenants
 
 
 def _at(ms: int) -> datetime:
@@ -48,10 +50,19 @@ def test_memory_is_bounded_per_interval() -> None:
 async def test_a_failed_flush_keeps_its_sightings(caplog: pytest.LogCaptureFixture) -> None:
     sightings = Sightings()
     sightings.saw(1, "store-1", "till-1", T0_MS)
-
-    async def unreachable() -> asyncpg.Connection:
-        raise OSError("connection refused")
-
-    await flush_once(sightings, unreachable)
+    unreachable = await asyncpg.create_pool(f"postgresql://postgres@127.0.0.1:{free_port()}/x", min_size=0)
+    try:
+        await flush_once(sightings, unreachable)
+    finally:
+        await unreachable.close()
     assert sightings.take() == {(1, "store-1", "till-1"): T0_MS}
     assert "not recorded" in caplog.text
+
+
+async def test_calls_through_the_gateway_are_sighted(
+    gateway: RunningGateway, issue: Issue, db: asyncpg.Connection
+) -> None:
+    issued = await issue(1)
+    await gateway.stub.Validate(pb.ValidateRequest(code=issued.codes[0], store_id="store-1", terminal_id="till-1"))
+    await flush_once(gateway.gateway.sightings, gateway.gateway.pool)
+    assert await _seen(db, gateway.tenants.terminal.id) == (_at(T0_MS), _at(T0_MS))

@@ -1,0 +1,266 @@
+"""redemption.v1.AdminService: protobuf → one registry administration call (gateway/tenancy/admin_store.py) →
+protobuf, nothing more. admin_store validates, scopes by brand, writes and audits; this decides only for which
+brand the caller acts:
+
+    admin                          its own brand
+    platform naming x-rgw-brand    that brand
+    platform naming none           every brand (None) - but what is created for a brand needs one
+
+Another brand's entity is NotFoundError inside admin_store, exactly like a missing one. Connections and the
+announcement of each committed change are admin_access.py's. Keys are never logged.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from functools import partial
+
+import asyncpg
+import grpc
+from redis.asyncio import Redis
+
+from gateway.domain import Caller, PermissionDenied
+from gateway.grpc_api import admin_messages as msg
+from gateway.grpc_api.admin_access import RegistryAccess
+from gateway.grpc_api.auth import ALL_BRANDS, BRAND_METADATA, current_caller
+from gateway.grpc_api.errors import rpc_boundary
+from gateway.grpc_api.stream_replies import send_limit
+from gateway.pb.redemption.v1 import admin_pb2 as pb
+from gateway.pb.redemption.v1 import admin_pb2_grpc as pb_grpc
+from gateway.settings import Settings
+from gateway.tenancy import admin_store
+from gateway.tenancy.model import Role
+from gateway.validation import FieldViolation, InvalidRequest
+
+BRAND_FIELD = f"metadata.{BRAND_METADATA}"
+DEFAULT_AUDIT_LIMIT = 100
+
+
+def _actor(caller: Caller) -> str:
+    return f"client:{caller.client_id}"
+
+
+def _scope(caller: Caller) -> int | None:
+    """The brand the caller administers; None: every brand (a platform client that named none)."""
+    return None if caller.brand_id == ALL_BRANDS else caller.brand_id
+
+
+def _brand_to_create_in(caller: Caller) -> int:
+    """The brand a new store or terminal belongs to: a platform client must name it."""
+    if caller.brand_id == ALL_BRANDS:
+        raise InvalidRequest([FieldViolation(BRAND_FIELD, "is required: the brand to create it in (id or slug)")])
+    return caller.brand_id
+
+
+def _platform_only(caller: Caller, what: str) -> None:
+    if caller.role != Role.PLATFORM:
+        raise PermissionDenied(f"only a platform client may {what}")
+
+
+def _client_scope(caller: Caller, role: str) -> int | None:
+    """The brand of a new client. A platform client belongs to none (whatever brand the caller named) and only
+    the platform may make one; for the others, a platform caller that named no brand passes None and admin_store
+    refuses it as a bad `brand_id` - alongside every other bad field."""
+    if role == Role.PLATFORM:
+        _platform_only(caller, "create a platform client")
+        return None
+    return _scope(caller)
+
+
+def _request_fields(exc: InvalidRequest) -> InvalidRequest:
+    """admin_store's `brand_id` is, in this API, the x-rgw-brand metadata: name what the caller can change."""
+    renamed = [FieldViolation(BRAND_FIELD, v.description) if v.field == "brand_id" else v for v in exc.violations]
+    return InvalidRequest(renamed)
+
+
+class AdminServicer(pb_grpc.AdminServiceServicer):
+    """The gRPC face of the registry's administration."""
+
+    def __init__(
+        self, pool: asyncpg.Pool, redis: Redis, *, key_env: str, rotation_grace: timedelta, reply_limit: int
+    ) -> None:
+        self._registry = RegistryAccess(pool, redis)
+        self._key_env = key_env
+        self._rotation_grace = rotation_grace
+        self._budget = reply_limit - 64  # room for the reply's own fields beside its list
+
+    @classmethod
+    def from_settings(cls, settings: Settings, pool: asyncpg.Pool, redis: Redis) -> AdminServicer:
+        """The servicer of a gateway: new keys in RGW_KEY_ENV, replies within the server's send limit."""
+        grace = timedelta(seconds=settings.key_rotation_grace_seconds)
+        limit = send_limit(settings.max_message_bytes, settings.stream_max_items)
+        return cls(pool, redis, key_env=settings.key_env, rotation_grace=grace, reply_limit=limit)
+
+    async def close(self) -> None:
+        """Stop announcing committed changes in the background."""
+        await self._registry.close()
+
+    # ------------------------------------------------------------------------------------------------ brands
+
+    @rpc_boundary
+    async def CreateBrand(
+        self, request: pb.CreateBrandRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateBrandResponse:
+        caller = current_caller()
+        _platform_only(caller, "create a brand")
+        made = await self._registry.commit(
+            partial(admin_store.create_brand, actor=_actor(caller), slug=request.slug, name=request.name)
+        )
+        return pb.CreateBrandResponse(brand=msg.brand(made))
+
+    @rpc_boundary
+    async def ListBrands(
+        self, request: pb.ListBrandsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListBrandsResponse:
+        brands = await self._registry.read(partial(admin_store.list_brands, brand_id=_scope(current_caller())))
+        sent, token = msg.page(brands, request, msg.id_key, msg.brand, self._budget)
+        return pb.ListBrandsResponse(brands=sent, next_page_token=token)
+
+    @rpc_boundary
+    async def SetBrandStatus(
+        self, request: pb.SetBrandStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SetBrandStatusResponse:
+        caller = current_caller()
+        _platform_only(caller, "enable or disable a brand")
+        changed = await self._registry.commit(partial(
+            admin_store.set_brand_status, actor=_actor(caller), brand_id=request.brand_id,
+            status=msg.status_name(request.status),
+        ))  # fmt: skip
+        return pb.SetBrandStatusResponse(brand=msg.brand(changed))
+
+    # ------------------------------------------------------------------------------------------------ stores
+
+    @rpc_boundary
+    async def CreateStore(
+        self, request: pb.CreateStoreRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateStoreResponse:
+        caller = current_caller()
+        made = await self._registry.commit(partial(
+            admin_store.create_store, actor=_actor(caller), brand_id=_brand_to_create_in(caller),
+            external_id=request.external_id, name=request.name, latitude=request.latitude,
+            longitude=request.longitude, time_zone=request.time_zone,
+        ))  # fmt: skip
+        return pb.CreateStoreResponse(store=msg.store(made))
+
+    @rpc_boundary
+    async def ListStores(
+        self, request: pb.ListStoresRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListStoresResponse:
+        stores = await self._registry.read(partial(admin_store.list_stores, brand_id=_scope(current_caller())))
+        sent, token = msg.page(stores, request, msg.id_key, msg.store, self._budget)
+        return pb.ListStoresResponse(stores=sent, next_page_token=token)
+
+    @rpc_boundary
+    async def SetStoreStatus(
+        self, request: pb.SetStoreStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SetStoreStatusResponse:
+        caller = current_caller()
+        changed = await self._registry.commit(partial(
+            admin_store.set_store_status, actor=_actor(caller), brand_id=_scope(caller), store_id=request.store_id,
+            status=msg.status_name(request.status),
+        ))  # fmt: skip
+        return pb.SetStoreStatusResponse(store=msg.store(changed))
+
+    # --------------------------------------------------------------------------------------------- terminals
+
+    @rpc_boundary
+    async def CreateTerminal(
+        self, request: pb.CreateTerminalRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateTerminalResponse:
+        caller = current_caller()
+        made = await self._registry.commit(partial(
+            admin_store.create_terminal, actor=_actor(caller), brand_id=_brand_to_create_in(caller),
+            store_id=request.store_id, external_id=request.external_id,
+        ))  # fmt: skip
+        return pb.CreateTerminalResponse(terminal=msg.terminal(made))
+
+    @rpc_boundary
+    async def ListTerminals(
+        self, request: pb.ListTerminalsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListTerminalsResponse:
+        terminals = await self._registry.read(partial(
+            admin_store.list_terminals, brand_id=_scope(current_caller()), store_id=request.store_id or None
+        ))  # fmt: skip
+        sent, token = msg.page(terminals, request, msg.id_key, msg.terminal, self._budget)
+        return pb.ListTerminalsResponse(terminals=sent, next_page_token=token)
+
+    @rpc_boundary
+    async def SetTerminalStatus(
+        self, request: pb.SetTerminalStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SetTerminalStatusResponse:
+        caller = current_caller()
+        changed = await self._registry.commit(partial(
+            admin_store.set_terminal_status, actor=_actor(caller), brand_id=_scope(caller),
+            terminal_id=request.terminal_id, status=msg.status_name(request.status),
+        ))  # fmt: skip
+        return pb.SetTerminalStatusResponse(terminal=msg.terminal(changed))
+
+    # ----------------------------------------------------------------------------------------------- clients
+
+    @rpc_boundary
+    async def CreateClient(
+        self, request: pb.CreateClientRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateClientResponse:
+        caller = current_caller()
+        role = msg.role_name(request.role)
+        create = partial(
+            admin_store.create_client, actor=_actor(caller), brand_id=_client_scope(caller, role), role=role,
+            label=request.label, store_id=request.store_id or None, terminal_id=request.terminal_id or None,
+            env=self._key_env,
+        )  # fmt: skip
+        try:
+            issued = await self._registry.commit(create)
+        except InvalidRequest as exc:
+            raise _request_fields(exc) from None
+        return pb.CreateClientResponse(api_key=issued.plaintext, key_id=issued.key_id, client=msg.client(issued.client))
+
+    @rpc_boundary
+    async def ListClients(
+        self, request: pb.ListClientsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListClientsResponse:
+        clients = await self._registry.read(partial(admin_store.list_clients, brand_id=_scope(current_caller())))
+        sent, token = msg.page(clients, request, msg.client_key, msg.client, self._budget)
+        return pb.ListClientsResponse(clients=sent, next_page_token=token)
+
+    @rpc_boundary
+    async def RevokeClient(
+        self, request: pb.RevokeClientRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RevokeClientResponse:
+        caller = current_caller()
+        revoked = await self._registry.commit(partial(
+            admin_store.revoke_client, actor=_actor(caller), brand_id=_scope(caller), client_id=request.client_id
+        ))  # fmt: skip
+        return pb.RevokeClientResponse(client=msg.client(revoked))
+
+    @rpc_boundary
+    async def RotateClientKey(
+        self, request: pb.RotateClientKeyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RotateClientKeyResponse:
+        caller = current_caller()
+        grace = request.grace.ToTimedelta() if request.HasField("grace") else self._rotation_grace
+        issued = await self._registry.commit(partial(
+            admin_store.rotate_client_key, actor=_actor(caller), brand_id=_scope(caller),
+            client_id=request.client_id, grace=grace, env=self._key_env,
+        ))  # fmt: skip
+        return pb.RotateClientKeyResponse(
+            api_key=issued.plaintext, key_id=issued.key_id, client=msg.client(issued.client),
+            previous_keys_expire_at=msg.timestamp(issued.previous_keys_expire_at),
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------------------------------------- audit
+
+    @rpc_boundary
+    async def ListAuditLog(
+        self, request: pb.ListAuditLogRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListAuditLogResponse:
+        limit = request.limit or DEFAULT_AUDIT_LIMIT
+        entries = await self._registry.read(
+            partial(admin_store.list_audit, brand_id=_scope(current_caller()), limit=limit)
+        )
+        sent = msg.fitting([msg.audit_entry(entry) for entry in entries], self._budget)
+        return pb.ListAuditLogResponse(entries=sent, truncated=len(sent) < len(entries))
+
+
+def register_admin_service(server: grpc.aio.Server, servicer: AdminServicer) -> None:
+    """Serve AdminService on `server`."""
+    pb_grpc.add_AdminServiceServicer_to_server(servicer, server)
