@@ -20,17 +20,6 @@ class Outcome(StrEnum):
     REDEEMABLE = "REDEEMABLE"
 
 
-# The machine-readable reason sent with each outcome; stable, documented in the proto.
-REASONS: dict[Outcome, str] = {
-    Outcome.REDEEMED: "REDEEMED",
-    Outcome.ALREADY_REDEEMED: "NO_USES_LEFT",
-    Outcome.NOT_FOUND: "CODE_NOT_FOUND",
-    Outcome.EXPIRED: "CODE_EXPIRED",
-    Outcome.NOT_YET_VALID: "CODE_NOT_YET_VALID",
-    Outcome.REDEEMABLE: "REDEEMABLE",
-}
-
-
 @dataclass(frozen=True, slots=True)
 class Location:
     """Where a redemption happens (WGS 84 degrees, accuracy in metres)."""

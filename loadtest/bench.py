@@ -69,7 +69,7 @@ class Profile:
 FULL = Profile(duration=5, warmup=1, unary_cpu_rate=600, stream_cpu_rate=40,
                unary_rates=(500, 1000, 1500, 2000, 2500, 3000, 4000, 5000, 6000),
                stream_rates=(50, 100, 200, 300, 400, 500, 650, 800), items=64, hot_codes=5, hot_uses=2000,
-               redis_requests=200_000)  # fmt: skip
+               redis_requests=200_000, cpu_rounds=9)  # fmt: skip
 SMOKE = Profile(duration=0.5, warmup=0.2, unary_cpu_rate=100, stream_cpu_rate=5, unary_rates=(100,),
                 stream_rates=(5,), items=8, hot_codes=2, hot_uses=20, redis_requests=1000, cpu_rounds=1)  # fmt: skip
 

@@ -4,7 +4,9 @@ RGW_TEST_REDIS_URL / RGW_TEST_DATABASE_URL), a migrated schema, and per-test cle
 from __future__ import annotations
 
 import base64
+import logging
 import os
+import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -23,6 +25,22 @@ from gateway.redis_store import connect
 # 2026-06-01T00:00:00Z: tests run on a fixed clock so validity windows are deterministic.
 T0_MS = 1_780_272_000_000
 TEST_KEYS = {"k2": bytes(range(32)), "k1": bytes(range(100, 132))}
+
+
+# An API key anywhere in a log line (the format scanners look for): no test of the suite may produce one.
+API_KEY_PATTERN = re.compile(r"rgw_(?:live|test|dev)_[a-z2-7]{12}_[a-z2-7]{32}")
+_FORMAT = logging.Formatter("%(message)s")
+
+
+@pytest.fixture(autouse=True)
+def no_api_key_in_any_log_line(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Every test of the suite is a canary run: the gateway's INFO lines and everything at WARNING and above are
+    searched for API keys after each test (formatted with their tracebacks)."""
+    caplog.set_level(logging.INFO, logger="rgw")
+    yield
+    records = [*caplog.get_records("setup"), *caplog.get_records("call")]
+    leaked = [r.name for r in records if API_KEY_PATTERN.search(_FORMAT.format(r))]
+    assert not leaked, f"an API key was logged by {sorted(set(leaked))}"
 
 
 @pytest.fixture(scope="session")

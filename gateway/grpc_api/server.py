@@ -57,10 +57,12 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
     ]
 
 
-def default_interceptors(source: RegistrySource) -> list[grpc.aio.ServerInterceptor]:
+def default_interceptors(source: RegistrySource, settings: Settings) -> list[grpc.aio.ServerInterceptor]:
     """What every call goes through before its handler, outermost first: who is calling (so an unknown caller
-    learns nothing, not even how its bytes parse), then undecodable bytes."""
-    return [AuthInterceptor(Authenticator(source), peer_identity=client_id_from_context), DecodeGuard()]
+    learns nothing, not even how its bytes parse), then undecodable bytes. Certificates are looked at only where
+    client certificates are required (without mTLS no call carries a verified one)."""
+    peer = client_id_from_context if settings.tls_client_auth == "require" else None
+    return [AuthInterceptor(Authenticator(source), peer_identity=peer), DecodeGuard()]
 
 
 def register_redemption_service(server: grpc.aio.Server, service: RedemptionService, settings: Settings) -> None:
@@ -130,7 +132,7 @@ class Gateway:
         self.server = grpc.aio.server(
             options=server_options(s),
             maximum_concurrent_rpcs=s.max_concurrent_rpcs,
-            interceptors=default_interceptors(self.registry) if self.interceptors is None else self.interceptors,
+            interceptors=default_interceptors(self.registry, s) if self.interceptors is None else self.interceptors,
         )
         (self.register or register_redemption_service)(self.server, service, s)
         self.pool = await asyncpg.create_pool(s.database_url, min_size=0, max_size=4)

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 from google.protobuf import timestamp_pb2
 
-from gateway.domain import REASONS, CodeState, ItemFailure, Location, Outcome, RedeemInput, RedeemResult
+from gateway.domain import CodeState, ItemFailure, Location, Outcome, RedeemInput, RedeemResult
 from gateway.grpc_api.auth import current_caller
 from gateway.grpc_api.errors import fault_for, request_id_of, rpc_boundary, status_for
 from gateway.grpc_api.stream_replies import item_error
@@ -16,13 +16,15 @@ from gateway.pb.redemption.v1 import redemption_pb2_grpc as pb_grpc
 from gateway.service import RedemptionService
 from gateway.validation import check_stream_message
 
-_OUTCOMES: dict[Outcome, pb.Outcome.ValueType] = {
-    Outcome.REDEEMED: pb.OUTCOME_REDEEMED,
-    Outcome.ALREADY_REDEEMED: pb.OUTCOME_ALREADY_REDEEMED,
-    Outcome.NOT_FOUND: pb.OUTCOME_NOT_FOUND,
-    Outcome.EXPIRED: pb.OUTCOME_EXPIRED,
-    Outcome.NOT_YET_VALID: pb.OUTCOME_NOT_YET_VALID,
-    Outcome.REDEEMABLE: pb.OUTCOME_REDEEMABLE,
+# The one table from a decision to what a caller sees: the proto enum and the stable machine reason (documented
+# in the proto). The script's statuses are the Outcome values (redis_store.to_result).
+ANSWERS: dict[Outcome, tuple[pb.Outcome.ValueType, str]] = {
+    Outcome.REDEEMED: (pb.OUTCOME_REDEEMED, "REDEEMED"),
+    Outcome.ALREADY_REDEEMED: (pb.OUTCOME_ALREADY_REDEEMED, "NO_USES_LEFT"),
+    Outcome.NOT_FOUND: (pb.OUTCOME_NOT_FOUND, "CODE_NOT_FOUND"),
+    Outcome.EXPIRED: (pb.OUTCOME_EXPIRED, "CODE_EXPIRED"),
+    Outcome.NOT_YET_VALID: (pb.OUTCOME_NOT_YET_VALID, "CODE_NOT_YET_VALID"),
+    Outcome.REDEEMABLE: (pb.OUTCOME_REDEEMABLE, "REDEEMABLE"),
 }
 
 
@@ -53,9 +55,10 @@ def redeem_input(request: pb.RedeemRequest) -> RedeemInput:
 
 def redeem_response(result: RedeemResult) -> pb.RedeemResponse:
     """The RedeemResponse for a domain result."""
+    outcome, reason = ANSWERS[result.outcome]
     response = pb.RedeemResponse(
-        outcome=_OUTCOMES[result.outcome],
-        reason=REASONS[result.outcome],
+        outcome=outcome,
+        reason=reason,
         campaign_id=result.campaign_id,
         uses_left=result.uses_left,
         replayed=result.replayed,
@@ -99,9 +102,10 @@ class RedemptionServicer(pb_grpc.RedemptionServiceServicer):
             location=_location(request),
         )
         result = await self._service.validate(query, current_caller())
+        outcome, reason = ANSWERS[result.outcome]
         return pb.ValidateResponse(
-            outcome=_OUTCOMES[result.outcome],
-            reason=REASONS[result.outcome],
+            outcome=outcome,
+            reason=reason,
             campaign_id=result.campaign_id,
             uses_left=result.uses_left,
         )

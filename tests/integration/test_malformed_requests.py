@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from typing import TypeVar
 
 import grpc
 import pytest
@@ -18,6 +19,7 @@ from tests.integration.conftest import Issue, RunningGateway
 from tests.integration.grpc_helpers import field_violations, redeem_request, redis_snapshot
 
 SERVICE = "/redemption.v1.RedemptionService"
+T = TypeVar("T")
 UNDECODABLE = [bytes.fromhex("0a01ff"), bytes.fromhex("0a0561626364"), bytes.fromhex("d2")]
 
 
@@ -66,7 +68,8 @@ async def test_a_garbage_flood_logs_a_few_lines_and_no_traceback(
     assert len(logged) + sum(counted) == 200 and len(logged) + len(counted) <= 8
 
 
-async def _frames(frames: list[bytes]) -> AsyncIterator[bytes]:
+async def _frames(*frames: T) -> AsyncIterator[T]:
+    """A stream's messages (serialized bytes for a raw call, messages for a stub)."""
     for frame in frames:
         yield frame
 
@@ -80,7 +83,7 @@ async def test_an_undecodable_stream_message_ends_the_stream_after_the_answered_
     call = gateway.channel.stream_stream(f"{SERVICE}/RedeemStream")
     replies: list[bytes] = []
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        async for reply in call(_frames([good.SerializeToString(), b"\xd2", after.SerializeToString()]), timeout=10):
+        async for reply in call(_frames(good.SerializeToString(), b"\xd2", after.SerializeToString()), timeout=10):
             replies.append(reply)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and error_reason(info.value) == "MALFORMED_REQUEST"
     assert [pb.RedeemStreamResponse.FromString(r).batch_id for r in replies] == ["b0"]
@@ -106,17 +109,12 @@ async def test_a_stream_reply_always_fits_so_a_decided_item_is_always_answered(
         batch_id=batch_id, items=[redeem_request(issued.codes[0], "k"), *[all_bad_item()] * bad_items]
     )
     assert message.ByteSize() <= 16_384  # accepted: within the receive limit
-    replies = [r async for r in gateway.stub.RedeemStream(_frames_of(message), timeout=10)]
+    replies = [r async for r in gateway.stub.RedeemStream(_frames(message), timeout=10)]
     (reply,) = replies
     assert reply.batch_id == batch_id and reply.results[0].response.outcome == pb.OUTCOME_REDEEMED
     assert reply.ByteSize() > 16_384  # larger than a request may be: the send limit makes room for it
     assert all(len(r.error.field_violations) == 8 for r in reply.results[1:])
     assert await redis.xlen(keys.outbox_key(issued.campaign.id, 0)) == 1
-
-
-async def _frames_of(*messages: pb.RedeemStreamRequest) -> AsyncIterator[pb.RedeemStreamRequest]:
-    for message in messages:
-        yield message
 
 
 async def test_an_over_long_batch_id_is_refused_before_any_item_is_decided(
@@ -125,7 +123,7 @@ async def test_an_over_long_batch_id_is_refused_before_any_item_is_decided(
     issued = await issue(1)
     message = pb.RedeemStreamRequest(batch_id="B" * 129, items=[redeem_request(issued.codes[0], "k")])
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        _ = [r async for r in gateway.stub.RedeemStream(_frames_of(message), timeout=10)]
+        _ = [r async for r in gateway.stub.RedeemStream(_frames(message), timeout=10)]
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "batch_id" in field_violations(info.value)
     assert await redis.xlen(keys.outbox_key(issued.campaign.id, 0)) == 0
 
