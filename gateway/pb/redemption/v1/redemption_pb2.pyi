@@ -11,13 +11,19 @@ reason unknown" and keep working.
 Business decisions (a code that is already used, expired, unknown, ...) are normal answers: the call returns
 OK and `outcome` says what happened, with a machine-readable `reason`. Faults of the caller or the system are
 gRPC status codes carrying google.rpc details:
+  UNAUTHENTICATED    : no valid credentials - send `authorization: Bearer <API key>` metadata (or, where mTLS
+                       is required, a client certificate naming an active client). Nothing was changed.
+  PERMISSION_DENIED  : the client's role may not call this method, or its key is bound to another store or
+                       terminal than the request names. Nothing was changed.
   INVALID_ARGUMENT   + google.rpc.BadRequest (field_violations name each bad field); also for an
                        idempotency key reused with a different request (reason IDEMPOTENCY_KEY_REUSED in
                        google.rpc.ErrorInfo), and for request bytes that do not parse as the request message
                        (reason MALFORMED_REQUEST, no field named). Nothing was changed.
-  RESOURCE_EXHAUSTED + google.rpc.RetryInfo: the server is at its concurrent-call limit; retry later.
-  UNAVAILABLE        + google.rpc.RetryInfo: a dependency (Redis) is unreachable. The call did not happen,
-                       or may have happened: retry with the SAME idempotency key to learn which.
+  RESOURCE_EXHAUSTED + google.rpc.RetryInfo: the server is at its concurrent-call limit; retry later. Also a
+                       request message over the server's size limit (make it smaller).
+  UNAVAILABLE        + google.rpc.RetryInfo: a dependency (Redis, or the tenant registry) is not ready. The
+                       call did not happen, or may have happened: retry with the SAME idempotency key to learn
+                       which.
   DEADLINE_EXCEEDED  : as UNAVAILABLE - retry with the same idempotency key.
   NOT_FOUND          : GetCode only, the code is unknown.
   INTERNAL           : a bug; the message carries a request id only.
@@ -166,9 +172,8 @@ class RedeemRequest(_message.Message):
     look-alike such as U+017F or a ligature, any non-ASCII character - is INVALID_ARGUMENT.
     """
     idempotency_key: _builtins.str
-    """Chosen by the caller, unique per attempt to redeem; reuse it when retrying the same attempt. Scope: caller
-    (until authentication exists, the terminal: store_id + terminal_id), key and code. 1 to 128 characters
-    of [A-Za-z0-9._:-]. Required.
+    """Chosen by the caller, unique per attempt to redeem; reuse it when retrying the same attempt. Scope: the
+    authenticated API client, terminal_id, key and code. 1 to 128 characters of [A-Za-z0-9._:-]. Required.
     """
     store_id: _builtins.str
     """The brand's store. 1 to 64 characters of [A-Za-z0-9._:-]. Required."""
