@@ -127,6 +127,11 @@ class CodeNotFound(Exception):
     """No such code (GetCode)."""
 
 
+class StoreUnavailable(Exception):
+    """Redis could not decide: unreachable, timed out, read-only (a replica) or out of memory. The call may or may
+    not have happened; a retry with the same idempotency key learns which."""
+
+
 class NotReady(Exception):
     """The gateway must not decide now (Redis not initialised from Postgres, or unreachable)."""
 

@@ -1,10 +1,13 @@
 """The gateway's view of Redis: the atomic redeem script and code state. Only this module and the loader speak
-Redis commands; one function maps script replies to domain results."""
+Redis commands; one function maps script replies to domain results, and Redis' failures leave as the domain's
+StoreUnavailable - callers never see a Redis exception."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from importlib import resources
 from typing import Any, Literal
 
@@ -18,10 +21,12 @@ from gateway.domain import (
     CodeLookup,
     CodeState,
     IdempotencyConflict,
+    ItemFailure,
     Location,
     Outcome,
     RedeemCommand,
     RedeemResult,
+    StoreUnavailable,
 )
 from gateway.pipelined_redis import PipelinedRedis, Script
 
@@ -99,6 +104,36 @@ def _item_args(command: RedeemCommand, redemption_id: str) -> list[str]:
     ]
 
 
+_UNAVAILABLE = (
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    redis_errors.ReadOnlyError,
+    OSError,
+    asyncio.TimeoutError,
+)
+
+
+@contextlib.contextmanager
+def _wrap_errors() -> Iterator[None]:
+    """Redis failures as the domain's StoreUnavailable (an OOM refusal too: Redis is full, not the request bad)."""
+    try:
+        yield
+    except _UNAVAILABLE as exc:
+        raise StoreUnavailable(type(exc).__name__) from exc
+    except redis_errors.ResponseError as exc:
+        if str(exc).startswith("OOM"):
+            raise StoreUnavailable("OOM") from exc
+        raise
+
+
+def item_outcome(reply: Sequence[Any], campaign_id: int) -> RedeemResult | ItemFailure:
+    """One item of a batch: its result, or the failure that item alone met (a reused idempotency key)."""
+    try:
+        return to_result(reply, campaign_id)
+    except IdempotencyConflict as exc:
+        return ItemFailure(exc)
+
+
 def to_result(reply: Sequence[Any], campaign_id: int) -> RedeemResult:
     """The domain result of one item of the script's reply."""
     status, uses_left, redemption_id, at_ms, use_number, replayed = reply
@@ -128,8 +163,16 @@ class RedisCodeStore:
 
     async def decide(
         self, commands: Sequence[RedeemCommand], redemption_ids: Sequence[str], *, mode: Mode, now_ms: int
+    ) -> list[RedeemResult | ItemFailure]:
+        """Decide commands that share one campaign shard in one script call: a result (or an item's own failure)
+        per command, in order. StoreUnavailable when Redis could not decide."""
+        replies = await self._run(commands, redemption_ids, mode=mode, now_ms=now_ms)
+        campaign_id = commands[0].lookup.route.campaign_id
+        return [item_outcome(reply, campaign_id) for reply in replies]
+
+    async def _run(
+        self, commands: Sequence[RedeemCommand], redemption_ids: Sequence[str], *, mode: Mode, now_ms: int
     ) -> list[Any]:
-        """Run the script for commands that share one campaign shard; returns the raw per-item replies."""
         route = commands[0].lookup.route
         cid, shard = route.campaign_id, route.shard
         nk = len(commands[0].lookup.refs)
@@ -138,23 +181,25 @@ class RedisCodeStore:
         for command, redemption_id in zip(commands, redemption_ids, strict=True):
             script_keys += [keys.code_key(cid, shard, ref.ref) for ref in command.lookup.refs]
             args += _item_args(command, redemption_id)
-        replies: list[Any] = await self._redeem(keys=script_keys, args=args)
+        with _wrap_errors():
+            replies: list[Any] = await self._redeem(keys=script_keys, args=args)
         return replies
 
     async def redeem_one(self, command: RedeemCommand, redemption_id: str, *, mode: Mode, now_ms: int) -> RedeemResult:
-        """One code: exactly one awaited Redis call."""
-        replies = await self.decide([command], [redemption_id], mode=mode, now_ms=now_ms)
+        """One code: exactly one awaited Redis call. IdempotencyConflict for a key reused with another request."""
+        replies = await self._run([command], [redemption_id], mode=mode, now_ms=now_ms)
         return to_result(replies[0], command.lookup.route.campaign_id)
 
     async def code_state(self, lookup: CodeLookup, brand_id: int) -> CodeState | None:
         """The stored state of a code of `brand_id`, or None when unknown - another brand's code is unknown
         (one pipelined round trip)."""
         cid, shard = lookup.route.campaign_id, lookup.route.shard
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hmget(keys.meta_key(cid, shard), "vf", "vu", "brand")
-            for ref in lookup.refs:
-                pipe.hmget(keys.code_key(cid, shard, ref.ref), "uses", "used", "vf", "vu", "last")
-            meta, *found = await pipe.execute()
+        with _wrap_errors():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hmget(keys.meta_key(cid, shard), "vf", "vu", "brand")
+                for ref in lookup.refs:
+                    pipe.hmget(keys.code_key(cid, shard, ref.ref), "uses", "used", "vf", "vu", "last")
+                meta, *found = await pipe.execute()
         if meta[0] is None or int(meta[2] or DEFAULT_BRAND_ID) != brand_id:
             return None
         for ref, fields in zip(lookup.refs, found, strict=True):

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
+from typing import Literal, Protocol
 
 from gateway.clock import Clock
 from gateway.coderefs import KeyRing
 from gateway.domain import (
     Caller,
+    CodeLookup,
     CodeNotFound,
     CodeState,
     ItemFailure,
@@ -21,11 +23,30 @@ from gateway.domain import (
     RedeemResult,
 )
 from gateway.ids import uuid7
-from gateway.redis_store import RedisCodeStore, to_result
 from gateway.tenancy.sightings import Sightings
 from gateway.validation import InvalidRequest, check_redeem, lookup_code
 
 log = logging.getLogger("rgw.redeem")
+Mode = Literal["redeem", "validate"]
+
+
+class CodeStore(Protocol):
+    """Where codes are decided (gateway/redis_store.py): domain results only, and StoreUnavailable when the store
+    could not decide - so the service is tested with a fake."""
+
+    async def decide(
+        self, commands: Sequence[RedeemCommand], redemption_ids: Sequence[str], *, mode: Mode, now_ms: int
+    ) -> Sequence[RedeemResult | ItemFailure]:
+        """Commands of one campaign shard, decided at once: a result or an item's own failure each, in order."""
+        ...
+
+    async def redeem_one(self, command: RedeemCommand, redemption_id: str, *, mode: Mode, now_ms: int) -> RedeemResult:
+        """One command; IdempotencyConflict for a key reused with another request."""
+        ...
+
+    async def code_state(self, lookup: CodeLookup, brand_id: int) -> CodeState | None:
+        """A code's state, or None when unknown to this brand."""
+        ...
 
 
 class RedemptionService:
@@ -34,7 +55,7 @@ class RedemptionService:
     def __init__(
         self,
         *,
-        store: RedisCodeStore,
+        store: CodeStore,
         keyring: KeyRing,
         clock: Clock,
         readiness: Readiness,
@@ -84,13 +105,13 @@ class RedemptionService:
             for _, command in group:
                 self._sightings.saw(command.brand_id, command.store_id, command.terminal_id, now)
         groups = list(by_shard.values())
-        replies = await asyncio.gather(*(self._decide(group, now) for group in groups), return_exceptions=True)
-        for group, reply in zip(groups, replies, strict=True):
-            for position, (index, command) in enumerate(group):
-                results[index] = _item_result(reply, position, command)
+        decided = await asyncio.gather(*(self._decide(group, now) for group in groups), return_exceptions=True)
+        for group, outcomes in zip(groups, decided, strict=True):
+            for position, (index, _) in enumerate(group):
+                results[index] = _item_result(outcomes, position)
         return results
 
-    async def _decide(self, group: list[tuple[int, RedeemCommand]], now: int) -> list[object]:
+    async def _decide(self, group: list[tuple[int, RedeemCommand]], now: int) -> Sequence[RedeemResult | ItemFailure]:
         commands = [command for _, command in group]
         return await self._store.decide(commands, [self._new_id(now) for _ in commands], mode="redeem", now_ms=now)
 
@@ -117,13 +138,11 @@ class RedemptionService:
 
 
 def _item_result(
-    reply: list[object] | BaseException, position: int, command: RedeemCommand
+    outcomes: Sequence[RedeemResult | ItemFailure] | BaseException, position: int
 ) -> RedeemResult | ItemFailure:
-    if isinstance(reply, BaseException):
-        if not isinstance(reply, Exception):
-            raise reply  # cancellation and the like are not item failures
-        return ItemFailure(reply)
-    try:
-        return to_result(reply[position], command.lookup.route.campaign_id)  # type: ignore[arg-type]
-    except Exception as exc:  # an idempotency conflict fails this item only
-        return ItemFailure(exc)
+    """An item's fate: its shard's failure (every item of that shard fails alike), or its own outcome."""
+    if isinstance(outcomes, BaseException):
+        if not isinstance(outcomes, Exception):
+            raise outcomes  # cancellation and the like are not item failures
+        return ItemFailure(outcomes)
+    return outcomes[position]

@@ -19,7 +19,6 @@ from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
-from redis import exceptions as redis_errors
 
 from gateway.domain import (
     CodeNotFound,
@@ -27,6 +26,7 @@ from gateway.domain import (
     NotReady,
     PermissionDenied,
     RegistryNotReady,
+    StoreUnavailable,
     Unauthenticated,
 )
 from gateway.ratelimited_log import RateLimitedLog
@@ -35,7 +35,6 @@ from gateway.validation import FieldViolation, InvalidRequest, UndecodableReques
 
 DOMAIN = "redemption.v1"
 RETRY_AFTER_SECONDS = 1
-_UNAVAILABLE_ERRORS = (redis_errors.ConnectionError, redis_errors.TimeoutError, redis_errors.ReadOnlyError)
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -90,8 +89,8 @@ def _unauthenticated(exc: Unauthenticated) -> Fault:
     return Fault(code_pb2.UNAUTHENTICATED, _UNAUTHENTICATED, "UNAUTHENTICATED")
 
 
-def _unavailable(exc: Exception) -> Fault:
-    _unavailable_log.log(logging.WARNING, "redis unavailable: %s", type(exc).__name__)
+def _unavailable(exc: StoreUnavailable) -> Fault:
+    _unavailable_log.log(logging.WARNING, "redis unavailable: %s", exc)
     return Fault(code_pb2.UNAVAILABLE, "redis is unavailable; retry with the same idempotency key",
                  "DEPENDENCY_UNAVAILABLE", retry=True)  # fmt: skip
 
@@ -113,7 +112,7 @@ _FAULTS: tuple[tuple[type[Exception] | tuple[type[Exception], ...], Callable[[An
     # an administered entity - or another brand's, which looks exactly the same
     (NotFoundError, lambda e: Fault(code_pb2.NOT_FOUND, str(e), "NOT_FOUND")),
     (AlreadyExists, lambda e: Fault(code_pb2.ALREADY_EXISTS, str(e), "ALREADY_EXISTS")),
-    (_UNAVAILABLE_ERRORS, _unavailable),
+    (StoreUnavailable, _unavailable),
 )  # fmt: skip
 
 
@@ -122,8 +121,6 @@ def fault_for(exc: Exception, request_id: Callable[[], str]) -> Fault:
     for kind, fault in _FAULTS:
         if isinstance(exc, kind):
             return fault(exc)
-    if isinstance(exc, redis_errors.ResponseError) and str(exc).startswith("OOM"):
-        return _unavailable(exc)
     rid = request_id()
     _internal_log.log(logging.ERROR, "internal error, request id %s", rid, exc_info=exc)
     return Fault(code_pb2.INTERNAL, f"internal error; request id {rid}", "INTERNAL")

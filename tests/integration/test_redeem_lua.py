@@ -7,11 +7,21 @@ from redis.asyncio import Redis
 
 from gateway import keys
 from gateway.coderefs import KeyRing
-from gateway.domain import Caller, IdempotencyConflict, Outcome, RedeemInput
+from gateway.dev.servers import free_port
+from gateway.domain import (
+    Caller,
+    IdempotencyConflict,
+    ItemFailure,
+    Outcome,
+    RedeemInput,
+    RedeemResult,
+    StoreUnavailable,
+)
 from gateway.redis_store import (
     ITEM_ARGS,
     SCRIPT_ARGS,
     RedisCodeStore,
+    connect,
     idempotency_field,
     legacy_idempotency_field,
     load_lua,
@@ -162,8 +172,12 @@ async def test_batch_of_items_in_one_call_is_decided_in_order(issue: Issue, redi
     store = RedisCodeStore(redis)
     a, b = (command(c, keyring, key=f"k-{i}") for i, c in enumerate(issued.codes))
     a_again = command(issued.codes[0], keyring, key="k-other")
-    replies = await store.decide([a, b, a_again], ["r-a", "r-b", "r-a2"], mode="redeem", now_ms=T0_MS)
-    assert [r[0] for r in replies] == ["REDEEMED", "REDEEMED", "ALREADY_REDEEMED"]
+    changed = check_redeem(RedeemInput(issued.codes[1], "k-1", "s1", "t1", "other-device", None), keyring, CALLER)
+    decided = await store.decide([a, b, a_again, changed], ["r-a", "r-b", "r-a2", "r-x"], mode="redeem", now_ms=T0_MS)
+    results = [d for d in decided if isinstance(d, RedeemResult)]
+    assert [r.outcome for r in results] == [Outcome.REDEEMED, Outcome.REDEEMED, Outcome.ALREADY_REDEEMED]
+    conflict = decided[3]  # the same key for b with another request: that item alone fails
+    assert isinstance(conflict, ItemFailure) and isinstance(conflict.error, IdempotencyConflict)
 
 
 @pytest.mark.parametrize("state", ["valid", "used", "expired"])
@@ -224,3 +238,20 @@ def test_the_argument_layout_is_the_scripts() -> None:
     source = load_lua("redeem.lua")
     assert f"local NF = {len(ITEM_ARGS)}" in source and f"local GLOBAL = {len(SCRIPT_ARGS)}" in source
     assert f"NF = {len(ITEM_ARGS)} fields (gateway/redis_store.py ITEM_ARGS)" in source
+
+
+async def test_redis_failures_leave_the_store_as_the_domains_unavailable(issue: Issue, keyring: KeyRing) -> None:
+    """Callers of the store never see a Redis exception: the service and the error mapping know only the domain."""
+    issued = await issue(1)
+    down = connect(f"redis://127.0.0.1:{free_port()}/0", pool_size=1, timeout_s=1)
+    store = RedisCodeStore(down)
+    cmd = command(issued.codes[0], keyring)
+    try:
+        with pytest.raises(StoreUnavailable):
+            await store.redeem_one(cmd, "r", mode="redeem", now_ms=T0_MS)
+        with pytest.raises(StoreUnavailable):
+            await store.decide([cmd], ["r"], mode="redeem", now_ms=T0_MS)
+        with pytest.raises(StoreUnavailable):
+            await store.code_state(cmd.lookup, brand_id=1)
+    finally:
+        await down.aclose()
