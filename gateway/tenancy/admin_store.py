@@ -12,10 +12,7 @@ After a change commits, announce its version (`notify.publish`) so every gateway
 from __future__ import annotations
 
 import json
-import math
-import re
 import secrets
-import zoneinfo
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
@@ -25,6 +22,22 @@ from typing import Any, Generic, TypeVar
 import asyncpg
 
 from gateway.tenancy import api_keys
+from gateway.tenancy.admin_rules import (
+    EXTERNAL_ID_RULE,
+    NAME_RULE,
+    SLUG_RULE,
+    STATUS_RULE,
+    check,
+    client_rules,
+    in_range,
+    is_env,
+    is_external_id,
+    is_name,
+    is_slug,
+    is_status,
+    is_time_zone,
+    raise_if,
+)
 from gateway.tenancy.loader import BRANDS, CLIENTS, KEYS, STORES, TERMINALS, Table
 from gateway.tenancy.model import (
     AlreadyExists,
@@ -33,31 +46,16 @@ from gateway.tenancy.model import (
     Brand,
     Client,
     NotFoundError,
-    Role,
-    Status,
     Store,
     Terminal,
 )
-from gateway.validation import FieldViolation, InvalidRequest
+from gateway.validation import FieldViolation
 
 T = TypeVar("T")
 Entity = Brand | Store | Terminal | Client
 E = TypeVar("E", bound=Entity)
 
-_SLUG_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
-_EXTERNAL_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
-# IANA names are letters, digits, _ + - in /-separated parts: no dots, so never a path outside the zone database.
-_ZONE_RE = re.compile(r"[A-Za-z0-9_+-]{1,64}(?:/[A-Za-z0-9_+-]{1,64}){0,3}")
-# Files of the zone database that are not IANA zone names (`localtime` is whatever the host is set to).
-_NOT_ZONES = frozenset({"localtime", "posixrules", "Factory"})
-MAX_NAME_CHARS = 200
 MAX_AUDIT_LIMIT = 1000
-_BINDABLE = frozenset({Role.POS, Role.INTERNAL})
-
-_SLUG_RULE = "must be 1 to 63 characters of a-z, 0-9 and -, not starting with -"
-_EXTERNAL_ID_RULE = "must be 1 to 64 characters of A-Z, a-z, 0-9 and . _ : -"
-_NAME_RULE = f"must be 1 to {MAX_NAME_CHARS} printable characters, not only spaces"
-_STATUS_RULE = f"must be one of {', '.join(Status)}"
 
 _BUMP = "UPDATE registry_version SET version = version + 1 RETURNING version"
 _AUDIT = """INSERT INTO audit_log (actor, brand_id, action, entity, entity_id, before, after, version)
@@ -81,69 +79,6 @@ class IssuedKey:
     key_id: str
     plaintext: str = field(repr=False)
     previous_keys_expire_at: datetime | None = None
-
-
-# ---------------------------------------------------------------------------------------------------- validation
-
-
-def _check(ok: bool, name: str, rule: str) -> list[FieldViolation]:
-    return [] if ok else [FieldViolation(name, rule)]
-
-
-def _raise_if(*groups: list[FieldViolation]) -> None:
-    violations = [v for group in groups for v in group]
-    if violations:
-        raise InvalidRequest(violations)
-
-
-def _is_slug(value: object) -> bool:
-    return isinstance(value, str) and _SLUG_RE.fullmatch(value) is not None
-
-
-def _is_external_id(value: object) -> bool:
-    return isinstance(value, str) and _EXTERNAL_ID_RE.fullmatch(value) is not None
-
-
-def _is_name(value: object) -> bool:
-    return isinstance(value, str) and 0 < len(value) <= MAX_NAME_CHARS and value.isprintable() and not value.isspace()
-
-
-def _in_range(value: object, low: float, high: float) -> bool:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return False
-    return math.isfinite(value) and low <= value <= high
-
-
-def _is_time_zone(value: object) -> bool:
-    if not isinstance(value, str) or not _ZONE_RE.fullmatch(value) or value in _NOT_ZONES:
-        return False
-    try:
-        zoneinfo.ZoneInfo(value)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
-        return False
-    return True
-
-
-def _is_status(value: object) -> bool:
-    return value in Status.__members__.values()
-
-
-def _is_env(value: object) -> bool:
-    return value in api_keys.ENVIRONMENTS
-
-
-def _client_rules(
-    brand_id: int | None, role: str, store_id: int | None, terminal_id: int | None
-) -> list[FieldViolation]:
-    if role not in Role.__members__.values():
-        return [FieldViolation("role", f"must be one of {', '.join(Role)}")]
-    platform = role == Role.PLATFORM
-    bound = store_id is not None or terminal_id is not None
-    return [
-        *_check(platform == (brand_id is None), "brand_id", "is required, except for (and only for) the platform role"),
-        *_check(not bound or role in _BINDABLE, "store_id" if store_id is not None else "terminal_id",
-                "only pos and internal clients are bound to a store or terminal"),
-    ]  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------- transaction + audit
@@ -214,7 +149,10 @@ _INSERT_BRAND = f"INSERT INTO brands (slug, name, row_version) VALUES ($1, $2, $
 
 async def create_brand(conn: asyncpg.Connection, *, actor: str, slug: str, name: str) -> Committed[Brand]:
     """A new, active brand (platform only)."""
-    _raise_if(_check(_is_slug(slug), "slug", _SLUG_RULE), _check(_is_name(name), "name", _NAME_RULE))
+    raise_if(
+        check(is_slug(slug), "slug", SLUG_RULE),
+        check(is_name(name), "name", NAME_RULE),
+    )
     async with _change(conn, f"a brand with slug {slug!r} already exists") as version:
         brand = BRANDS.row(await conn.fetchrow(_INSERT_BRAND, slug, name, version))
         await _audit(conn, version, actor, "brand.create", brand, None, _state(brand))
@@ -234,7 +172,7 @@ async def set_brand_status(conn: asyncpg.Connection, *, actor: str, brand_id: in
 async def _set_status(
     conn: asyncpg.Connection, table: Table[E], *, actor: str, brand_id: int | None, entity_id: int, status: str
 ) -> Committed[E]:
-    _raise_if(_check(_is_status(status), "status", _STATUS_RULE))
+    raise_if(check(is_status(status), "status", STATUS_RULE))
     update = f"UPDATE {table.name} SET status = $2, row_version = $3 WHERE id = $1 RETURNING {table.columns}"  # noqa: S608
     async with _change(conn) as version:
         before = await _get(conn, table, entity_id, brand_id)
@@ -262,12 +200,12 @@ async def create_store(
     time_zone: str,
 ) -> Committed[Store]:
     """A new, active store of the brand, with its location and IANA time zone."""
-    _raise_if(
-        _check(_is_external_id(external_id), "external_id", _EXTERNAL_ID_RULE),
-        _check(_is_name(name), "name", _NAME_RULE),
-        _check(_in_range(latitude, -90, 90), "latitude", "must be a number from -90 to 90"),
-        _check(_in_range(longitude, -180, 180), "longitude", "must be a number from -180 to 180"),
-        _check(_is_time_zone(time_zone), "time_zone", "must be an IANA time zone name, such as Europe/Paris"),
+    raise_if(
+        check(is_external_id(external_id), "external_id", EXTERNAL_ID_RULE),
+        check(is_name(name), "name", NAME_RULE),
+        check(in_range(latitude, -90, 90), "latitude", "must be a number from -90 to 90"),
+        check(in_range(longitude, -180, 180), "longitude", "must be a number from -180 to 180"),
+        check(is_time_zone(time_zone), "time_zone", "must be an IANA time zone name, such as Europe/Paris"),
     )
     async with _change(conn, f"the brand already has a store {external_id!r}") as version:
         await _get(conn, BRANDS, brand_id, brand_id)
@@ -298,7 +236,7 @@ async def create_terminal(
     conn: asyncpg.Connection, *, actor: str, brand_id: int, store_id: int, external_id: str
 ) -> Committed[Terminal]:
     """A new, active terminal of one of the brand's stores."""
-    _raise_if(_check(_is_external_id(external_id), "external_id", _EXTERNAL_ID_RULE))
+    raise_if(check(is_external_id(external_id), "external_id", EXTERNAL_ID_RULE))
     async with _change(conn, f"the store already has a terminal {external_id!r}") as version:
         await _get(conn, STORES, store_id, brand_id)
         row = await conn.fetchrow(
@@ -364,10 +302,10 @@ async def _binding(
         if terminal_store is None:
             return store_id, [FieldViolation("terminal_id", "names no terminal of this brand")]
         ok = store_id in (None, terminal_store)
-        return terminal_store, _check(ok, "store_id", "must be the terminal's store, or empty")
+        return terminal_store, check(ok, "store_id", "must be the terminal's store, or empty")
     if store_id is not None:
         found = await conn.fetchval("SELECT 1 FROM stores WHERE id = $1 AND brand_id = $2", store_id, brand_id)
-        return store_id, _check(found is not None, "store_id", "names no store of this brand")
+        return store_id, check(found is not None, "store_id", "names no store of this brand")
     return None, []
 
 
@@ -391,13 +329,13 @@ async def create_client(
     """A new API client and its first key (the plaintext is in the result, and nowhere else). A platform client
     has no brand; a pos or internal client may be bound to one store or terminal of its brand."""
     rules = [
-        *_client_rules(brand_id, role, store_id, terminal_id),
-        *_check(_is_name(label), "label", _NAME_RULE),
-        *_check(_is_env(env), "env", f"must be one of {', '.join(api_keys.ENVIRONMENTS)}"),
+        *client_rules(brand_id, role, store_id, terminal_id),
+        *check(is_name(label), "label", NAME_RULE),
+        *check(is_env(env), "env", f"must be one of {', '.join(api_keys.ENVIRONMENTS)}"),
     ]
     async with _change(conn) as version:
         store_id, binding = await _binding(conn, brand_id, store_id, terminal_id)
-        _raise_if(rules, binding)
+        raise_if(rules, binding)
         row = await conn.fetchrow(
             _INSERT_CLIENT, _new_client_id(), brand_id, role, store_id, terminal_id, label, version
         )
@@ -435,13 +373,13 @@ async def rotate_client_key(
 ) -> Committed[IssuedKey]:
     """A new key for the client; its current keys keep working until now + grace (never longer than they already
     would), then are refused. The plaintext of the new key is in the result, and nowhere else."""
-    _raise_if(
-        _check(grace >= timedelta(0), "grace", "must not be negative"),
-        _check(_is_env(env), "env", f"must be one of {', '.join(api_keys.ENVIRONMENTS)}"),
+    raise_if(
+        check(grace >= timedelta(0), "grace", "must not be negative"),
+        check(is_env(env), "env", f"must be one of {', '.join(api_keys.ENVIRONMENTS)}"),
     )
     async with _change(conn) as version:
         client = await _get(conn, CLIENTS, client_id, brand_id)
-        _raise_if(_check(client.revoked_at is None, "client_id", "is revoked: create a new client instead"))
+        raise_if(check(client.revoked_at is None, "client_id", "is revoked: create a new client instead"))
         before_json = _state(client, await _keys_of(conn, client_id))
         expires_at: datetime = await conn.fetchval("SELECT now() + $1::interval", grace)
         await conn.execute(_EXPIRE_KEYS, client_id, expires_at, version)
@@ -465,7 +403,7 @@ def _audit_entry(r: asyncpg.Record) -> AuditEntry:
 
 async def list_audit(conn: asyncpg.Connection, *, brand_id: int | None, limit: int = 100) -> list[AuditEntry]:
     """The newest changes first: the brand's (None: every change, platform ones included)."""
-    _raise_if(_check(0 < limit <= MAX_AUDIT_LIMIT, "limit", f"must be from 1 to {MAX_AUDIT_LIMIT}"))
+    raise_if(check(0 < limit <= MAX_AUDIT_LIMIT, "limit", f"must be from 1 to {MAX_AUDIT_LIMIT}"))
     rows = await conn.fetch(
         """SELECT id, at, actor, brand_id, action, entity, entity_id, before, after, version FROM audit_log
            WHERE $1::bigint IS NULL OR brand_id = $1 ORDER BY id DESC LIMIT $2""",
