@@ -3,133 +3,35 @@ brand-isolated; incremental loads; the version announcement on real Redis."""
 
 from __future__ import annotations
 
-import asyncio
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
 import asyncpg
 import pytest
 import pytest_asyncio
-from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
 
-from gateway import keys
-from gateway.db import migrate as migrations
 from gateway.tenancy import admin_store as admin
-from gateway.tenancy import api_keys, notify
-from gateway.tenancy.loader import load_changes, load_registry
-from gateway.tenancy.model import DEFAULT_BRAND_ID, AlreadyExists, Brand, NotFoundError, Role, Status, Store, Terminal
+from gateway.tenancy import api_keys
+from gateway.tenancy.loader import load_registry
+from gateway.tenancy.model import AlreadyExists, NotFoundError, Role
 from gateway.validation import InvalidRequest
+from tests.integration.registry_helpers import (
+    ACTOR,
+    Tenant,
+    audit_count,
+    registry_state,
+    registry_version,
+    two_tenants,
+)
 
-ACTOR = "cl_testactor0"
 DAY = timedelta(days=1)
-
-
-@dataclass
-class Tenant:
-    brand: Brand
-    store: Store
-    terminal: Terminal
-
-
-async def _tenant(db: asyncpg.Connection, slug: str) -> Tenant:
-    brand = (await admin.create_brand(db, actor=ACTOR, slug=slug, name=slug.title())).value
-    store = (
-        await admin.create_store(
-            db, actor=ACTOR, brand_id=brand.id, external_id="store-1", name="Main street",
-            latitude=48.8566, longitude=2.3522, time_zone="Europe/Paris",
-        )
-    ).value  # fmt: skip
-    terminal = await admin.create_terminal(db, actor=ACTOR, brand_id=brand.id, store_id=store.id, external_id="till-1")
-    return Tenant(brand, store, terminal.value)
 
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def tenants(db: asyncpg.Connection) -> tuple[Tenant, Tenant]:
-    return await _tenant(db, "acme"), await _tenant(db, "globex")
-
-
-async def _version(db: asyncpg.Connection) -> int:
-    version: int = await db.fetchval("SELECT version FROM registry_version")
-    return version
-
-
-async def _audit_count(db: asyncpg.Connection) -> int:
-    count: int = await db.fetchval("SELECT count(*) FROM audit_log")
-    return count
-
-
-async def _fingerprint(db: asyncpg.Connection) -> tuple[Any, ...]:
-    """Everything a refused change must leave as it was."""
-    tables = ("brands", "stores", "terminals", "api_clients", "api_keys", "audit_log", "registry_version")
-    state = []
-    for table in tables:
-        state.append([tuple(r) for r in await db.fetch(f"SELECT * FROM {table} ORDER BY 1")])
-    return tuple(state)
-
-
-# ------------------------------------------------------------------------------------------------------ migration
-
-
-async def test_campaigns_without_a_brand_belong_to_the_default_brand(db: asyncpg.Connection) -> None:
-    brand_id = await db.fetchval(
-        """INSERT INTO campaigns (name, valid_from, valid_until, uses_per_code, key_id)
-           VALUES ('old', now(), now() + interval '1 day', 1, 'k2') RETURNING brand_id"""
-    )
-    assert brand_id == DEFAULT_BRAND_ID
-    default = (await load_registry(db)).brand(DEFAULT_BRAND_ID)
-    assert default == Brand(1, "default", "Default brand", Status.ACTIVE)
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def fresh_db(database_url: str) -> AsyncIterator[str]:
-    admin_conn = await asyncpg.connect(database_url)
-    await admin_conn.execute("DROP DATABASE IF EXISTS registry_migrate_test WITH (FORCE)")
-    await admin_conn.execute("CREATE DATABASE registry_migrate_test")
-    yield f"{database_url.rpartition('/')[0]}/registry_migrate_test"
-    await admin_conn.execute("DROP DATABASE IF EXISTS registry_migrate_test WITH (FORCE)")
-    await admin_conn.close()
-
-
-async def test_migrating_keeps_existing_campaigns_under_the_default_brand(fresh_db: str) -> None:
-    conn = await asyncpg.connect(fresh_db)
-    try:
-        await conn.execute("CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text, checksum text)")
-        for migration in migrations.available()[:2]:  # the schema as it was before the registry
-            await conn.execute(migration.sql)
-            await conn.execute(
-                "INSERT INTO schema_migrations VALUES ($1, $2, $3)",
-                migration.version, migration.name, migration.checksum,
-            )  # fmt: skip
-        await conn.execute(
-            """INSERT INTO campaigns (name, valid_from, valid_until, uses_per_code, key_id)
-               VALUES ('before brands', now(), now() + interval '1 day', 1, 'k2')"""
-        )
-        assert "0003_registry.sql" in await migrations.migrate(conn)
-        rows = await conn.fetch("SELECT name, brand_id FROM campaigns")
-        registry = await load_registry(conn)
-        next_brand = await conn.fetchval(
-            "INSERT INTO brands (slug, name, row_version) VALUES ('b', 'B', 2) RETURNING id"
-        )
-    finally:
-        await conn.close()
-    assert [tuple(r) for r in rows] == [("before brands", DEFAULT_BRAND_ID)]
-    assert registry.version == 1 and registry.brand_by_slug("default") is not None
-    assert next_brand == 2  # the identity starts past the default brand
-
-
-async def test_a_terminal_cannot_belong_to_another_brand_than_its_store(
-    db: asyncpg.Connection, tenants: tuple[Tenant, Tenant]
-) -> None:
-    acme, globex = tenants
-    with pytest.raises(asyncpg.ForeignKeyViolationError):
-        await db.execute(
-            "INSERT INTO terminals (brand_id, store_id, external_id, row_version) VALUES ($1, $2, 'x', 99)",
-            globex.brand.id, acme.store.id,
-        )  # fmt: skip
+    return await two_tenants(db)
 
 
 # ---------------------------------------------------------------------------------------- versioned and audited
@@ -183,10 +85,10 @@ async def test_every_change_bumps_the_version_and_writes_one_audit_row(db: async
             db, actor=ACTOR, brand_id=created["brand"], client_id=created["client"])),
     ]  # fmt: skip
     for action, entity, existing, step in steps:
-        version, audits = await _version(db), await _audit_count(db)
+        version, audits = await registry_version(db), await audit_count(db)
         result = await step()
-        assert result.version == version + 1 == await _version(db), action
-        assert await _audit_count(db) == audits + 1, action
+        assert result.version == version + 1 == await registry_version(db), action
+        assert await audit_count(db) == audits + 1, action
         (entry,) = await admin.list_audit(db, brand_id=None, limit=1)
         assert (entry.action, entry.entity, entry.actor, entry.version) == (action, entity, ACTOR, result.version)
         assert entry.brand_id == created["brand"]
@@ -293,31 +195,31 @@ async def test_bad_input_names_every_bad_field_and_changes_nothing(
     db: asyncpg.Connection, tenants: tuple[Tenant, Tenant], op: str, args: dict[str, Any], fields: set[str]
 ) -> None:
     acme, globex = tenants
-    before = await _fingerprint(db)
+    before = await registry_state(db)
     with pytest.raises(InvalidRequest) as refused:
         await _call_bad(db, acme, globex, op, args)
     assert {v.field for v in refused.value.violations} == fields
-    assert await _fingerprint(db) == before
+    assert await registry_state(db) == before
 
 
 async def test_a_refused_rotation_changes_nothing(db: asyncpg.Connection, tenants: tuple[Tenant, Tenant]) -> None:
     acme, _ = tenants
     created = await admin.create_client(db, actor=ACTOR, brand_id=acme.brand.id, role="pos", label="t", env="test")
     client_id = created.value.client.id
-    before = await _fingerprint(db)
+    before = await registry_state(db)
     for grace, env in ((-DAY, "test"), (DAY, "prod")):
         with pytest.raises(InvalidRequest):
             await admin.rotate_client_key(
                 db, actor=ACTOR, brand_id=acme.brand.id, client_id=client_id, grace=grace, env=env
             )
     await admin.revoke_client(db, actor=ACTOR, brand_id=acme.brand.id, client_id=client_id)
-    revoked = await _fingerprint(db)
+    revoked = await registry_state(db)
     assert revoked != before
     with pytest.raises(InvalidRequest, match="client_id: is revoked"):
         await admin.rotate_client_key(
             db, actor=ACTOR, brand_id=acme.brand.id, client_id=client_id, grace=DAY, env="test"
         )
-    assert await _fingerprint(db) == revoked
+    assert await registry_state(db) == revoked
 
 
 async def test_list_audit_refuses_a_bad_limit(db: asyncpg.Connection) -> None:
@@ -333,7 +235,7 @@ async def test_duplicates_are_already_exists_and_change_nothing(
     db: asyncpg.Connection, tenants: tuple[Tenant, Tenant]
 ) -> None:
     acme, globex = tenants
-    before = await _fingerprint(db)
+    before = await registry_state(db)
     with pytest.raises(AlreadyExists, match="acme"):
         await admin.create_brand(db, actor=ACTOR, slug="acme", name="Another")
     with pytest.raises(AlreadyExists, match="store-1"):
@@ -345,7 +247,7 @@ async def test_duplicates_are_already_exists_and_change_nothing(
         await admin.create_terminal(
             db, actor=ACTOR, brand_id=acme.brand.id, store_id=acme.store.id, external_id="till-1"
         )
-    assert await _fingerprint(db) == before
+    assert await registry_state(db) == before
     # external ids are per brand (stores) and per store (terminals)
     assert globex.store.external_id == acme.store.external_id
     store_2 = await admin.create_store(
@@ -369,7 +271,7 @@ async def test_another_brands_entities_look_exactly_like_missing_ones(
     acme, globex = tenants
     mine = acme.brand.id
     theirs = await admin.create_client(db, actor=ACTOR, brand_id=globex.brand.id, role="pos", label="t", env="test")
-    before = await _fingerprint(db)
+    before = await registry_state(db)
     pairs: list[tuple[Callable[[Any], Awaitable[object]], object, object]] = [
         (lambda sid: admin.set_store_status(db, actor=ACTOR, brand_id=mine, store_id=sid, status="disabled"),
          globex.store.id, 999_999),
@@ -390,7 +292,7 @@ async def test_another_brands_entities_look_exactly_like_missing_ones(
             db, actor=ACTOR, brand_id=424242, external_id="s", name="S", latitude=0, longitude=0, time_zone="UTC"
         )
     )
-    assert await _fingerprint(db) == before
+    assert await registry_state(db) == before
 
 
 async def test_listings_are_scoped_to_the_brand(db: asyncpg.Connection, tenants: tuple[Tenant, Tenant]) -> None:
@@ -473,80 +375,3 @@ async def test_a_rotated_out_key_works_during_its_grace_and_not_after(
     registry = await load_registry(db)
     assert registry.keys[old.key_id].expires_at == ends
     assert registry.keys[new.key_id].expires_at == again.value.previous_keys_expire_at
-
-
-# ---------------------------------------------------------------------------------------------------------- loads
-
-
-async def test_an_incremental_load_returns_only_what_changed(
-    db: asyncpg.Connection, tenants: tuple[Tenant, Tenant]
-) -> None:
-    acme, globex = tenants
-    loaded = await load_registry(db)
-    assert loaded.version == await _version(db)
-    assert loaded.store_by_external(acme.brand.id, "store-1") == acme.store
-    assert loaded.terminal_by_external(globex.store.id, "till-1") == globex.terminal
-
-    disabled = await admin.set_store_status(
-        db, actor=ACTOR, brand_id=acme.brand.id, store_id=acme.store.id, status=Status.DISABLED
-    )
-    added = await admin.create_terminal(
-        db, actor=ACTOR, brand_id=globex.brand.id, store_id=globex.store.id, external_id="till-2"
-    )
-    changes = await load_changes(db, loaded.version)
-    assert changes.version == added.version == loaded.version + 2 and not changes.full
-    assert changes.stores == (disabled.value,) and changes.terminals == (added.value,)
-    assert not changes.brands and not changes.clients and not changes.keys
-    refreshed = loaded.apply(changes)
-    assert refreshed == await load_registry(db)
-    assert refreshed.store(acme.store.id) == disabled.value and loaded.store(acme.store.id) == acme.store
-    assert len(await load_changes(db, refreshed.version)) == 0
-
-
-async def test_a_database_behind_the_snapshot_gives_a_full_load(db: asyncpg.Connection) -> None:
-    changes = await load_changes(db, 1_000)
-    assert changes.full and changes.version == 1 and [b.slug for b in changes.brands] == ["default"]
-
-
-# ----------------------------------------------------------------------------------------------------------- redis
-
-
-async def _messages(pubsub: PubSub, count: int) -> list[str]:
-    heard: list[str] = []
-    async with asyncio.timeout(5):
-        while len(heard) < count:  # get_message answers None for the (ignored) subscription confirmation
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-            if message is not None:
-                heard.append(message["data"])
-    return heard
-
-
-async def test_publish_only_raises_the_version_and_announces_it(redis: Redis) -> None:
-    assert await notify.current_version(redis) is None
-    pubsub = redis.pubsub(ignore_subscribe_messages=True)
-    await pubsub.subscribe(keys.REGISTRY_CHANNEL)
-    try:
-        assert await notify.publish(redis, 5) == 5
-        assert await notify.publish(redis, 3) == 5  # a late announcement of an older version
-        assert await notify.current_version(redis) == 5
-        heard = await _messages(pubsub, 2)
-    finally:
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
-    assert heard == ["5", "5"]
-    await redis.set(keys.REGISTRY_VERSION, "garbage")
-    assert await notify.current_version(redis) is None
-    assert await notify.publish(redis, 6) == 6
-
-
-async def test_concurrent_changes_get_distinct_consecutive_versions(migrated: str, db: asyncpg.Connection) -> None:
-    start = await _version(db)
-    conns = [await asyncpg.connect(migrated) for _ in range(4)]
-    try:
-        results = await asyncio.gather(*(
-            admin.create_brand(conn, actor=ACTOR, slug=f"brand-{i}", name=f"B{i}") for i, conn in enumerate(conns)
-        ))  # fmt: skip
-    finally:
-        for conn in conns:
-            await conn.close()
-    assert sorted(r.version for r in results) == list(range(start + 1, start + 5))
-    assert len(await load_changes(db, start)) == 4
