@@ -20,6 +20,7 @@ from gateway.tenancy import api_keys
 from gateway.tenancy.loader import load_registry
 from tests.conftest import gateway_environ
 from tests.integration.conftest import RunningGateway
+from tests.integration.registry_helpers import registry_state
 
 RGW = [sys.executable, "-m", "gateway.cli"]
 
@@ -37,14 +38,6 @@ def ok(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 def lines(done: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
     """stdout as JSON lines (every line must be one JSON object)."""
     return [json.loads(line) for line in done.stdout.splitlines()]
-
-
-async def fingerprint(db: asyncpg.Connection) -> tuple[Any, ...]:
-    tables = ("brands", "stores", "terminals", "api_clients", "api_keys", "audit_log", "registry_version")
-    state = []
-    for table in tables:
-        state.append([tuple(r) for r in await db.fetch(f"SELECT * FROM {table} ORDER BY 1")])
-    return tuple(state)
 
 
 async def test_create_a_tenant_whose_printed_key_authenticates(
@@ -122,7 +115,7 @@ async def test_bad_input_exits_1_naming_every_field_and_changes_nothing(
 ) -> None:
     env = gateway_environ(redis_url, migrated)
     ok(env, "brand", "create", "--slug", "acme", "--name", "Acme")
-    before = await fingerprint(db)
+    before = await registry_state(db)
     cases = [
         (("store", "create", "--brand", "acme", "--external-id", "bad id", "--name", "x", "--lat", "91",
           "--lon", "0", "--time-zone", "Mars/Olympus_Mons"), ["--external-id (external_id)", "--lat (latitude)",
@@ -143,17 +136,17 @@ async def test_bad_input_exits_1_naming_every_field_and_changes_nothing(
         assert all(text in done.stderr for text in named), (args, done.stderr)
         assert "nothing was changed" in done.stderr and "Traceback" not in done.stderr
         assert done.stdout == ""
-    assert await fingerprint(db) == before
+    assert await registry_state(db) == before
 
 
 async def test_no_change_is_made_when_it_could_not_be_announced(
     redis_url: str, migrated: str, db: asyncpg.Connection
 ) -> None:
     env = gateway_environ(redis_url, migrated, RGW_REDIS_URL="redis://127.0.0.1:1/0", RGW_REDIS_TIMEOUT_SECONDS="1")
-    before = await fingerprint(db)
+    before = await registry_state(db)
     done = rgw(env, "brand", "create", "--slug", "acme", "--name", "Acme")
     assert done.returncode == 1 and "Redis (RGW_REDIS_URL) is unreachable" in done.stderr
-    assert await fingerprint(db) == before
+    assert await registry_state(db) == before
 
 
 async def test_a_created_key_calls_the_gateway(gateway: RunningGateway, redis_url: str, migrated: str) -> None:

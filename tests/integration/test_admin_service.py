@@ -27,6 +27,7 @@ from gateway.tenancy import admin_store
 from gateway.tenancy.model import Store, Terminal
 from tests.integration.conftest import Issue, RunningGateway
 from tests.integration.grpc_helpers import field_violations
+from tests.integration.registry_helpers import registry_state
 
 OK = grpc.StatusCode.OK
 DENIED = grpc.StatusCode.PERMISSION_DENIED
@@ -56,15 +57,6 @@ async def failure(call: Awaitable[Any]) -> grpc.aio.AioRpcError:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await call
     return info.value
-
-
-async def fingerprint(db: asyncpg.Connection) -> tuple[Any, ...]:
-    """Everything a refused change must leave as it was."""
-    tables = ("brands", "stores", "terminals", "api_clients", "api_keys", "audit_log", "registry_version")
-    state = []
-    for table in tables:
-        state.append([tuple(r) for r in await db.fetch(f"SELECT * FROM {table} ORDER BY 1")])
-    return tuple(state)
 
 
 async def within(predicate: Callable[[], Awaitable[bool]], what: str, bound_s: float = BOUND_S) -> None:
@@ -152,12 +144,12 @@ async def test_role_by_admin_rpc_matrix(gateway: RunningGateway, db: asyncpg.Con
     calls = every_rpc(tenants.store, tenants.terminal, await spare_client(db), role)
     assert {method for method, _ in calls} == set(pb.DESCRIPTOR.services_by_name["AdminService"].methods_by_name)
     extra = {"x_rgw_brand": "1"} if role == "platform" else {}
-    before = await fingerprint(db)
+    before = await registry_state(db)
     async with admin_as(gateway, role, **extra) as stub:
         for method, request in calls:
             assert await outcome(getattr(stub, method)(request, timeout=5)) == EXPECTED[role](method), method
     if role in ("pos", "internal"):
-        assert await fingerprint(db) == before
+        assert await registry_state(db) == before
 
 
 async def test_a_platform_client_without_a_brand_administers_every_brand(
@@ -183,7 +175,7 @@ async def test_a_platform_client_without_a_brand_administers_every_brand(
 async def test_only_the_platform_creates_platform_clients_and_changes_brands(
     gateway: RunningGateway, db: asyncpg.Connection
 ) -> None:
-    before = await fingerprint(db)
+    before = await registry_state(db)
     async with admin_as(gateway, "admin") as stub:
         for call in (
             stub.CreateClient(pb.CreateClientRequest(role=pb.ROLE_PLATFORM, label="sneaky")),
@@ -195,7 +187,7 @@ async def test_only_the_platform_creates_platform_clients_and_changes_brands(
         admin_made = await stub.CreateClient(pb.CreateClientRequest(role=pb.ROLE_ADMIN, label="second admin"))
     assert [b.id for b in brands.brands] == [1]
     assert admin_made.client.brand_id == 1 and admin_made.client.role == pb.ROLE_ADMIN
-    assert (await fingerprint(db))[0] == before[0]
+    assert (await registry_state(db))[0] == before[0]
 
 
 # ------------------------------------------------------------------------------------------------ brand isolation
@@ -205,7 +197,7 @@ async def test_another_brands_entities_answer_exactly_like_missing_ones(
     gateway: RunningGateway, db: asyncpg.Connection
 ) -> None:
     other = await make_other(db, gateway.tenants.other_brand)
-    before = await fingerprint(db)
+    before = await registry_state(db)
     pairs = [  # (another brand's, a missing one): must fail identically
         (pb.SetStoreStatusRequest(store_id=other.store.id, status=DISABLED),
          pb.SetStoreStatusRequest(store_id=9999, status=DISABLED)),
@@ -228,7 +220,7 @@ async def test_another_brands_entities_answer_exactly_like_missing_ones(
         unbound = await failure(stub.CreateClient(pb.CreateClientRequest(role=pb.ROLE_POS, label="x", store_id=9999)))
         assert bound.code() == unbound.code() == INVALID
         assert field_violations(bound) == field_violations(unbound) and "store_id" in field_violations(bound)
-        assert await fingerprint(db) == before
+        assert await registry_state(db) == before
 
 
 async def test_an_admin_lists_only_its_own_brand(gateway: RunningGateway, db: asyncpg.Connection) -> None:
@@ -256,7 +248,7 @@ async def test_bad_input_names_every_bad_field_and_changes_nothing(
     gateway: RunningGateway, db: asyncpg.Connection, redis: Redis
 ) -> None:
     other = await make_other(db, gateway.tenants.other_brand)
-    before, announced = await fingerprint(db), await redis.get("rgw:registry:version")
+    before, announced = await registry_state(db), await redis.get("rgw:registry:version")
     store_id = gateway.tenants.store.id
     brand = {"x_rgw_brand": "nope"}
     cases: list[tuple[str, dict[str, str], Message, set[str]]] = [
@@ -289,14 +281,14 @@ async def test_bad_input_names_every_bad_field_and_changes_nothing(
             error = await failure(getattr(stub, method)(request, timeout=5))
         assert error.code() == INVALID, (method, error.details())
         assert set(field_violations(error)) == fields, (method, field_violations(error))
-    assert await fingerprint(db) == before
+    assert await registry_state(db) == before
     assert await redis.get("rgw:registry:version") == announced
 
 
 async def test_duplicates_are_already_exists_and_change_nothing(
     gateway: RunningGateway, db: asyncpg.Connection
 ) -> None:
-    before = await fingerprint(db)
+    before = await registry_state(db)
     store = gateway.tenants.store
     async with admin_as(gateway, "platform", x_rgw_brand="default") as stub:
         for call in (
@@ -306,7 +298,7 @@ async def test_duplicates_are_already_exists_and_change_nothing(
             stub.CreateTerminal(pb.CreateTerminalRequest(store_id=store.id, external_id="till-1")),
         ):  # fmt: skip
             assert await outcome(call) == grpc.StatusCode.ALREADY_EXISTS
-    assert await fingerprint(db) == before
+    assert await registry_state(db) == before
 
 
 # ---------------------------------------------------------------------------------------------------- the audit

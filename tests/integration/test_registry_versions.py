@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import timedelta
 
 import asyncpg
 import pytest
@@ -24,8 +23,6 @@ from tests.integration.registry_helpers import (
     registry_version,
     two_tenants,
 )
-
-DAY = timedelta(days=1)
 
 
 @pytest_asyncio.fixture(loop_scope="session")
