@@ -132,6 +132,10 @@ class PipelinedRedis:
             reply = await asyncio.wait_for(conn.send(packed, loop.time()), self._timeout)
             if isinstance(reply, Exception):
                 raise reply
+        if conn.transport is None or conn.transport.is_closing():
+            # Lost while opening (Redis restarting, a proxy closing): its loss notice came before this slot held it,
+            # so no one else will reconnect it - the caller's retry loop must.
+            raise redis_errors.ConnectionError("connection to Redis lost while it was being opened")
         self._connections[index] = conn
 
     def _handshake(self) -> list[tuple[Arg, ...]]:
@@ -157,7 +161,8 @@ class PipelinedRedis:
             self._reconnect(index)
 
     def _reconnect(self, index: int) -> None:
-        if self._closed or any(t.get_name() == f"reconnect-{index}" for t in self._tasks):
+        # A finished task stays in _tasks until its done-callback runs: only a running one is a reconnect in hand.
+        if self._closed or any(t.get_name() == f"reconnect-{index}" and not t.done() for t in self._tasks):
             return
 
         async def again() -> None:

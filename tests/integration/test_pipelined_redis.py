@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+import uvloop
 from redis import exceptions as redis_errors
 
 from gateway.dev.servers import RedisServer
@@ -78,3 +79,43 @@ async def test_restarted_redis_is_reconnected(client: PipelinedRedis, server: Re
             await asyncio.sleep(0.02)
     server.restart()
     await assert_reconnects(client)
+
+
+async def _alive(client: PipelinedRedis) -> bool:
+    return all(c is not None and c.transport is not None and not c.transport.is_closing() for c in client._connections)
+
+
+async def _lost_while_opening_then_back() -> bool:
+    """Every new connection is dropped at once (a server going down), then connections are kept: are all the
+    client's slots connected again?"""
+    closing = True
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not closing:
+            await reader.read()  # connections stay open until the client leaves
+        writer.close()
+        await writer.wait_closed()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = PipelinedRedis(f"redis://127.0.0.1:{port}/0", connections=4, timeout_s=1)
+    try:
+        await client.connect()
+        await asyncio.sleep(0.5)
+        closing = False
+        for _ in range(50):
+            if await _alive(client):
+                break
+            await asyncio.sleep(0.1)
+        return await _alive(client)
+    finally:
+        await client.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_connections_lost_while_they_open_are_reopened() -> None:
+    """Regression (seen when Redis restarted under load): a connection closed right after it was accepted left its
+    slot empty with no reconnect scheduled, and the gateway said "reconnecting" forever. Run on uvloop, as the
+    gateway is: its callback order is the one that lost the reconnect."""
+    assert await asyncio.to_thread(uvloop.run, _lost_while_opening_then_back()), "a slot was left unconnected"
