@@ -1,6 +1,7 @@
-"""`rgw brand|store|terminal|client|audit`: the registry's administration (gateway/tenancy/admin_store.py, the
-operations of AdminService) straight against Postgres (RGW_DATABASE_URL), each change announced through Redis
-(RGW_REDIS_URL) so every gateway process applies it within about two seconds. For operators with database access:
+"""`rgw brand|store|terminal|client|audit|risk`: the registry's administration (gateway/tenancy/admin_store.py and
+admin_risk.py, the operations of AdminService) straight against Postgres (RGW_DATABASE_URL), each change announced
+through Redis (RGW_REDIS_URL) so every gateway process applies it within about two seconds; and the risk engine's
+lockouts, straight in Redis (gateway/tenancy/lockouts.py). For operators with database access:
 it sees every brand, and `--brand` (an id or a slug) narrows or names one. The audit actor is `cli:<login>`.
 
 Output: a JSON object per line, for lists and for what a change made. `client create` and `client rotate` print
@@ -17,17 +18,20 @@ import json
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
+from gateway.domain import StoreUnavailable
 from gateway.redis_store import connect
 from gateway.settings import Settings
-from gateway.tenancy import admin_store, api_keys, notify
-from gateway.tenancy.admin_store import Committed, IssuedKey
-from gateway.tenancy.model import AlreadyExists, NotFoundError, Role
+from gateway.tenancy import admin_risk, admin_store, api_keys, lockouts, notify
+from gateway.tenancy.admin_store import IssuedKey
+from gateway.tenancy.admin_tx import Committed
+from gateway.tenancy.model import DEFAULT_RADIUS_M, AlreadyExists, NotFoundError, Role
 from gateway.validation import FieldViolation, InvalidRequest
 
 T = TypeVar("T")
@@ -39,6 +43,7 @@ _OPTIONS = {
     "brand_id": "--brand", "slug": "--slug", "name": "--name", "external_id": "--external-id", "latitude": "--lat",
     "longitude": "--lon", "time_zone": "--time-zone", "status": "--status", "role": "--role", "label": "--label",
     "store_id": "--store", "terminal_id": "--terminal", "env": "--env", "grace": "--grace", "limit": "--limit",
+    "radius_m": "--radius-m", "document": "--file", "scope": "--scope", "subject": "--subject",
 }  # fmt: skip
 _REDIS_DOWN = (redis_errors.RedisError, OSError, TimeoutError)
 
@@ -81,13 +86,17 @@ class _Session:
 
     async def commit(self, change: Callable[..., Awaitable[Committed[T]]], **arguments: Any) -> T:
         """Make one change and announce it. Redis is asked first: a change no gateway would hear of is not made."""
+        return (await self.commit_versioned(change, **arguments)).value
+
+    async def commit_versioned(self, change: Callable[..., Awaitable[Committed[T]]], **arguments: Any) -> Committed[T]:
+        """As commit, with the registry version the change produced."""
         await self.redis.ping()
         committed = await change(self.conn, actor=self.actor, **arguments)
         try:
             await notify.publish(self.redis, committed.version)
         except _REDIS_DOWN:
             self.unannounced = committed.version
-        return committed.value
+        return committed
 
     async def brand_id(self, named: str | None) -> int | None:
         """The brand `--brand` names, by id or slug (None: not given)."""
@@ -97,6 +106,12 @@ class _Session:
             if str(brand.id) == named or brand.slug == named:
                 return brand.id
         raise InvalidRequest([FieldViolation("brand_id", f"names no brand: {named[:64]!r}")])
+
+    async def one_brand(self, named: str) -> int:
+        """The brand a required `--brand` names."""
+        brand_id = await self.brand_id(named)
+        assert brand_id is not None  # argparse required it
+        return brand_id
 
 
 Work = Callable[[_Session, argparse.Namespace], Awaitable[None]]
@@ -127,7 +142,7 @@ async def _outcome(session: _Session, args: argparse.Namespace, work: Work) -> i
     except (AlreadyExists, NotFoundError) as exc:
         print(f"rgw: {exc}; nothing was changed", file=sys.stderr)
         return 1
-    except _REDIS_DOWN as exc:  # only the ping before a change gets here: nothing was changed
+    except (*_REDIS_DOWN, StoreUnavailable) as exc:  # the ping before a change, or a lockout call: nothing changed
         print(f"rgw: Redis (RGW_REDIS_URL) is unreachable ({type(exc).__name__}); nothing was changed", file=sys.stderr)
         return 1
     if session.unannounced:
@@ -164,7 +179,14 @@ async def _brand_status(s: _Session, args: argparse.Namespace) -> None:
 async def _store_create(s: _Session, args: argparse.Namespace) -> None:
     _print(await s.commit(
         admin_store.create_store, brand_id=await s.brand_id(args.brand), external_id=args.external_id,
-        name=args.name, latitude=args.lat, longitude=args.lon, time_zone=args.time_zone,
+        name=args.name, latitude=args.lat, longitude=args.lon, time_zone=args.time_zone, radius_m=args.radius_m,
+    ))  # fmt: skip
+
+
+async def _store_update(s: _Session, args: argparse.Namespace) -> None:
+    _print(await s.commit(
+        admin_store.update_store, brand_id=await s.brand_id(args.brand), store_id=args.id, name=args.name,
+        latitude=args.lat, longitude=args.lon, time_zone=args.time_zone, radius_m=args.radius_m,
     ))  # fmt: skip
 
 
@@ -235,6 +257,50 @@ async def _client_rotate(s: _Session, args: argparse.Namespace) -> None:
     _show_key(issued, "a rotated key")
 
 
+def _policy_file(path: str) -> object:
+    """The JSON document in the file (`-`: standard input)."""
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InvalidRequest([FieldViolation("document", f"cannot be read: {exc.strerror or exc}")]) from None
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidRequest([FieldViolation("document", f"must be a JSON object ({exc})")]) from None
+
+
+async def _policy_set(s: _Session, args: argparse.Namespace) -> None:
+    document = _policy_file(args.file)
+    brand_id = await s.one_brand(args.brand)
+    stored = await s.commit_versioned(
+        admin_risk.set_risk_policy, brand_id=brand_id, campaign_id=args.campaign, document=document
+    )
+    _print(stored.value)
+    print(f"rgw: stored as registry version {stored.version}", file=sys.stderr)
+
+
+async def _policy_show(s: _Session, args: argparse.Namespace) -> None:
+    brand_id = await s.one_brand(args.brand)
+    levels = await admin_risk.get_risk_policy(s.conn, brand_id=brand_id, campaign_id=args.campaign)
+    shown = {**dataclasses.asdict(levels.stored), "effective": admin_risk.effective_document(levels)}
+    print(json.dumps(shown))
+
+
+async def _lockouts(s: _Session, args: argparse.Namespace) -> None:
+    found = await lockouts.list_lockouts(s.redis, brand_id=await s.one_brand(args.brand))
+    _print(*found.entries)
+    if found.truncated:
+        print(f"rgw: only the first {lockouts.MAX_LISTED} lockouts are listed", file=sys.stderr)
+
+
+async def _unlock(s: _Session, args: argparse.Namespace) -> None:
+    lifted = await lockouts.lift_audited(
+        s.conn, redis=s.redis, actor=s.actor, brand_id=await s.one_brand(args.brand), scope=args.scope,
+        subject=args.subject,
+    )  # fmt: skip
+    print(json.dumps({"scope": args.scope, "subject": args.subject, "lifted": lifted}))
+
+
 async def _audit_list(s: _Session, args: argparse.Namespace) -> None:
     _print(*await admin_store.list_audit(s.conn, brand_id=await s.brand_id(args.brand), limit=args.limit))
 
@@ -284,6 +350,15 @@ def _store_commands(sub: Sub) -> None:
     create.add_argument("--lat", type=float, required=True, help="latitude, degrees")
     create.add_argument("--lon", type=float, required=True, help="longitude, degrees")
     create.add_argument("--time-zone", required=True, help="IANA name, e.g. Europe/Paris")
+    create.add_argument("--radius-m", type=float, default=DEFAULT_RADIUS_M, help="geofence radius, metres "
+                        f"(default {DEFAULT_RADIUS_M:g})")  # fmt: skip
+    update = _action(group, "update", "change a store (only the options given); prints it", _store_update)
+    update.add_argument("id", type=int, help="the store's id")
+    update.add_argument("--name")
+    update.add_argument("--lat", type=float, help="latitude, degrees")
+    update.add_argument("--lon", type=float, help="longitude, degrees")
+    update.add_argument("--time-zone", help="IANA name, e.g. Europe/Paris")
+    update.add_argument("--radius-m", type=float, help="geofence radius, metres")
     _action(group, "list", "list stores", _store_list)
     _status_actions(group, "store", _store_status)
 
@@ -318,11 +393,26 @@ def _client_commands(sub: Sub) -> None:
                          "RGW_KEY_ENV)")  # fmt: skip
 
 
+def _risk_commands(sub: Sub) -> None:
+    group = _group(sub, "risk", "the risk engine: policies and lockouts")
+    policies = _group(group, "policy", "a brand's risk policy, brand-wide or of one campaign")
+    put = _action(policies, "set", "store a policy document ({} clears it); prints it", _policy_set, brand="required")
+    put.add_argument("--file", required=True, help="the JSON document (- for standard input)")
+    show = _action(policies, "show", "the stored document and the policy in effect", _policy_show, brand="required")
+    for cmd in (put, show):
+        cmd.add_argument("--campaign", type=int, default=0, help="a campaign of the brand (default 0: brand-wide)")
+    _action(group, "lockouts", "the brand's current lockouts, as JSON lines", _lockouts, brand="required")
+    unlock = _action(group, "unlock", "lift a lockout and forget its failures", _unlock, brand="required")
+    unlock.add_argument("--scope", required=True, choices=[str(scope) for scope in lockouts.LIFTABLE])
+    unlock.add_argument("--subject", required=True, help="client id, store external id, or <store>/<terminal>")
+
+
 def add_registry_commands(sub: Sub) -> None:
-    """Register `rgw brand|store|terminal|client|audit`."""
+    """Register `rgw brand|store|terminal|client|audit|risk`."""
     _brand_commands(sub)
     _store_commands(sub)
     _terminal_commands(sub)
     _client_commands(sub)
+    _risk_commands(sub)
     audit = _action(_group(sub, "audit", "the audit log of registry changes"), "list", "newest first", _audit_list)
     audit.add_argument("--limit", type=int, default=100, help=f"at most this many (1 to {admin_store.MAX_AUDIT_LIMIT})")

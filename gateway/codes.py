@@ -113,6 +113,12 @@ def generate(route: Route, randbits: int | None = None) -> str:
     return payload + check_character(payload)
 
 
+def is_code_shaped(code: str) -> bool:
+    """True for a normalised text of an issued code's length and alphabet: a wrong one is a guess or a typo, which
+    the lockout counts (anything else is garbage, refused as such)."""
+    return MIN_LENGTH <= len(code) <= MAX_LENGTH and all(ch in _INDEX for ch in code)
+
+
 def parse(code: str) -> Route:
     """The route of a normalised code; raises CodeFormatError when it is not a well-formed issued code."""
     if not MIN_LENGTH <= len(code) <= MAX_LENGTH:

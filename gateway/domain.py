@@ -18,6 +18,7 @@ class Outcome(StrEnum):
     EXPIRED = "EXPIRED"
     NOT_YET_VALID = "NOT_YET_VALID"
     REDEEMABLE = "REDEEMABLE"
+    RISK_DENIED = "RISK_DENIED"
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +88,12 @@ class RedeemResult:
     redeemed_at_ms: int = 0
     use_number: int = 0
     replayed: bool = False
+    # RISK_DENIED: the rule and its machine reason, and when trying again may help (0: it will not by waiting)
+    risk_rule: str = ""
+    risk_reason: str = ""
+    retry_after_ms: int = 0
+    # rule:reason of every shadow-mode hit (recorded, not enforced), for the metric
+    shadow_hits: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +130,17 @@ class RegistryNotReady(Exception):
     """The tenant registry is not loaded, or is known to be stale: fail closed."""
 
 
+class Throttled(Exception):
+    """The caller is over its own quota (a rate limit of its client, terminal, store or brand): nothing was
+    decided or counted. `scope` names the quota ("terminal:store-1/till-1"), `limit` says what it allows."""
+
+    def __init__(self, scope: str, retry_after_ms: int, limit: str = "") -> None:
+        super().__init__(f"rate limit of {scope} reached")
+        self.scope = scope
+        self.retry_after_ms = retry_after_ms
+        self.limit = limit
+
+
 class CodeNotFound(Exception):
     """No such code (GetCode)."""
 
@@ -149,3 +167,19 @@ class ItemFailure:
     """One item of a batch that was not decided: an exception the unary path would have raised."""
 
     error: Exception
+
+
+@dataclass(frozen=True, slots=True)
+class FailedAttempt:
+    """A failed attempt the redeem script never saw (a guessed code), as its risk event names it: never the code.
+    `member` is a unique id for the attempt; `kind` is redeem or validate."""
+
+    now_ms: int
+    member: str
+    brand_id: int
+    store_id: str
+    terminal_id: str
+    client_id: str
+    device_id: str
+    location: Location | None
+    kind: str

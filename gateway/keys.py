@@ -9,6 +9,8 @@ call can do the whole redemption, on a single Redis and unchanged on Redis Clust
     rgw:{c42.0}:outbox             stream redemption events waiting for the ledger writer (consumer group
                                           "ledger"; entries are deleted once Postgres has committed them)
     rgw:{c42.0}:deadletter         stream outbox entries the writer could not record after retries
+    rgw:{c42.0}:dev:<device>       string uses of the campaign shard's codes by one customer device (the risk
+                                          engine's DEVICE_LIMIT, counted inside the redeem script)
 
 Outside any campaign shard:
     rgw:outboxes                   set    every outbox stream's key: the writer's directory of streams
@@ -44,6 +46,11 @@ def outbox_key(campaign_id: int, shard: int) -> str:
 def deadletter_key(campaign_id: int, shard: int) -> str:
     """Outbox entries that could not be recorded in the ledger."""
     return f"{PREFIX}:{shard_tag(campaign_id, shard)}:deadletter"
+
+
+def device_key(campaign_id: int, shard: int, device_id: str) -> str:
+    """Uses of this campaign shard's codes by one customer device."""
+    return f"{PREFIX}:{shard_tag(campaign_id, shard)}:dev:{device_id}"
 
 
 OUTBOXES = f"{PREFIX}:outboxes"

@@ -16,10 +16,11 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from gateway import keys
+from gateway import keys, risk_plan
 from gateway.domain import (
     CodeLookup,
     CodeState,
+    FailedAttempt,
     IdempotencyConflict,
     ItemFailure,
     Location,
@@ -27,8 +28,10 @@ from gateway.domain import (
     RedeemCommand,
     RedeemResult,
     StoreUnavailable,
+    Throttled,
 )
 from gateway.pipelined_redis import PipelinedRedis, Script
+from risk.model import Assessment, CounterPlan
 
 # Campaigns whose meta predates brands belong to the default brand, as migration 0003 assigns them in Postgres.
 DEFAULT_BRAND_ID = 1
@@ -60,7 +63,9 @@ def connect(url: str, *, pool_size: int, timeout_s: float) -> Redis:
 # The redeem script's arguments (lua/redeem.lua), defined once: the store and the benchmark build calls from
 # these, and a test holds them against the script's header.
 SCRIPT_ARGS = ("mode", "now_ms", "candidates", "campaign", "shard", "brand")
-ITEM_ARGS = ("idem", "legacy_idem", "fp", "rid", "caller", "client", "store", "term", "dev", "lat", "lon", "acc")
+ITEM_ARGS = (
+    "idem", "legacy_idem", "fp", "rid", "caller", "client", "store", "term", "dev", "lat", "lon", "acc", "risk"
+)  # fmt: skip
 
 
 def idempotency_field(client_id: str, terminal_id: str, idempotency_key: str) -> str:
@@ -89,7 +94,7 @@ def _location_args(location: Location | None) -> tuple[str, str, str]:
     return repr(location.latitude), repr(location.longitude), repr(location.accuracy_m)
 
 
-def _item_args(command: RedeemCommand, redemption_id: str) -> list[str]:
+def _item_args(command: RedeemCommand, redemption_id: str, risk: str) -> list[str]:
     return [
         idempotency_field(command.client_id, command.terminal_id, command.idempotency_key),
         legacy_idempotency_field(command.store_id, command.terminal_id, command.idempotency_key),
@@ -101,7 +106,15 @@ def _item_args(command: RedeemCommand, redemption_id: str) -> list[str]:
         command.terminal_id,
         command.customer_device_id,
         *_location_args(command.location),
+        risk,
     ]
+
+
+def _risk_arg(command: RedeemCommand, assessment: Assessment | None, script_keys: risk_plan.ScriptKeys) -> str:
+    route = command.lookup.route
+    device = command.customer_device_id
+    device_key = keys.device_key(route.campaign_id, route.shard, device) if device else ""
+    return risk_plan.encode(assessment, device_key, script_keys)
 
 
 _UNAVAILABLE = (
@@ -127,27 +140,38 @@ def _wrap_errors() -> Iterator[None]:
 
 
 def item_outcome(reply: Sequence[Any], campaign_id: int) -> RedeemResult | ItemFailure:
-    """One item of a batch: its result, or the failure that item alone met (a reused idempotency key)."""
+    """One item of a batch: its result, or the failure that item alone met (a reused idempotency key, a quota)."""
     try:
         return to_result(reply, campaign_id)
-    except IdempotencyConflict as exc:
+    except (IdempotencyConflict, Throttled) as exc:
         return ItemFailure(exc)
 
 
+# Outcomes that say nothing about the code's campaign (it was not found, or not looked at).
+_NO_CAMPAIGN = (Outcome.NOT_FOUND, Outcome.RISK_DENIED)
+
+
 def to_result(reply: Sequence[Any], campaign_id: int) -> RedeemResult:
-    """The domain result of one item of the script's reply."""
-    status, uses_left, redemption_id, at_ms, use_number, replayed = reply
+    """The domain result of one item of the script's reply: IdempotencyConflict for a key reused with another
+    request, Throttled for a caller over its own quota."""
+    status, uses_left, redemption_id, at_ms, use_number, replayed, rule, reason, scope, retry_ms, shadow = reply
     if status == "IDEMPOTENCY_MISMATCH":
         raise IdempotencyConflict("idempotency key was used for this code with a different request")
+    if status == "THROTTLED":
+        raise Throttled(scope, int(retry_ms))
     outcome = Outcome(status)
     return RedeemResult(
         outcome=outcome,
-        campaign_id=0 if outcome is Outcome.NOT_FOUND else campaign_id,
+        campaign_id=0 if outcome in _NO_CAMPAIGN else campaign_id,
         uses_left=max(int(uses_left), 0),
         redemption_id=redemption_id,
         redeemed_at_ms=int(at_ms),
         use_number=int(use_number),
         replayed=bool(replayed),
+        risk_rule=rule,
+        risk_reason=reason,
+        retry_after_ms=int(retry_ms),
+        shadow_hits=tuple(shadow.split(",")) if shadow else (),
     )
 
 
@@ -158,37 +182,85 @@ class RedisCodeStore:
 
     def __init__(self, redis: Redis, pipelined: PipelinedRedis | None = None) -> None:
         self.redis = redis
-        source = load_lua("redeem.lua")
-        self._redeem: Any = Script(pipelined, source) if pipelined is not None else redis.register_script(source)
+        source, failures = load_lua("redeem.lua"), load_lua("failures.lua")
+        if pipelined is not None:
+            self._redeem: Any = Script(pipelined, source)
+            self._failures: Any = Script(pipelined, failures)
+        else:
+            self._redeem, self._failures = redis.register_script(source), redis.register_script(failures)
 
     async def decide(
-        self, commands: Sequence[RedeemCommand], redemption_ids: Sequence[str], *, mode: Mode, now_ms: int
+        self,
+        commands: Sequence[RedeemCommand],
+        redemption_ids: Sequence[str],
+        *,
+        mode: Mode,
+        now_ms: int,
+        risks: Sequence[Assessment | None] | None = None,
     ) -> list[RedeemResult | ItemFailure]:
-        """Decide commands that share one campaign shard in one script call: a result (or an item's own failure)
-        per command, in order. StoreUnavailable when Redis could not decide."""
-        replies = await self._run(commands, redemption_ids, mode=mode, now_ms=now_ms)
+        """Decide commands that share one campaign shard in one script call, each with its risk assessment (whose
+        Redis part runs in the same call): a result (or an item's own failure) per command, in order.
+        StoreUnavailable when Redis could not decide."""
+        replies = await self._run(commands, redemption_ids, mode=mode, now_ms=now_ms, risks=risks)
         campaign_id = commands[0].lookup.route.campaign_id
         return [item_outcome(reply, campaign_id) for reply in replies]
 
     async def _run(
-        self, commands: Sequence[RedeemCommand], redemption_ids: Sequence[str], *, mode: Mode, now_ms: int
+        self,
+        commands: Sequence[RedeemCommand],
+        redemption_ids: Sequence[str],
+        *,
+        mode: Mode,
+        now_ms: int,
+        risks: Sequence[Assessment | None] | None,
     ) -> list[Any]:
         route = commands[0].lookup.route
         cid, shard = route.campaign_id, route.shard
         nk = len(commands[0].lookup.refs)
         script_keys = [keys.meta_key(cid, shard), keys.outbox_key(cid, shard)]
-        args: list[str | int] = [mode, now_ms, nk, cid, shard, commands[0].brand_id]
-        for command, redemption_id in zip(commands, redemption_ids, strict=True):
+        for command in commands:
             script_keys += [keys.code_key(cid, shard, ref.ref) for ref in command.lookup.refs]
-            args += _item_args(command, redemption_id)
+        # risk keys follow every code key: the script finds code keys by position
+        extra = risk_plan.ScriptKeys(script_keys)
+        args: list[str | int] = [mode, now_ms, nk, cid, shard, commands[0].brand_id]
+        for position, (command, redemption_id) in enumerate(zip(commands, redemption_ids, strict=True)):
+            risk = _risk_arg(command, risks[position], extra) if risks is not None else ""
+            args += _item_args(command, redemption_id, risk)
         with _wrap_errors():
             replies: list[Any] = await self._redeem(keys=script_keys, args=args)
         return replies
 
-    async def redeem_one(self, command: RedeemCommand, redemption_id: str, *, mode: Mode, now_ms: int) -> RedeemResult:
-        """One code: exactly one awaited Redis call. IdempotencyConflict for a key reused with another request."""
-        replies = await self._run([command], [redemption_id], mode=mode, now_ms=now_ms)
+    async def redeem_one(
+        self,
+        command: RedeemCommand,
+        redemption_id: str,
+        *,
+        mode: Mode,
+        now_ms: int,
+        risk: Assessment | None = None,
+    ) -> RedeemResult:
+        """One code: exactly one awaited Redis call, the risk counters included. IdempotencyConflict for a key
+        reused with another request, Throttled for a caller over its own quota."""
+        replies = await self._run([command], [redemption_id], mode=mode, now_ms=now_ms, risks=[risk])
         return to_result(replies[0], command.lookup.route.campaign_id)
+
+    async def count_failure(self, plan: CounterPlan, attempt: FailedAttempt) -> None:
+        """Count an attempt that failed before reaching the redeem script (a guessed code) towards the caller's
+        lockouts, atomically (lua/failures.lua)."""
+        locks = [lock for lock in plan.lockouts if lock.mode.value != "off"]
+        if not locks or not plan.events_key:
+            return
+        script_keys = [plan.events_key]
+        # the event's fields as lua/failures.lua takes them; the campaign is unknown (0)
+        args: list[str | int] = [attempt.now_ms, attempt.member, attempt.brand_id, 0, attempt.store_id,
+                                 attempt.terminal_id, attempt.client_id, attempt.device_id,
+                                 *_location_args(attempt.location), attempt.kind]  # fmt: skip
+        for lock in locks:
+            script_keys += [lock.lock_key, lock.failures_key]
+            args += [lock.threshold, lock.window_ms, lock.cooldown_ms, "E" if lock.mode.value == "enforce" else "S",
+                     risk_plan.scope_label(lock.scope.value, lock.subject)]  # fmt: skip
+        with _wrap_errors():
+            await self._failures(keys=script_keys, args=args)
 
     async def code_state(self, lookup: CodeLookup, brand_id: int) -> CodeState | None:
         """The stored state of a code of `brand_id`, or None when unknown - another brand's code is unknown

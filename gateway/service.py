@@ -1,12 +1,14 @@
-"""The redemption rules, free of gRPC: checks input, asks the store once, returns domain results."""
+"""The redemption rules, free of gRPC: checks input, asks the risk engine (in process), asks the store once - the
+risk engine's counters riding in the same script call - and returns domain results."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Literal, Protocol
 
+from gateway import gateway_metrics
 from gateway.clock import Clock
 from gateway.coderefs import KeyRing
 from gateway.domain import (
@@ -14,17 +16,22 @@ from gateway.domain import (
     CodeLookup,
     CodeNotFound,
     CodeState,
+    FailedAttempt,
     ItemFailure,
     NotReady,
+    Outcome,
     PermissionDenied,
     Readiness,
     RedeemCommand,
     RedeemInput,
     RedeemResult,
+    StoreUnavailable,
+    Throttled,
 )
 from gateway.ids import uuid7
 from gateway.tenancy.sightings import Sightings
 from gateway.validation import InvalidRequest, check_redeem, lookup_code
+from risk.model import Assessment, CounterPlan, Place, RiskRequest, StoreFacts
 
 log = logging.getLogger("rgw.redeem")
 Mode = Literal["redeem", "validate"]
@@ -32,16 +39,29 @@ Mode = Literal["redeem", "validate"]
 
 class CodeStore(Protocol):
     """Where codes are decided (gateway/redis_store.py): domain results only, and StoreUnavailable when the store
-    could not decide - so the service is tested with a fake."""
+    could not decide - so the service is tested with a fake. The risk assessment's Redis part (counters, lockouts,
+    device rules) is executed with the decision, atomically, and the decision's outcome feeds the lockout there."""
 
     async def decide(
-        self, commands: Sequence[RedeemCommand], redemption_ids: Sequence[str], *, mode: Mode, now_ms: int
+        self,
+        commands: Sequence[RedeemCommand],
+        redemption_ids: Sequence[str],
+        *,
+        mode: Mode,
+        now_ms: int,
+        risks: Sequence[Assessment | None] | None = None,
     ) -> Sequence[RedeemResult | ItemFailure]:
         """Commands of one campaign shard, decided at once: a result or an item's own failure each, in order."""
         ...
 
-    async def redeem_one(self, command: RedeemCommand, redemption_id: str, *, mode: Mode, now_ms: int) -> RedeemResult:
-        """One command; IdempotencyConflict for a key reused with another request."""
+    async def redeem_one(
+        self, command: RedeemCommand, redemption_id: str, *, mode: Mode, now_ms: int, risk: Assessment | None = None
+    ) -> RedeemResult:
+        """One command; IdempotencyConflict for a key reused with another request, Throttled over a quota."""
+        ...
+
+    async def count_failure(self, plan: CounterPlan, attempt: FailedAttempt) -> None:
+        """Count a failed attempt the store never decided (a guessed code) towards the caller's lockouts."""
         ...
 
     async def code_state(self, lookup: CodeLookup, brand_id: int) -> CodeState | None:
@@ -49,8 +69,36 @@ class CodeStore(Protocol):
         ...
 
 
+class RiskEngine(Protocol):
+    """The risk engine (risk/engine.py): pure, in-process; its Redis part is a plan the store executes."""
+
+    def assess(self, request: RiskRequest) -> Assessment:
+        """The in-process verdict and the counters to check with the redemption."""
+        ...
+
+    def failure_plan(self, brand_id: int, client_id: str, store_id: str, terminal_id: str) -> CounterPlan:
+        """The lockouts a failed attempt of this caller counts towards."""
+        ...
+
+
+class RiskFacts(Protocol):
+    """What the registry knows that the risk rules need (gateway/risk_facts.py), read without I/O."""
+
+    def store(self, brand_id: int, store_id: str) -> StoreFacts | None:
+        """The registered store's location and radius, None when the store is not registered."""
+        ...
+
+    def terminal_store(self, brand_id: int, store_id: str, terminal_id: str) -> str | None:
+        """The store the terminal is registered to, None when the terminal is unknown."""
+        ...
+
+    def bind_terminal(self, brand_id: int, store_id: str, terminal_id: str) -> None:
+        """Register an unknown terminal to the store of its first redemption (the brand's bind_first policy)."""
+        ...
+
+
 class RedemptionService:
-    """Redeem, Validate and GetCode. Exactly one awaited Redis call per request."""
+    """Redeem, Validate and GetCode. Exactly one awaited Redis call per request, risk counters included."""
 
     def __init__(
         self,
@@ -61,7 +109,13 @@ class RedemptionService:
         readiness: Readiness,
         new_id: Callable[[int], str] = uuid7,
         sightings: Sightings | None = None,
+        risk: RiskEngine | None = None,
+        facts: RiskFacts | None = None,
     ) -> None:
+        if (risk is None) != (facts is None):
+            raise ValueError("the risk engine needs the registry's facts, and they are useless without it")
+        self._risk = risk
+        self._facts = facts
         self._readiness = readiness
         self._sightings = sightings or Sightings()
         self._store = store
@@ -71,11 +125,15 @@ class RedemptionService:
 
     async def redeem(self, request: RedeemInput, caller: Caller) -> RedeemResult:
         """Use the code once, or say why not; a retry with the same key replays the first answer."""
-        command = check_redeem(request, self._keyring, caller)
+        command = await self._checked(request, caller, "redeem")
         self._require_ready()
         now = self._clock.now_ms()
         self._sightings.saw(command.brand_id, command.store_id, command.terminal_id, now)
-        result = await self._store.redeem_one(command, self._new_id(now), mode="redeem", now_ms=now)
+        assessment = self._assess(command, now, counts=True)
+        result = await self._with_risk(
+            self._store.redeem_one(command, self._new_id(now), mode="redeem", now_ms=now, risk=assessment)
+        )
+        self._observe(command, assessment, result)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "redeem ref=%s outcome=%s replayed=%s",
@@ -94,7 +152,7 @@ class RedemptionService:
         by_shard: dict[tuple[int, int], list[tuple[int, RedeemCommand]]] = {}
         for index, request in enumerate(requests):
             try:
-                command = check_redeem(request, self._keyring, caller)
+                command = await self._checked(request, caller, "redeem")
             except (InvalidRequest, PermissionDenied) as exc:
                 results[index] = ItemFailure(exc)
                 continue
@@ -113,15 +171,29 @@ class RedemptionService:
 
     async def _decide(self, group: list[tuple[int, RedeemCommand]], now: int) -> Sequence[RedeemResult | ItemFailure]:
         commands = [command for _, command in group]
-        return await self._store.decide(commands, [self._new_id(now) for _ in commands], mode="redeem", now_ms=now)
+        risks = [self._assess(command, now, counts=True) for command in commands]
+        ids = [self._new_id(now) for _ in commands]
+        outcomes = await self._store.decide(commands, ids, mode="redeem", now_ms=now, risks=risks)
+        for command, assessment, outcome in zip(commands, risks, outcomes, strict=True):
+            if isinstance(outcome, RedeemResult):
+                self._observe(command, assessment, outcome)
+            elif isinstance(outcome.error, Throttled):
+                gateway_metrics.risk_decision("rate_limit", "RATE_LIMITED", "enforce")
+        return outcomes
 
     async def validate(self, request: RedeemInput, caller: Caller) -> RedeemResult:
         """What redeem would answer now; changes nothing."""
-        command = check_redeem(request, self._keyring, caller, needs_key=False)
+        command = await self._checked(request, caller, "validate", needs_key=False)
         self._require_ready()
         now = self._clock.now_ms()
         self._sightings.saw(command.brand_id, command.store_id, command.terminal_id, now)
-        return await self._store.redeem_one(command, "", mode="validate", now_ms=now)
+        assessment = self._assess(command, now, counts=False)
+        # the id names a failed attempt in the lockout's window; Validate redeems nothing with it
+        result = await self._with_risk(
+            self._store.redeem_one(command, self._new_id(now), mode="validate", now_ms=now, risk=assessment)
+        )
+        self._observe(command, assessment, result)
+        return result
 
     async def get_code(self, raw_code: str, caller: Caller) -> tuple[CodeState, int]:
         """A code's state and the time it was read at (ms); another brand's code is not found."""
@@ -135,6 +207,72 @@ class RedemptionService:
     def _require_ready(self) -> None:
         if not self._readiness.ready:
             raise NotReady(self._readiness.reason)
+
+    async def _checked(
+        self, request: RedeemInput, caller: Caller, kind: str, *, needs_key: bool = True
+    ) -> RedeemCommand:
+        """check_redeem, and a guessed code (right shape, wrong check character) counted as a failed attempt."""
+        try:
+            return check_redeem(request, self._keyring, caller, needs_key=needs_key)
+        except InvalidRequest as exc:
+            if exc.guess and self._risk is not None and self._readiness.ready:
+                await self._count_guess(self._risk, request, caller, kind)
+            raise
+
+    async def _count_guess(self, risk: RiskEngine, request: RedeemInput, caller: Caller, kind: str) -> None:
+        plan = risk.failure_plan(caller.brand_id, caller.client_id, request.store_id, request.terminal_id)
+        now = self._clock.now_ms()
+        attempt = FailedAttempt(
+            now, self._new_id(now), caller.brand_id, request.store_id, request.terminal_id, caller.client_id,
+            request.customer_device_id, request.location, kind,
+        )  # fmt: skip
+        try:
+            await self._store.count_failure(plan, attempt)
+        except StoreUnavailable:
+            # the answer stays INVALID_ARGUMENT; with Redis down nothing can be redeemed, so no guess can win
+            log.debug("a guessed code was not counted: redis unavailable")
+
+    def _assess(self, command: RedeemCommand, now: int, *, counts: bool) -> Assessment | None:
+        if self._risk is None or self._facts is None:
+            return None
+        brand, store, terminal = command.brand_id, command.store_id, command.terminal_id
+        loc = command.location
+        return self._risk.assess(
+            RiskRequest(
+                brand_id=brand,
+                campaign_id=command.lookup.route.campaign_id,
+                client_id=command.client_id,
+                store_id=store,
+                terminal_id=terminal,
+                device_id=command.customer_device_id,
+                location=None if loc is None else Place(loc.latitude, loc.longitude, loc.accuracy_m),
+                code_ref=command.lookup.refs[0].ref,
+                now_ms=now,
+                counts=counts,
+                store=self._facts.store(brand, store),
+                terminal_store=self._facts.terminal_store(brand, store, terminal),
+            )
+        )
+
+    @staticmethod
+    async def _with_risk(decision: Awaitable[RedeemResult]) -> RedeemResult:
+        try:
+            return await decision
+        except Throttled:
+            gateway_metrics.risk_decision("rate_limit", "RATE_LIMITED", "enforce")
+            raise
+
+    def _observe(self, command: RedeemCommand, assessment: Assessment | None, result: RedeemResult) -> None:
+        """Metrics of the risk verdict, and the bind_first binding of an unknown terminal once it redeemed."""
+        if assessment is None:
+            return
+        if result.outcome is Outcome.RISK_DENIED:
+            gateway_metrics.risk_decision(result.risk_rule, result.risk_reason, "enforce")
+        for hit in result.shadow_hits:
+            rule, _, reason = hit.partition(":")
+            gateway_metrics.risk_decision(rule, reason, "shadow")
+        if assessment.bind_terminal and result.outcome is Outcome.REDEEMED and self._facts is not None:
+            self._facts.bind_terminal(command.brand_id, command.store_id, command.terminal_id)
 
 
 def _item_result(

@@ -62,6 +62,8 @@ SPECS: tuple[Spec, ...] = (
     Spec("RGW_REGISTRY_POLL_SECONDS", "1", "how often each process checks the registry version (the backstop)"),
     Spec("RGW_REGISTRY_MAX_STALE_SECONDS", "5", "a known-stale registry not refreshed this long fails closed"),
     Spec("RGW_TERMINAL_SEEN_FLUSH_SECONDS", "30", "how often terminals' first/last seen times are written"),
+    Spec("RGW_RISK_ENGINE", "true", "run the risk engine on Redeem, Validate and RedeemStream (false: benchmarks)"),
+    Spec("RGW_RISK_UPKEEP_SECONDS", "1", "how often bind_first terminals are registered and event streams listed"),
     Spec("RGW_TLS_CERT_FILE", "", "server certificate chain (PEM); empty: plaintext gRPC"),
     Spec("RGW_TLS_KEY_FILE", "", "server private key (PEM)"),
     Spec("RGW_TLS_CLIENT_CA_FILE", "", "CA bundle (PEM) that client certificates must chain to"),
@@ -110,6 +112,8 @@ class Settings:
     registry_poll_seconds: float
     registry_max_stale_seconds: float
     terminal_seen_flush_seconds: float
+    risk_engine: bool
+    risk_upkeep_seconds: float
     tls_cert_file: str
     tls_key_file: str
     tls_client_ca_file: str
@@ -265,6 +269,8 @@ class _Reader:
             registry_poll_seconds=self.get("RGW_REGISTRY_POLL_SECONDS", _positive_float),
             registry_max_stale_seconds=self.get("RGW_REGISTRY_MAX_STALE_SECONDS", _positive_float),
             terminal_seen_flush_seconds=self.get("RGW_TERMINAL_SEEN_FLUSH_SECONDS", _positive_float),
+            risk_engine=self.get("RGW_RISK_ENGINE", _bool),
+            risk_upkeep_seconds=self.get("RGW_RISK_UPKEEP_SECONDS", _positive_float),
             tls_cert_file=self.get("RGW_TLS_CERT_FILE", _optional_file),
             tls_key_file=self.get("RGW_TLS_KEY_FILE", _optional_file),
             tls_client_ca_file=self.get("RGW_TLS_CLIENT_CA_FILE", _optional_file),

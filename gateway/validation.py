@@ -27,11 +27,13 @@ class FieldViolation:
 
 
 class InvalidRequest(Exception):
-    """The request is malformed; nothing was changed."""
+    """The request is malformed; nothing was changed. `guess`: the code has the shape of an issued code but is not
+    one (a wrong check character, an unknown layout) - a failed attempt the risk engine's lockout counts."""
 
-    def __init__(self, violations: list[FieldViolation]) -> None:
+    def __init__(self, violations: list[FieldViolation], *, guess: bool = False) -> None:
         super().__init__("; ".join(f"{v.field}: {v.description}" for v in violations))
         self.violations = violations
+        self.guess = guess
 
 
 class UndecodableRequest(Exception):
@@ -76,9 +78,13 @@ def lookup_code(raw: str, keyring: KeyRing, field: str = "code") -> CodeLookup:
         raise InvalidRequest([FieldViolation(field, f"must be at most {MAX_RAW_CODE_CHARS} characters")])
     try:
         code = codes.normalise(raw)
-        route = codes.parse(code)
     except codes.CodeFormatError as exc:
         raise InvalidRequest([FieldViolation(field, str(exc))]) from None
+    try:
+        route = codes.parse(code)
+    except codes.CodeFormatError as exc:
+        guess = codes.is_code_shaped(code)
+        raise InvalidRequest([FieldViolation(field, str(exc))], guess=guess) from None
     return CodeLookup(route, keyring.candidates(route.campaign_id, code))
 
 
@@ -108,12 +114,14 @@ def check_redeem(request: RedeemInput, keyring: KeyRing, caller: Caller, *, need
         *_check_id(request.customer_device_id, "customer_device_id", 128, required=False),
         *_check_location(request.location),
     ]
+    guess = False
     try:
         lookup = lookup_code(request.code, keyring)
     except InvalidRequest as exc:
-        violations = exc.violations + violations
+        violations, guess = exc.violations + violations, exc.guess
     if violations:
-        raise InvalidRequest(violations)
+        # only a guess from an identifiable terminal can be counted against it
+        raise InvalidRequest(violations, guess=guess and len(violations) == 1)
     check_binding(request, caller)
     return RedeemCommand(
         lookup=lookup,

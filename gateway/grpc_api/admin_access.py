@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 
 from gateway.domain import RegistryNotReady
 from gateway.tenancy import notify
-from gateway.tenancy.admin_store import Committed
+from gateway.tenancy.admin_tx import Committed
 
 log = logging.getLogger("rgw.admin")
 T = TypeVar("T")
@@ -57,10 +57,14 @@ class RegistryAccess:
 
     async def commit(self, change: Change[T]) -> T:
         """Run one change and announce its version; the answer is the committed value."""
+        return (await self.commit_versioned(change)).value
+
+    async def commit_versioned(self, change: Change[T]) -> Committed[T]:
+        """Run one change and announce its version; the answer is the committed value and that version."""
         async with self._connection() as conn:
             committed = await change(conn)
         await self._announce(committed.version)
-        return committed.value
+        return committed
 
     async def _announce(self, version: int) -> None:
         """Tell every gateway process. The change is committed whatever happens here, so a Redis failure does not

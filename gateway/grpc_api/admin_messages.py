@@ -5,7 +5,8 @@ Pure functions, no I/O: the AdminService servicer (admin_servicer.py) stays a li
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import json
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
@@ -13,6 +14,7 @@ from google.protobuf import struct_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
 from gateway.pb.redemption.v1 import admin_pb2 as pb
+from gateway.tenancy.lockouts import Lockout
 from gateway.tenancy.model import AuditEntry, Brand, Client, Role, Status, Store, Terminal
 from gateway.validation import FieldViolation, InvalidRequest
 
@@ -68,6 +70,7 @@ def store(value: Store) -> pb.Store:
     return pb.Store(
         id=value.id, brand_id=value.brand_id, external_id=value.external_id, name=value.name,
         latitude=value.latitude, longitude=value.longitude, time_zone=value.time_zone, status=STATUSES[value.status],
+        radius_m=value.radius_m,
     )  # fmt: skip
 
 
@@ -87,6 +90,34 @@ def client(value: Client) -> pb.Client:
         terminal_id=value.terminal_id or 0, label=value.label, created_at=timestamp(value.created_at),
         revoked_at=timestamp(value.revoked_at),
     )  # fmt: skip
+
+
+def optional(request: Message, name: str) -> Any:
+    """A proto3 `optional` field's value, or None when the request leaves it unset."""
+    return getattr(request, name) if request.HasField(name) else None
+
+
+def lockout(value: Lockout) -> pb.Lockout:
+    """A Lockout message (0 seconds left: a lock without an end)."""
+    return pb.Lockout(scope=value.scope, subject=value.subject, seconds_left=value.seconds_left or 0.0)
+
+
+def _not_a_number(constant: str) -> float:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def document(text: str, field: str) -> object:
+    """The JSON value in `text`; InvalidRequest on `field` when it is not JSON (NaN and Infinity are not)."""
+    try:
+        return json.loads(text, parse_constant=_not_a_number)
+    except (ValueError, RecursionError) as exc:
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc) or "nested too deeply"
+        raise InvalidRequest([FieldViolation(field, f"must be a JSON object ({reason})")]) from None
+
+
+def document_json(value: Mapping[str, Any]) -> str:
+    """A policy document as JSON, keys sorted (so equal documents read the same)."""
+    return json.dumps(value, sort_keys=True)
 
 
 def _struct(data: dict[str, Any] | None) -> struct_pb2.Struct | None:

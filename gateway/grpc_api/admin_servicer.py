@@ -7,7 +7,8 @@ brand the caller acts:
     platform naming none           every brand (None) - but what is created for a brand needs one
 
 Another brand's entity is NotFoundError inside admin_store, exactly like a missing one. Connections and the
-announcement of each committed change are admin_access.py's. Keys are never logged.
+announcement of each committed change are admin_access.py's. Keys are never logged. Risk policies are
+admin_risk.py's; lockouts (in Redis, on the gateway's client) lockouts.py's - both always for one named brand.
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ from gateway.grpc_api.stream_replies import send_limit
 from gateway.pb.redemption.v1 import admin_pb2 as pb
 from gateway.pb.redemption.v1 import admin_pb2_grpc as pb_grpc
 from gateway.settings import Settings
-from gateway.tenancy import admin_store
-from gateway.tenancy.model import Role
+from gateway.tenancy import admin_risk, admin_store, lockouts
+from gateway.tenancy.model import DEFAULT_RADIUS_M, Role
 from gateway.validation import FieldViolation, InvalidRequest
 
 BRAND_FIELD = f"metadata.{BRAND_METADATA}"
+DOCUMENT_JSON = "document_json"
 DEFAULT_AUDIT_LIMIT = 100
 
 
@@ -47,8 +49,13 @@ def _scope(caller: Caller) -> int | None:
 
 def _brand_to_create_in(caller: Caller) -> int:
     """The brand a new store or terminal belongs to: a platform client must name it."""
+    return _named_brand(caller, "the brand to create it in (id or slug)")
+
+
+def _named_brand(caller: Caller, what: str = "the brand (id or slug)") -> int:
+    """The one brand a call acts for: a platform client must name it."""
     if caller.brand_id == ALL_BRANDS:
-        raise InvalidRequest([FieldViolation(BRAND_FIELD, "is required: the brand to create it in (id or slug)")])
+        raise InvalidRequest([FieldViolation(BRAND_FIELD, f"is required: {what}")])
     return caller.brand_id
 
 
@@ -73,6 +80,17 @@ def _request_fields(exc: InvalidRequest) -> InvalidRequest:
     return InvalidRequest(renamed)
 
 
+def _document_fields(exc: InvalidRequest) -> InvalidRequest:
+    """admin_risk's `document.<path>` is, in this API, inside `document_json`."""
+    prefix = admin_risk.DOCUMENT_FIELD
+    renamed = [
+        FieldViolation(DOCUMENT_JSON + v.field.removeprefix(prefix), v.description)
+        if v.field.startswith(prefix) else v
+        for v in exc.violations
+    ]  # fmt: skip
+    return InvalidRequest(renamed)
+
+
 class AdminServicer(pb_grpc.AdminServiceServicer):
     """The gRPC face of the registry's administration."""
 
@@ -80,6 +98,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         self, pool: asyncpg.Pool, redis: Redis, *, key_env: str, rotation_grace: timedelta, reply_limit: int
     ) -> None:
         self._registry = RegistryAccess(pool, redis)
+        self._redis = redis  # where the risk engine's lockouts live
         self._key_env = key_env
         self._rotation_grace = rotation_grace
         self._budget = reply_limit - 64  # room for the reply's own fields beside its list
@@ -139,6 +158,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
             admin_store.create_store, actor=_actor(caller), brand_id=_brand_to_create_in(caller),
             external_id=request.external_id, name=request.name, latitude=request.latitude,
             longitude=request.longitude, time_zone=request.time_zone,
+            radius_m=request.radius_m or DEFAULT_RADIUS_M,
         ))  # fmt: skip
         return pb.CreateStoreResponse(store=msg.store(made))
 
@@ -160,6 +180,18 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
             status=msg.status_name(request.status),
         ))  # fmt: skip
         return pb.SetStoreStatusResponse(store=msg.store(changed))
+
+    @rpc_boundary
+    async def UpdateStore(
+        self, request: pb.UpdateStoreRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UpdateStoreResponse:
+        caller = current_caller()
+        fields = ("name", "latitude", "longitude", "time_zone", "radius_m")
+        changed = await self._registry.commit(partial(
+            admin_store.update_store, actor=_actor(caller), brand_id=_scope(caller), store_id=request.store_id,
+            **{name: msg.optional(request, name) for name in fields},
+        ))  # fmt: skip
+        return pb.UpdateStoreResponse(store=msg.store(changed))
 
     # --------------------------------------------------------------------------------------------- terminals
 
@@ -259,6 +291,57 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         )
         sent = msg.fitting([msg.audit_entry(entry) for entry in entries], self._budget)
         return pb.ListAuditLogResponse(entries=sent, truncated=len(sent) < len(entries))
+
+    # -------------------------------------------------------------------------------------------------- risk
+
+    @rpc_boundary
+    async def SetRiskPolicy(
+        self, request: pb.SetRiskPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SetRiskPolicyResponse:
+        caller = current_caller()
+        set_policy = partial(
+            admin_risk.set_risk_policy, actor=_actor(caller), brand_id=_named_brand(caller),
+            campaign_id=request.campaign_id, document=msg.document(request.document_json, DOCUMENT_JSON),
+        )  # fmt: skip
+        try:
+            stored = await self._registry.commit_versioned(set_policy)
+        except InvalidRequest as exc:
+            raise _document_fields(exc) from None
+        return pb.SetRiskPolicyResponse(
+            document_json=msg.document_json(stored.value.document), registry_version=stored.version
+        )
+
+    @rpc_boundary
+    async def GetRiskPolicy(
+        self, request: pb.GetRiskPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetRiskPolicyResponse:
+        brand_id = _named_brand(current_caller())
+        levels = await self._registry.read(
+            partial(admin_risk.get_risk_policy, brand_id=brand_id, campaign_id=request.campaign_id)
+        )
+        return pb.GetRiskPolicyResponse(
+            document_json=msg.document_json(levels.stored.document),
+            effective_json=msg.document_json(admin_risk.effective_document(levels)),
+        )
+
+    @rpc_boundary
+    async def ListLockouts(
+        self, request: pb.ListLockoutsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListLockoutsResponse:
+        found = await lockouts.list_lockouts(self._redis, brand_id=_named_brand(current_caller()))
+        sent = msg.fitting([msg.lockout(entry) for entry in found.entries], self._budget)
+        return pb.ListLockoutsResponse(lockouts=sent, truncated=found.truncated or len(sent) < len(found.entries))
+
+    @rpc_boundary
+    async def LiftLockout(
+        self, request: pb.LiftLockoutRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LiftLockoutResponse:
+        caller = current_caller()
+        lifted = await self._registry.read(partial(
+            lockouts.lift_audited, redis=self._redis, actor=_actor(caller), brand_id=_named_brand(caller),
+            scope=request.scope, subject=request.subject,
+        ))  # fmt: skip
+        return pb.LiftLockoutResponse(lifted=lifted)
 
 
 def register_admin_service(server: grpc.aio.Server, servicer: AdminServicer) -> None:

@@ -27,6 +27,7 @@ from gateway.domain import (
     PermissionDenied,
     RegistryNotReady,
     StoreUnavailable,
+    Throttled,
     Unauthenticated,
 )
 from gateway.ratelimited_log import RateLimitedLog
@@ -61,6 +62,9 @@ class Fault:
     reason: str
     violations: Sequence[FieldViolation] = ()
     retry: bool = False
+    # RESOURCE_EXHAUSTED by a quota: the scope over its limit, and when the next attempt is admitted
+    quota_subject: str = ""
+    retry_after_ms: int = 0
 
 
 _UNAUTHENTICATED = (
@@ -89,6 +93,15 @@ def _unauthenticated(exc: Unauthenticated) -> Fault:
     return Fault(code_pb2.UNAUTHENTICATED, _UNAUTHENTICATED, "UNAUTHENTICATED")
 
 
+def _throttled(exc: Throttled) -> Fault:
+    after_ms = max(exc.retry_after_ms, 1)
+    message = f"rate limit of {exc.scope} reached; retry in {after_ms / 1000:.3f} s"
+    return Fault(
+        code_pb2.RESOURCE_EXHAUSTED, message, "RATE_LIMITED", retry=True, quota_subject=exc.scope,
+        retry_after_ms=after_ms,
+    )  # fmt: skip
+
+
 def _unavailable(exc: StoreUnavailable) -> Fault:
     _unavailable_log.log(logging.WARNING, "redis unavailable: %s", exc)
     return Fault(code_pb2.UNAVAILABLE, "redis is unavailable; retry with the same idempotency key",
@@ -108,6 +121,7 @@ _FAULTS: tuple[tuple[type[Exception] | tuple[type[Exception], ...], Callable[[An
                                           "request", "IDEMPOTENCY_KEY_REUSED", [_REUSED_KEY])),
     (NotReady, lambda e: Fault(code_pb2.UNAVAILABLE, f"redis is not ready ({e}); retry with the same idempotency "
                                "key", "REDIS_NOT_READY", retry=True)),
+    (Throttled, _throttled),
     (CodeNotFound, lambda e: Fault(code_pb2.NOT_FOUND, "no such code", "CODE_NOT_FOUND")),
     # an administered entity - or another brand's, which looks exactly the same
     (NotFoundError, lambda e: Fault(code_pb2.NOT_FOUND, str(e), "NOT_FOUND")),
@@ -134,8 +148,15 @@ def status_for(fault: Fault) -> grpc.Status:
             error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
             for v in fault.violations
         ]))  # fmt: skip
+    if fault.quota_subject:
+        details.append(error_details_pb2.QuotaFailure(violations=[
+            error_details_pb2.QuotaFailure.Violation(subject=fault.quota_subject, description=fault.message)
+        ]))  # fmt: skip
     if fault.retry:
-        details.append(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=RETRY_AFTER_SECONDS)))
+        delay = duration_pb2.Duration(seconds=RETRY_AFTER_SECONDS)
+        if fault.retry_after_ms:
+            delay.FromMilliseconds(fault.retry_after_ms)
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
     return to_status(fault.code, fault.message, details)
 
 

@@ -16,10 +16,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from redis.asyncio import Redis
 
-from gateway import keys
+from gateway import keys, risk_facts
 from gateway.clock import Clock, SystemClock
 from gateway.coderefs import KeyRing
-from gateway.domain import Readiness
+from gateway.domain import Readiness, RegistryNotReady
 from gateway.durability import LOSS_WINDOW, check_durability
 from gateway.gateway_metrics import REDIS_DURABILITY, start_metrics_server
 from gateway.grpc_api.admin_servicer import AdminServicer, register_admin_service
@@ -33,10 +33,12 @@ from gateway.pb.redemption.v1 import redemption_pb2 as pb
 from gateway.pb.redemption.v1 import redemption_pb2_grpc as pb_grpc
 from gateway.pipelined_redis import PipelinedRedis
 from gateway.redis_store import RedisCodeStore, connect
+from gateway.risk_facts import RegistryRiskFacts
 from gateway.service import RedemptionService
 from gateway.settings import Settings
 from gateway.tenancy.sightings import Sightings, flush_every, stop_flushing
 from gateway.tenancy.watcher import RegistryWatcher
+from risk.engine import RiskEngine
 
 log = logging.getLogger("rgw.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RedemptionService"].full_name
@@ -97,6 +99,8 @@ class Gateway:
     sightings: Sightings = field(default_factory=Sightings)
     _sightings_task: asyncio.Task[None] | None = field(init=False, default=None)
     _health_task: asyncio.Task[None] | None = field(init=False, default=None)
+    risk_facts: RegistryRiskFacts | None = field(init=False, default=None)
+    _risk_task: asyncio.Task[None] | None = field(init=False, default=None)
 
     async def start(self) -> int:
         """Bind, start serving, and return the bound port (RGW_GRPC_ADDR may name port 0)."""
@@ -126,8 +130,15 @@ class Gateway:
             )
             await self.pipelined.connect()
         store = RedisCodeStore(self.redis, self.pipelined)
+        self.risk_facts = RegistryRiskFacts(self.registry.registry) if s.risk_engine else None
         service = RedemptionService(
-            store=store, keyring=self.keyring, clock=self.clock, readiness=self.readiness, sightings=self.sightings
+            store=store,
+            keyring=self.keyring,
+            clock=self.clock,
+            readiness=self.readiness,
+            sightings=self.sightings,
+            risk=RiskEngine(self.risk_facts.book) if self.risk_facts is not None else None,
+            facts=self.risk_facts,
         )
         self.server = grpc.aio.server(
             options=server_options(s),
@@ -139,6 +150,10 @@ class Gateway:
         self._sightings_task = asyncio.create_task(
             flush_every(s.terminal_seen_flush_seconds, self.sightings, self.pool)
         )
+        if self.risk_facts is not None:
+            self._risk_task = asyncio.create_task(
+                risk_facts.maintain(self.risk_facts, self.pool, self.redis, s.risk_upkeep_seconds)
+            )
         self.admin = AdminServicer.from_settings(s, self.pool, self.redis)
         register_admin_service(self.server, self.admin)
         self.health = health.aio.HealthServicer()
@@ -191,6 +206,13 @@ class Gateway:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.shutdown_grace_seconds)
         await self.registry.stop()
+        if self._risk_task is not None:
+            self._risk_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._risk_task
+            if self.risk_facts is not None:  # bindings of the last moments
+                with contextlib.suppress(RegistryNotReady):
+                    await self.risk_facts.flush_binds(self.pool, self.redis)
         await self.admin.close()
         if self._sightings_task is not None:
             await stop_flushing(self._sightings_task, self.sightings, self.pool)

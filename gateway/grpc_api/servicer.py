@@ -10,7 +10,7 @@ from google.protobuf import timestamp_pb2
 from gateway.domain import CodeState, ItemFailure, Location, Outcome, RedeemInput, RedeemResult
 from gateway.grpc_api.auth import current_caller
 from gateway.grpc_api.errors import fault_for, request_id_of, rpc_boundary, status_for
-from gateway.grpc_api.stream_replies import item_error
+from gateway.grpc_api.stream_replies import item_error, retry_after_ms
 from gateway.pb.redemption.v1 import redemption_pb2 as pb
 from gateway.pb.redemption.v1 import redemption_pb2_grpc as pb_grpc
 from gateway.service import RedemptionService
@@ -25,7 +25,15 @@ ANSWERS: dict[Outcome, tuple[pb.Outcome.ValueType, str]] = {
     Outcome.EXPIRED: (pb.OUTCOME_EXPIRED, "CODE_EXPIRED"),
     Outcome.NOT_YET_VALID: (pb.OUTCOME_NOT_YET_VALID, "CODE_NOT_YET_VALID"),
     Outcome.REDEEMABLE: (pb.OUTCOME_REDEEMABLE, "REDEEMABLE"),
+    # the reason is the risk engine's (risk.model.Reason): answer() takes it from the result
+    Outcome.RISK_DENIED: (pb.OUTCOME_RISK_DENIED, ""),
 }
+
+
+def answer(result: RedeemResult) -> tuple[pb.Outcome.ValueType, str]:
+    """The proto outcome and the machine reason of a result."""
+    outcome, reason = ANSWERS[result.outcome]
+    return outcome, reason or result.risk_reason
 
 
 def _timestamp(ms: int) -> timestamp_pb2.Timestamp:
@@ -55,7 +63,7 @@ def redeem_input(request: pb.RedeemRequest) -> RedeemInput:
 
 def redeem_response(result: RedeemResult) -> pb.RedeemResponse:
     """The RedeemResponse for a domain result."""
-    outcome, reason = ANSWERS[result.outcome]
+    outcome, reason = answer(result)
     response = pb.RedeemResponse(
         outcome=outcome,
         reason=reason,
@@ -63,6 +71,8 @@ def redeem_response(result: RedeemResult) -> pb.RedeemResponse:
         uses_left=result.uses_left,
         replayed=result.replayed,
     )
+    if result.retry_after_ms:
+        response.retry_after.FromMilliseconds(retry_after_ms(result.retry_after_ms))
     if result.outcome is Outcome.REDEEMED:
         response.redemption_id = result.redemption_id
         response.use_number = result.use_number
@@ -102,13 +112,16 @@ class RedemptionServicer(pb_grpc.RedemptionServiceServicer):
             location=_location(request),
         )
         result = await self._service.validate(query, current_caller())
-        outcome, reason = ANSWERS[result.outcome]
-        return pb.ValidateResponse(
+        outcome, reason = answer(result)
+        response = pb.ValidateResponse(
             outcome=outcome,
             reason=reason,
             campaign_id=result.campaign_id,
             uses_left=result.uses_left,
         )
+        if result.retry_after_ms:
+            response.retry_after.FromMilliseconds(retry_after_ms(result.retry_after_ms))
+        return response
 
     @rpc_boundary
     async def GetCode(self, request: pb.GetCodeRequest, context: grpc.aio.ServicerContext) -> pb.GetCodeResponse:

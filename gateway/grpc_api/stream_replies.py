@@ -22,6 +22,14 @@ MAX_REASON_BYTES = 40
 MAX_VIOLATIONS = 8
 MAX_FIELD_BYTES = 24
 MAX_DESCRIPTION_BYTES = 96
+MAX_SUBJECT_BYTES = 160
+# The longest wait a reply names: a lockout's longest cool-down (risk/policy.py allows 7 days); longer is capped.
+MAX_RETRY_MS = 7 * 24 * 3600 * 1000
+
+
+def retry_after_ms(value: int) -> int:
+    """A retry-after as replies carry it: at most MAX_RETRY_MS, so its size is bounded too."""
+    return min(value, MAX_RETRY_MS)
 _UUID_CHARS = 36
 _INT64_MAX = 2**63 - 1
 
@@ -36,12 +44,16 @@ def _cap(text: str, limit: int) -> str:
 
 def item_error(fault: Fault) -> pb.ItemError:
     """The per-item form of a fault, within the caps that make a reply's size bounded."""
-    return pb.ItemError(
+    error = pb.ItemError(
         code=fault.code,
         message=_cap(fault.message, MAX_ITEM_MESSAGE_BYTES),
         reason=_cap(fault.reason, MAX_REASON_BYTES),
         field_violations=[_violation(v) for v in fault.violations[:MAX_VIOLATIONS]],
+        quota_subject=_cap(fault.quota_subject, MAX_SUBJECT_BYTES),
     )
+    if fault.retry_after_ms:
+        error.retry_after.FromMilliseconds(retry_after_ms(fault.retry_after_ms))
+    return error
 
 
 def _violation(violation: FieldViolation) -> pb.FieldViolation:
@@ -57,7 +69,9 @@ def _worst_error() -> pb.RedeemStreamResult:
         message="m" * MAX_ITEM_MESSAGE_BYTES,
         reason="r" * MAX_REASON_BYTES,
         field_violations=[violation] * MAX_VIOLATIONS,
+        quota_subject="s" * MAX_SUBJECT_BYTES,
     )
+    error.retry_after.FromMilliseconds(MAX_RETRY_MS - 1)
     return pb.RedeemStreamResult(error=error)
 
 
@@ -72,6 +86,7 @@ def _worst_response() -> pb.RedeemStreamResult:
         use_number=-1,
     )
     response.redeemed_at.seconds, response.redeemed_at.nanos = _INT64_MAX, 999_999_999
+    response.retry_after.FromMilliseconds(MAX_RETRY_MS - 1)
     return pb.RedeemStreamResult(response=response)
 
 

@@ -53,7 +53,8 @@ class LedgerRow(NamedTuple):
 COLUMNS = list(LedgerRow._fields)
 
 
-def _coordinate(text: str) -> float | None:
+def coordinate(text: str) -> float | None:
+    """A latitude, longitude or accuracy; None when empty, ValueError when not a finite number."""
     if text == "":
         return None
     value = float(text)
@@ -101,9 +102,9 @@ def parse(entry_id: str, fields: Mapping[str, str]) -> LedgerRow:
             store_id=entry["store"],
             terminal_id=entry["term"],
             customer_device_id=entry.get("dev", ""),
-            latitude=_coordinate(entry.get("lat", "")),
-            longitude=_coordinate(entry.get("lon", "")),
-            accuracy_m=_coordinate(entry.get("acc", "")),
+            latitude=coordinate(entry.get("lat", "")),
+            longitude=coordinate(entry.get("lon", "")),
+            accuracy_m=coordinate(entry.get("acc", "")),
             redeemed_at=datetime.fromtimestamp(int(entry["at"]) / 1000, UTC),
             fingerprint=entry["fp"],
             idempotency_scope=entry.get("idem", ""),

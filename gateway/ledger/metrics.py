@@ -5,7 +5,10 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 ROWS_WRITTEN = Counter("rgw_ledger_rows_written_total", "Redemptions newly recorded in the ledger")
-DUPLICATES = Counter("rgw_ledger_duplicates_total", "Redelivered outbox events that were already in the ledger")
+RISK_EVENTS_WRITTEN = Counter("rgw_ledger_risk_events_written_total", "Risk events newly recorded in risk_events")
+DUPLICATES = Counter(
+    "rgw_ledger_duplicates_total", "Redelivered outbox events (redemptions or risk events) that were already recorded"
+)
 DOUBLE_SPENDS = Counter(
     "rgw_ledger_double_spend_alarms_total", "Different redemption ids recorded for one code use (double spend)"
 )
@@ -21,7 +24,9 @@ BATCH_SECONDS = Histogram(
     "Time to write one batch to Postgres and acknowledge it",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
-OUTBOX_ENTRIES = Gauge("rgw_outbox_entries", "Entries waiting in all outbox streams (not yet in the ledger)")
+OUTBOX_ENTRIES = Gauge(
+    "rgw_outbox_entries", "Entries waiting in all outbox and risk-event streams (not yet in the ledger)"
+)
 OUTBOX_OLDEST_AGE = Gauge(
     "rgw_outbox_oldest_entry_age_seconds", "Age of the oldest outbox entry not yet in the ledger (0 when empty)"
 )

@@ -1,6 +1,10 @@
 """The writer's view of the outbox streams in Redis: a consumer group per stream, reading new entries,
 reclaiming those of dead consumers, acknowledging (then deleting) after the ledger commit, dead-lettering.
 
+"Outbox" here means every stream in the directory set: the campaign shards' redemption outboxes and the brands'
+risk-event streams alike. Nothing in this module looks inside an entry; the writer tells the kinds apart by
+their format field.
+
 Streams are never trimmed by length: an entry leaves its stream only after Postgres committed it (XACK + XDEL
 in one MULTI, same slot) or after it was copied to the dead-letter stream.
 """
@@ -45,7 +49,8 @@ class Backlog:
 
 
 def deadletter_key_for(stream: str) -> str:
-    """The dead-letter stream beside an outbox stream (same hash tag)."""
+    """The dead-letter stream beside an outbox stream (same hash tag): rgw:{c42.0}:outbox -> rgw:{c42.0}:deadletter,
+    a brand's risk events rgw:{r7}:events -> rgw:{r7}:events:deadletter."""
     return stream.removesuffix(":outbox") + ":deadletter"
 
 

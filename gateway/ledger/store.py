@@ -1,8 +1,10 @@
 """The ledger in Postgres: one transaction per batch, COPY into a staging table, idempotent inserts.
 
-A redelivered event (same redemption id) never becomes a second row. A *different* redemption id for a code use
-already in the ledger is a double spend: it is recorded (it was acknowledged to a POS, so it happened) and raised
-as an alarm row - never dropped.
+A batch may mix redemptions and risk events (from the brands' risk-event streams); both kinds are committed in
+the batch's one transaction, each through its own staging table, and a kind absent from the batch costs nothing.
+A redelivered event (same redemption id; for a risk event, same brand and stream entry id) never becomes a
+second row. A *different* redemption id for a code use already in the ledger is a double spend: it is recorded
+(it was acknowledged to a POS, so it happened) and raised as an alarm row - never dropped.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from gateway.ledger.events import COLUMNS, LedgerRow
+from gateway.ledger.risk_events import RISK_COLUMNS, RiskEventRow
 
 _STAGING = """
 CREATE TEMP TABLE IF NOT EXISTS ledger_staging
@@ -48,6 +51,19 @@ ON CONFLICT (conflicting_redemption_id) DO NOTHING
 RETURNING code_ref, use_number, campaign_id, first_redemption_id, conflicting_redemption_id"""
 
 
+_RISK_STAGING = """
+CREATE TEMP TABLE IF NOT EXISTS risk_staging
+    (LIKE risk_events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"""
+
+_RISK_COLUMN_LIST = ", ".join(RISK_COLUMNS)
+
+# Column names come from the RiskEventRow tuple, never from input. recorded_at takes the table's default.
+_RISK_INSERT = f"""
+INSERT INTO risk_events ({_RISK_COLUMN_LIST})
+SELECT {_RISK_COLUMN_LIST} FROM risk_staging
+ON CONFLICT (brand_id, stream_id) DO NOTHING"""  # noqa: S608
+
+
 @dataclass(frozen=True, slots=True)
 class Alarm:
     """A double spend: two redemption ids for one code use."""
@@ -66,14 +82,33 @@ class BatchResult:
     inserted: int
     duplicates: int
     alarms: list[Alarm]
+    risk_inserted: int = 0
+    risk_duplicates: int = 0
 
 
-async def write_batch(conn: asyncpg.Connection, rows: Sequence[LedgerRow]) -> BatchResult:
-    """Record rows (distinct redemption ids) in one transaction; safe to repeat."""
-    await conn.execute(_STAGING)
+async def write_batch(
+    conn: asyncpg.Connection, rows: Sequence[LedgerRow], risk_rows: Sequence[RiskEventRow] = ()
+) -> BatchResult:
+    """Record redemptions (distinct redemption ids) and risk events in one transaction; safe to repeat."""
+    staging = [sql for sql, wanted in ((_STAGING, rows), (_RISK_STAGING, risk_rows)) if wanted]
+    if staging:
+        await conn.execute(";".join(staging))  # outside the transaction: created once per connection
     async with conn.transaction():
-        await conn.copy_records_to_table("ledger_staging", records=rows, columns=COLUMNS)
-        results = await conn.fetch(_INSERT)
-        clashes = [r["redemption_id"] for r in results if not r["fresh"]]
-        alarms = [Alarm(*a) for a in await conn.fetch(_ALARMS, clashes)] if clashes else []
+        result = await _write_redemptions(conn, rows) if rows else BatchResult(0, 0, [])
+        risk_inserted = await _write_risk_events(conn, risk_rows) if risk_rows else 0
+    return BatchResult(result.inserted, result.duplicates, result.alarms, risk_inserted, len(risk_rows) - risk_inserted)
+
+
+async def _write_redemptions(conn: asyncpg.Connection, rows: Sequence[LedgerRow]) -> BatchResult:
+    await conn.copy_records_to_table("ledger_staging", records=rows, columns=COLUMNS)
+    results = await conn.fetch(_INSERT)
+    clashes = [r["redemption_id"] for r in results if not r["fresh"]]
+    alarms = [Alarm(*a) for a in await conn.fetch(_ALARMS, clashes)] if clashes else []
     return BatchResult(inserted=len(results), duplicates=len(rows) - len(results), alarms=alarms)
+
+
+async def _write_risk_events(conn: asyncpg.Connection, rows: Sequence[RiskEventRow]) -> int:
+    """Newly recorded risk events; a redelivered entry (same brand and stream id) is skipped."""
+    await conn.copy_records_to_table("risk_staging", records=rows, columns=RISK_COLUMNS)
+    status: str = await conn.execute(_RISK_INSERT)  # "INSERT 0 <rows>"
+    return int(status.rsplit(" ", 1)[1])

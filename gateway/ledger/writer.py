@@ -1,4 +1,5 @@
-"""`rgw writer`: moves redemption events from the Redis outboxes into the Postgres ledger.
+"""`rgw writer`: moves redemption events from the Redis outboxes into the Postgres ledger, and risk events from
+the brands' risk-event streams into risk_events (the directory lists both; an entry's field says its kind).
 
 At-least-once delivery (consumer groups; entries of dead consumers reclaimed with XAUTOCLAIM) plus idempotent
 inserts make the ledger exactly-once. An entry is acknowledged only after its batch committed. While Postgres is
@@ -22,12 +23,14 @@ from redis import exceptions as redis_errors
 from gateway.ledger import metrics
 from gateway.ledger.events import LedgerRow, PoisonEntry, parse
 from gateway.ledger.outbox import Entry, Outbox
+from gateway.ledger.risk_events import RiskEventRow, is_risk_entry, parse_risk_event
 from gateway.ledger.store import BatchResult, write_batch
 
 log = logging.getLogger("rgw.writer")
 # Failures of the connection (retry the same batch later) versus failures of the data (isolate the bad row).
 _CONNECTION_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
                       asyncpg.CannotConnectNowError, asyncpg.AdminShutdownError)  # fmt: skip
+Row = LedgerRow | RiskEventRow
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +153,7 @@ class LedgerWriter:
         return claimed
 
     async def _write_until_done(
-        self, entries: list[Entry], rows: dict[tuple[str, str], LedgerRow], stop: asyncio.Event | None
+        self, entries: list[Entry], rows: dict[tuple[str, str], Row], stop: asyncio.Event | None
     ) -> None:
         attempt = 0
         while True:
@@ -177,17 +180,18 @@ class LedgerWriter:
                 await self._write_one_by_one(entries, rows)
                 return
 
-    async def _write_and_ack(self, entries: Sequence[Entry], rows: dict[tuple[str, str], LedgerRow]) -> None:
+    async def _write_and_ack(self, entries: Sequence[Entry], rows: dict[tuple[str, str], Row]) -> None:
         started = time.perf_counter()
         if self._conn is None:
             self._conn = await self._connect()
-        result = await write_batch(self._conn, [rows[e.key] for e in entries])
+        result = await write_batch(self._conn, *_by_kind([rows[e.key] for e in entries]))
         await self.outbox.ack(entries)
         self._account(result, len(entries), time.perf_counter() - started)
 
     def _account(self, result: BatchResult, size: int, seconds: float) -> None:
         metrics.ROWS_WRITTEN.inc(result.inserted)
-        metrics.DUPLICATES.inc(result.duplicates)
+        metrics.DUPLICATES.inc(result.duplicates + result.risk_duplicates)
+        metrics.RISK_EVENTS_WRITTEN.inc(result.risk_inserted)
         metrics.BATCH_ROWS.observe(size)
         metrics.BATCH_SECONDS.observe(seconds)
         for alarm in result.alarms:
@@ -198,7 +202,7 @@ class LedgerWriter:
                 alarm.first_redemption_id, alarm.conflicting_redemption_id,
             )  # fmt: skip
 
-    async def _write_one_by_one(self, entries: Sequence[Entry], rows: dict[tuple[str, str], LedgerRow]) -> None:
+    async def _write_one_by_one(self, entries: Sequence[Entry], rows: dict[tuple[str, str], Row]) -> None:
         """Isolate the entries Postgres rejects; each gets max_attempts tries before the dead-letter stream."""
         for entry in entries:
             for attempt in range(self.config.max_attempts):
@@ -231,15 +235,34 @@ def _distinct(entries: list[Entry]) -> list[Entry]:
     return unique
 
 
-def _parse_all(entries: Sequence[Entry]) -> tuple[dict[tuple[str, str], LedgerRow], list[tuple[Entry, str]]]:
-    rows: dict[tuple[str, str], LedgerRow] = {}
+def _parse_all(entries: Sequence[Entry]) -> tuple[dict[tuple[str, str], Row], list[tuple[Entry, str]]]:
+    rows: dict[tuple[str, str], Row] = {}
     poison: list[tuple[Entry, str]] = []
     for entry in entries:
         try:
-            rows[entry.key] = parse(entry.id, entry.fields)
+            rows[entry.key] = _parse(entry)
         except PoisonEntry as exc:
             poison.append((entry, str(exc)))
     return rows, poison
+
+
+def _parse(entry: Entry) -> Row:
+    """An entry's row by its format field: any stream in the directory may hold either kind."""
+    if is_risk_entry(entry.fields):
+        return parse_risk_event(entry.id, entry.fields)
+    return parse(entry.id, entry.fields)
+
+
+def _by_kind(rows: list[Row]) -> tuple[list[LedgerRow], list[RiskEventRow]]:
+    """Redemptions and risk events apart, each in batch order."""
+    ledger: list[LedgerRow] = []
+    risk: list[RiskEventRow] = []
+    for row in rows:
+        if isinstance(row, RiskEventRow):
+            risk.append(row)
+        else:
+            ledger.append(row)
+    return ledger, risk
 
 
 async def _sleep_unless(stop: asyncio.Event | None, seconds: float) -> None:

@@ -14,11 +14,28 @@ ARGV[3]  NK, candidate keys per item
 ARGV[4]  campaign id      ARGV[5]  shard
 ARGV[6]  the authenticated caller's brand id: a shard of another brand's campaign answers exactly as a code that
          was never issued (NOT_FOUND, nothing read back, nothing written) - tenants are isolated inside the script
-ARGV[7 ..] per item, NF = 12 fields (gateway/redis_store.py ITEM_ARGS):
+ARGV[7 ..] per item, NF = 13 fields (gateway/redis_store.py ITEM_ARGS):
          idempotency field ("i:<hash of client, terminal and key>"), the same scope's field from before
          authentication ("i:<hash of store/terminal and key>", replayed, never written), request fingerprint,
-         redemption id to use if this call redeems (UUIDv7), caller ("client/terminal"), client id, store,
-         terminal, customer device, latitude, longitude, accuracy (the last three empty when unknown)
+         redemption id to use if this call redeems (UUIDv7; also names a counted attempt in the risk windows),
+         caller ("client/terminal"), client id, store, terminal, customer device, latitude, longitude, accuracy
+         (the last three empty when unknown), and the risk plan: "" (risk engine off) or JSON (see "Risk" below)
+
+Risk (risk/model.py CounterPlan, encoded by gateway/risk_plan.py; KEYS indices point after the code keys, in the
+brand's risk tag {r<brand>} - on a single Redis one script call covers both; see risk/keys.py for Cluster):
+  x  = {rule, reason, scope}          an in-process rule already denied (enforced): record it, touch nothing else
+  s  = {{rule, reason, scope}, ...}   in-process shadow hits, recorded
+  l  = {{lock_k, fail_k, threshold, window_ms, cooldown_ms, mode, scope}, ...}   lockouts: a present lock denies
+       (even a valid code); a failed attempt (NOT_FOUND: unknown, another brand's) is counted in fail_k and at
+       the threshold the scope is locked for the cool-down
+  w  = {{k, limit, window_ms, mode, rule, reason, quota, scope}, ...}   sliding windows: all checked before any is
+       counted; counted (ZADD rid) only when the attempt is admitted and mode is redeem
+  t  = {k, max_speed_mps, ttl_ms, mode}   impossible travel of the customer device (needs lat/lon)
+  d  = {binding_mode, limit, limit_mode, limit_k}   code <-> device binding (code field "dev") and uses per device
+       per campaign shard (counter limit_k, campaign tag), decided with the code
+  e  = events_k                        the brand's risk-event stream: every denial and shadow hit, field r1 =
+       "at|brand|campaign|store|term|client|dev|rule|reason|mode|scope|lat|lon|acc|kind" (gateway/ledger)
+  mode is "E" (enforce) or "S" (shadow: evaluated and recorded, never denies)
 
 Code hash fields: cid, kid, uses (allowed), used (taken now), seq (last use number: only grows, so a use number is
 never reused, even after a reversal gives a use back), vf, vu, last (ms of last use),
@@ -27,11 +44,13 @@ event carries, so reconciliation can re-enqueue a use the ledger is missing; i:<
 <use number>|<uses left>" (first answer to that idempotency key; only redemptions are recorded - a decline
 changed nothing, so a retry is simply decided again).
 
-Reply: one array per item {status, uses_left, redemption_id, at_ms, use_number, replayed}; status is one of
-REDEEMED, REDEEMABLE, ALREADY_REDEEMED, NOT_FOUND, EXPIRED, NOT_YET_VALID, IDEMPOTENCY_MISMATCH.
+Reply: one array per item {status, uses_left, redemption_id, at_ms, use_number, replayed, rule, reason, scope,
+retry_ms, shadow}; status is one of REDEEMED, REDEEMABLE, ALREADY_REDEEMED, NOT_FOUND, EXPIRED, NOT_YET_VALID,
+IDEMPOTENCY_MISMATCH, RISK_DENIED (a decline by rule/reason) or THROTTLED (a caller quota, scope named);
+shadow = "rule:reason,..." of the shadow hits.
 ]]
 
-local NF = 12
+local NF = 13
 local GLOBAL = 6
 local DEFAULT_BRAND = '1' -- metas written before brands existed: the campaigns migration 0003 gave brand 1
 local mode = ARGV[1]
@@ -48,7 +67,7 @@ local visible = meta[1] and (meta[3] or DEFAULT_BRAND) == brand
 local function find_code(item, idem_field, legacy_field)
   for j = 1, nk do
     local key = KEYS[2 + item * nk + j]
-    local c = redis.call('HMGET', key, 'uses', 'used', 'vf', 'vu', 'seq', 'kid', idem_field, legacy_field)
+    local c = redis.call('HMGET', key, 'uses', 'used', 'vf', 'vu', 'seq', 'kid', idem_field, legacy_field, 'dev')
     if c[1] then return key, c end
   end
   return nil, nil
@@ -60,10 +79,14 @@ local function split(value)
   return parts
 end
 
+local function answer(status, left)
+  return {status, left or 0, '', 0, 0, 0, '', '', '', 0, ''}
+end
+
 local function replay(record, fingerprint)
   local r = split(record)
-  if r[1] ~= fingerprint then return {'IDEMPOTENCY_MISMATCH', 0, '', 0, 0, 0} end
-  return {'REDEEMED', tonumber(r[5]), r[2], tonumber(r[3]), tonumber(r[4]), 1}
+  if r[1] ~= fingerprint then return answer('IDEMPOTENCY_MISMATCH') end
+  return {'REDEEMED', tonumber(r[5]), r[2], tonumber(r[3]), tonumber(r[4]), 1, '', '', '', 0, ''}
 end
 
 local function window_status(vf, vu)
@@ -72,7 +95,139 @@ local function window_status(vf, vu)
   return nil
 end
 
-local function redeem(key, c, a)
+-- Risk --------------------------------------------------------------------------------------------------------
+-- A risk check returns a finding {rule, reason, mode, scope, retry_ms, quota}; "E" findings deny, "S" findings
+-- are recorded only. The first enforced finding wins; every shadow finding is kept.
+
+local function record(plan, a, f)
+  if not plan.e then return end
+  local kind = (mode == 'redeem') and 'redeem' or 'validate'
+  local m = (f[3] == 'E') and 'enforce' or 'shadow'
+  redis.call('XADD', KEYS[plan.e], '*', 'r1', table.concat({now, brand, campaign, ARGV[a + 7], ARGV[a + 8],
+    ARGV[a + 6], ARGV[a + 9], f[1], f[2], m, f[4] or '', ARGV[a + 10], ARGV[a + 11], ARGV[a + 12], kind}, '|'))
+end
+
+local function denied(f)
+  local status = (f[6] == 1) and 'THROTTLED' or 'RISK_DENIED'
+  return {status, 0, '', 0, 0, 0, f[1], f[2], f[4] or '', f[5] or 0, ''}
+end
+
+local function check_lockouts(plan, findings)
+  for _, l in ipairs(plan.l or {}) do
+    local left = redis.call('PTTL', KEYS[l[1]])
+    if left > 0 then findings[#findings + 1] = {'lockout', 'LOCKED_OUT', l[6], l[7], left, 0} end
+  end
+end
+
+-- Sliding window log: exact - at most `limit` counted attempts in any window of `window_ms` (fixed windows let a
+-- double burst through at their boundary). Trimming expired members is bookkeeping, not counting.
+local function check_windows(plan, findings)
+  for _, w in ipairs(plan.w or {}) do
+    local key = KEYS[w[1]]
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now - w[3])
+    local n = redis.call('ZCARD', key)
+    if n >= w[2] then
+      -- admitted again once n - limit + 1 members have left: when the member at index n - limit expires
+      local oldest = redis.call('ZRANGE', key, n - w[2], n - w[2], 'WITHSCORES')
+      local retry = math.max(tonumber(oldest[2]) + w[3] - now, 1)
+      findings[#findings + 1] = {w[5], w[6], w[4], w[8], retry, w[7]}
+    end
+  end
+end
+
+local function distance_m(lat1, lon1, lat2, lon2)
+  local r = math.pi / 180
+  local dlat, dlon = (lat2 - lat1) * r, (lon2 - lon1) * r
+  local h = math.sin(dlat / 2) ^ 2 + math.cos(lat1 * r) * math.cos(lat2 * r) * math.sin(dlon / 2) ^ 2
+  return 2 * 6371008.8 * math.asin(math.min(1, math.sqrt(h)))
+end
+
+local function check_travel(plan, a, findings)
+  local t = plan.t
+  if not t or ARGV[a + 10] == '' then return end
+  local last = redis.call('GET', KEYS[t[1]])
+  if not last then return end
+  local p = split(last)
+  local metres = distance_m(tonumber(p[1]), tonumber(p[2]), tonumber(ARGV[a + 10]), tonumber(ARGV[a + 11]))
+  local seconds = math.max(now - tonumber(p[3]), 1) / 1000
+  if metres / seconds > t[2] then findings[#findings + 1] = {'impossible_travel', 'IMPOSSIBLE_TRAVEL', t[4], '', 0, 0} end
+end
+
+-- Every check of the attempt, before anything is counted. Returns the enforced denial (or nil) and the shadow hits.
+local function assess(plan, a)
+  local findings = {}
+  check_lockouts(plan, findings)
+  check_windows(plan, findings)
+  check_travel(plan, a, findings)
+  local denial, hits = nil, {}
+  for _, f in ipairs(findings) do
+    if f[3] == 'E' and not denial then denial = f elseif f[3] ~= 'E' then hits[#hits + 1] = f end
+  end
+  return denial, hits
+end
+
+local function count_attempt(plan, rid)
+  if mode ~= 'redeem' then return end -- Validate counts nothing
+  for _, w in ipairs(plan.w or {}) do
+    redis.call('ZADD', KEYS[w[1]], now, rid)
+    redis.call('PEXPIRE', KEYS[w[1]], w[3])
+  end
+end
+
+-- A failed attempt (an unknown code, another brand's) counts towards every lockout scope, Validate included: a
+-- lookup that says "no such code" is a guess answered, whichever RPC asked it (OWASP OAT-002).
+local function count_failure(plan, a, hits)
+  for _, l in ipairs(plan.l or {}) do
+    local key = KEYS[l[2]]
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now - l[4])
+    redis.call('ZADD', key, now, ARGV[a + 4])
+    redis.call('PEXPIRE', key, l[4])
+    if redis.call('ZCARD', key) >= l[3] then
+      local f = {'lockout', 'LOCKED_OUT', l[6], l[7], l[5], 0}
+      if l[6] == 'E' then
+        redis.call('SET', KEYS[l[1]], now, 'PX', l[5])
+        redis.call('DEL', key)
+      end
+      hits[#hits + 1] = f
+    end
+  end
+end
+
+local function after_redemption(plan, a)
+  local t = plan.t
+  if t and ARGV[a + 10] ~= '' then
+    redis.call('SET', KEYS[t[1]], ARGV[a + 10] .. '|' .. ARGV[a + 11] .. '|' .. now, 'PX', t[3])
+  end
+end
+
+-- Code <-> device: a bound code answers only its device; uses per device per campaign shard are capped.
+local function check_device(plan, a, c, findings)
+  local d = plan.d
+  if not d then return end
+  local dev = ARGV[a + 9]
+  if d[1] ~= '' then
+    if dev == '' then findings[#findings + 1] = {'device_binding', 'DEVICE_REQUIRED', d[1], '', 0, 0}
+    elseif c[9] and c[9] ~= dev then findings[#findings + 1] = {'device_binding', 'DEVICE_MISMATCH', d[1], '', 0, 0} end
+  end
+  if d[2] > 0 then
+    if dev == '' then findings[#findings + 1] = {'device_limit', 'DEVICE_REQUIRED', d[3], '', 0, 0}
+    elseif tonumber(redis.call('GET', KEYS[d[4]]) or '0') >= d[2] then
+      findings[#findings + 1] = {'device_limit', 'DEVICE_LIMIT', d[3], '', 0, 0}
+    end
+  end
+end
+
+local function shadow_text(hits)
+  local parts = {}
+  for _, f in ipairs(hits) do
+    if f[3] ~= 'E' then parts[#parts + 1] = f[1] .. ':' .. f[2] end
+  end
+  return table.concat(parts, ',')
+end
+
+-- Redemption --------------------------------------------------------------------------------------------------
+
+local function redeem(key, c, a, plan)
   local seq = tonumber(c[5] or '0') + 1
   local used = tonumber(c[2]) + 1
   local left = tonumber(c[1]) - used
@@ -82,27 +237,92 @@ local function redeem(key, c, a)
   local use_record = table.concat({rid, now, fp, caller, store, term, dev, lat, lon, acc, idem, client, brand}, '|')
   redis.call('HSET', key, 'seq', seq, 'used', used, 'last', now, 'u:' .. seq, use_record,
     idem, fp .. '|' .. rid .. '|' .. now .. '|' .. seq .. '|' .. left)
+  local d = plan and plan.d
+  if d and d[1] ~= '' and not c[9] and dev ~= '' then redis.call('HSET', key, 'dev', dev) end -- first presentation
+  if d and d[2] > 0 and dev ~= '' then redis.call('INCR', KEYS[d[4]]) end
   local code_ref = string.match(key, ':code:(.+)$')
   -- One field, "v2" = the event's values joined by '|' (see gateway/ledger/events.py): a sixth of the bytes and
   -- of the strings to decode compared with one field per value, which dominated the ledger writer's reads.
   redis.call('XADD', KEYS[2], '*', 'v2', table.concat({rid, code_ref, c[6], campaign, shard, seq, now, fp, caller,
     store, term, dev, lat, lon, acc, idem, client, brand}, '|'))
-  return {'REDEEMED', left, rid, now, seq, 0}
+  return {'REDEEMED', left, rid, now, seq, 0, '', '', '', 0, ''}
 end
 
-local function decide(item)
-  local a = GLOBAL + item * NF
-  local key, c = nil, nil
-  if visible then key, c = find_code(item, ARGV[a + 1], ARGV[a + 2]) end
-  if not key then return {'NOT_FOUND', 0, '', 0, 0, 0} end
+-- The code's own decision (no risk): nil when it may be redeemed now.
+local function code_decision(key, c, a)
+  if not key then return answer('NOT_FOUND') end
   local answered = c[7] or c[8] -- this scope's first answer, or the same scope's from before authentication
   if mode == 'redeem' and answered then return replay(answered, ARGV[a + 3]) end
   local left = tonumber(c[1]) - tonumber(c[2])
   local window = window_status(c[3], c[4])
-  if window then return {window, left, '', 0, 0, 0} end
-  if left <= 0 then return {'ALREADY_REDEEMED', 0, '', 0, 0, 0} end
-  if mode ~= 'redeem' then return {'REDEEMABLE', left, '', 0, 0, 0} end
-  return redeem(key, c, a)
+  if window then return answer(window, left) end
+  if left <= 0 then return answer('ALREADY_REDEEMED') end
+  return nil
+end
+
+local function decide_plain(item, a)
+  local key, c = nil, nil
+  if visible then key, c = find_code(item, ARGV[a + 1], ARGV[a + 2]) end
+  local reply = code_decision(key, c, a)
+  if reply then return reply end
+  if mode ~= 'redeem' then return answer('REDEEMABLE', tonumber(c[1]) - tonumber(c[2])) end
+  return redeem(key, c, a, nil)
+end
+
+local function finish(plan, a, reply, hits)
+  for _, f in ipairs(hits) do record(plan, a, f) end
+  reply[11] = shadow_text(hits)
+  return reply
+end
+
+local function decide_risky(item, a, plan)
+  local key, c = nil, nil
+  if visible then key, c = find_code(item, ARGV[a + 1], ARGV[a + 2]) end
+  -- A retry is answered first: it is not a new attempt (nothing is checked or counted), and a POS must learn
+  -- that its redemption happened even when it is over its quota or locked out now.
+  local answered = key and mode == 'redeem' and (c[7] or c[8])
+  if answered then return replay(answered, ARGV[a + 3]) end
+  local hits = {}
+  for _, s in ipairs(plan.s or {}) do hits[#hits + 1] = {s[1], s[2], 'S', s[3], 0, 0} end
+  if plan.x then
+    local f = {plan.x[1], plan.x[2], 'E', plan.x[3], 0, 0}
+    record(plan, a, f)
+    return finish(plan, a, denied(f), hits)
+  end
+  local denial, found = assess(plan, a)
+  for _, f in ipairs(found) do hits[#hits + 1] = f end
+  if denial then
+    record(plan, a, denial)
+    return finish(plan, a, denied(denial), hits)
+  end
+  local reply = code_decision(key, c, a)
+  if not reply then
+    local device = {}
+    check_device(plan, a, c, device)
+    for _, f in ipairs(device) do
+      if f[3] == 'E' and not denial then denial = f elseif f[3] ~= 'E' then hits[#hits + 1] = f end
+    end
+    if denial then
+      record(plan, a, denial)
+      reply = denied(denial)
+    end
+  end
+  count_attempt(plan, ARGV[a + 4])
+  if not reply then
+    if mode ~= 'redeem' then return finish(plan, a, answer('REDEEMABLE', tonumber(c[1]) - tonumber(c[2])), hits) end
+    reply = redeem(key, c, a, plan)
+    after_redemption(plan, a)
+  elseif reply[1] == 'NOT_FOUND' then
+    count_failure(plan, a, hits)
+  end
+  return finish(plan, a, reply, hits)
+end
+
+local function decide(item)
+  local a = GLOBAL + item * NF
+  local plan = ARGV[a + 13]
+  if plan == '' then return decide_plain(item, a) end
+  return decide_risky(item, a, cjson.decode(plan))
 end
 
 local replies = {}

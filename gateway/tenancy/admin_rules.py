@@ -6,9 +6,10 @@ from __future__ import annotations
 import math
 import re
 import zoneinfo
+from collections.abc import Callable, Mapping
 
 from gateway.tenancy import api_keys
-from gateway.tenancy.model import Role, Status
+from gateway.tenancy.model import MAX_RADIUS_M, Role, Status
 from gateway.validation import FieldViolation, InvalidRequest
 
 _SLUG_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
@@ -24,6 +25,7 @@ SLUG_RULE = "must be 1 to 63 characters of a-z, 0-9 and -, not starting with -"
 EXTERNAL_ID_RULE = "must be 1 to 64 characters of A-Z, a-z, 0-9 and . _ : -"
 NAME_RULE = f"must be 1 to {MAX_NAME_CHARS} printable characters, not only spaces"
 STATUS_RULE = f"must be one of {', '.join(Status)}"
+RADIUS_RULE = f"must be a number of metres greater than 0 and at most {MAX_RADIUS_M:g}"
 
 
 def check(ok: bool, name: str, rule: str) -> list[FieldViolation]:
@@ -66,6 +68,10 @@ def is_time_zone(value: object) -> bool:
     return True
 
 
+def is_radius(value: object) -> bool:
+    return in_range(value, 0, MAX_RADIUS_M) and value != 0
+
+
 def is_status(value: object) -> bool:
     return value in Status.__members__.values()
 
@@ -86,3 +92,22 @@ def client_rules(
         *check(not bound or role in _BINDABLE, "store_id" if store_id is not None else "terminal_id",
                 "only pos and internal clients are bound to a store or terminal"),
     ]  # fmt: skip
+
+
+_STORE_RULES: dict[str, tuple[Callable[[object], bool], str]] = {
+    "external_id": (is_external_id, EXTERNAL_ID_RULE),
+    "name": (is_name, NAME_RULE),
+    "latitude": (lambda value: in_range(value, -90, 90), "must be a number from -90 to 90"),
+    "longitude": (lambda value: in_range(value, -180, 180), "must be a number from -180 to 180"),
+    "time_zone": (is_time_zone, "must be an IANA time zone name, such as Europe/Paris"),
+    "radius_m": (is_radius, RADIUS_RULE),
+}
+
+
+def store_rules(fields: Mapping[str, object]) -> list[FieldViolation]:
+    """The violations of a store's fields, by name (None: not given - an update leaves it as it is)."""
+    return [
+        FieldViolation(name, _STORE_RULES[name][1])
+        for name, value in fields.items()
+        if value is not None and not _STORE_RULES[name][0](value)
+    ]

@@ -6,18 +6,17 @@ transaction rolls back). A duplicate slug or external id is AlreadyExists. An un
 is an id of another brand than the `brand_id` a scoped caller acts for, with the same message, so that brands
 cannot learn about each other (`brand_id=None`: the platform, every brand).
 
-After a change commits, announce its version (`notify.publish`) so every gateway process refreshes.
+After a change commits, announce its version (`notify.publish`) so every gateway process refreshes. The shape of a
+change (transaction, version, audit row) is admin_tx.py's; risk policies are admin_risk.py's.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Generic, TypeVar
+from typing import TypeVar
 
 import asyncpg
 
@@ -29,45 +28,23 @@ from gateway.tenancy.admin_rules import (
     STATUS_RULE,
     check,
     client_rules,
-    in_range,
     is_env,
     is_external_id,
     is_name,
     is_slug,
     is_status,
-    is_time_zone,
     raise_if,
+    store_rules,
 )
+from gateway.tenancy.admin_tx import Committed as Committed  # re-exported: callers name admin_store.Committed
+from gateway.tenancy.admin_tx import Entity, audit, change, get_row, list_rows, state
 from gateway.tenancy.loader import BRANDS, CLIENTS, KEYS, STORES, TERMINALS, Table
-from gateway.tenancy.model import (
-    AlreadyExists,
-    ApiKey,
-    AuditEntry,
-    Brand,
-    Client,
-    NotFoundError,
-    Store,
-    Terminal,
-)
+from gateway.tenancy.model import DEFAULT_RADIUS_M, ApiKey, AuditEntry, Brand, Client, Store, Terminal
 from gateway.validation import FieldViolation
 
-T = TypeVar("T")
-Entity = Brand | Store | Terminal | Client
 E = TypeVar("E", bound=Entity)
 
 MAX_AUDIT_LIMIT = 1000
-
-_BUMP = "UPDATE registry_version SET version = version + 1 RETURNING version"
-_AUDIT = """INSERT INTO audit_log (actor, brand_id, action, entity, entity_id, before, after, version)
-            VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7::jsonb, $8)"""
-
-
-@dataclass(frozen=True, slots=True)
-class Committed(Generic[T]):
-    """What a committed change wrote, and the registry version it produced (to announce with notify.publish)."""
-
-    value: T
-    version: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,66 +56,6 @@ class IssuedKey:
     key_id: str
     plaintext: str = field(repr=False)
     previous_keys_expire_at: datetime | None = None
-
-
-# ------------------------------------------------------------------------------------------- transaction + audit
-
-
-@asynccontextmanager
-async def _change(conn: asyncpg.Connection, duplicate: str = "already exists") -> AsyncIterator[int]:
-    """One administration transaction, yielding the registry version it produces. Bumping the version first takes
-    the version row's lock: changes serialise and commit in version order (what incremental loads rely on)."""
-    try:
-        async with conn.transaction():
-            yield await conn.fetchval(_BUMP)
-    except asyncpg.UniqueViolationError:
-        raise AlreadyExists(duplicate) from None
-
-
-def _json_default(value: object) -> str:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-# An API key in the audit log: listed field by field, so that the secret's hash can never reach it.
-_AUDITED_KEY_FIELDS = ("key_id", "created_at", "expires_at", "revoked_at")
-
-
-def _key_state(key: ApiKey) -> dict[str, Any]:
-    return {name: getattr(key, name) for name in _AUDITED_KEY_FIELDS}
-
-
-def _state(entity: Entity, keys: Sequence[ApiKey] | None = None) -> str:
-    data = asdict(entity)
-    if keys is not None:
-        data["keys"] = [_key_state(key) for key in keys]
-    return json.dumps(data, default=_json_default)
-
-
-async def _audit(
-    conn: asyncpg.Connection, version: int, actor: str, action: str, entity: Entity, before: str | None, after: str
-) -> None:
-    """Append the audit row of a change to `entity` (whose brand and id it records); before/after are JSON."""
-    brand_id = entity.id if isinstance(entity, Brand) else entity.brand_id
-    kind = action.partition(".")[0]
-    await conn.execute(_AUDIT, actor, brand_id, action, kind, str(entity.id), before, after, version)
-
-
-async def _get(conn: asyncpg.Connection, table: Table[T], entity_id: object, brand_id: int | None) -> T:
-    """A row by id, locked for the change; NotFoundError when it is missing or not of `brand_id` (if given)."""
-    scope = "id" if table is BRANDS else "brand_id"
-    query = f"""SELECT {table.columns} FROM {table.name}
-                WHERE id = $1 AND ($2::bigint IS NULL OR {scope} = $2) FOR UPDATE"""  # noqa: S608 - constants only
-    row = await conn.fetchrow(query, entity_id, brand_id)
-    if row is None:
-        raise NotFoundError(f"no such {table.entity}")
-    return table.row(row)
-
-
-async def _list(conn: asyncpg.Connection, table: Table[T], where: str, *args: object) -> list[T]:
-    query = f"SELECT {table.columns} FROM {table.name} WHERE {where} ORDER BY id"  # noqa: S608 - constants only
-    return [table.row(r) for r in await conn.fetch(query, *args)]
 
 
 # ---------------------------------------------------------------------------------------------------------- brands
@@ -153,15 +70,15 @@ async def create_brand(conn: asyncpg.Connection, *, actor: str, slug: str, name:
         check(is_slug(slug), "slug", SLUG_RULE),
         check(is_name(name), "name", NAME_RULE),
     )
-    async with _change(conn, f"a brand with slug {slug!r} already exists") as version:
+    async with change(conn, f"a brand with slug {slug!r} already exists") as version:
         brand = BRANDS.row(await conn.fetchrow(_INSERT_BRAND, slug, name, version))
-        await _audit(conn, version, actor, "brand.create", brand, None, _state(brand))
+        await audit(conn, version, actor, "brand.create", brand, None, state(brand))
     return Committed(brand, version)
 
 
 async def list_brands(conn: asyncpg.Connection, *, brand_id: int | None = None) -> list[Brand]:
     """Every brand (platform), or only `brand_id`'s own."""
-    return await _list(conn, BRANDS, "$1::bigint IS NULL OR id = $1", brand_id)
+    return await list_rows(conn, BRANDS, "$1::bigint IS NULL OR id = $1", brand_id)
 
 
 async def set_brand_status(conn: asyncpg.Connection, *, actor: str, brand_id: int, status: str) -> Committed[Brand]:
@@ -174,18 +91,27 @@ async def _set_status(
 ) -> Committed[E]:
     raise_if(check(is_status(status), "status", STATUS_RULE))
     update = f"UPDATE {table.name} SET status = $2, row_version = $3 WHERE id = $1 RETURNING {table.columns}"  # noqa: S608
-    async with _change(conn) as version:
-        before = await _get(conn, table, entity_id, brand_id)
+    async with change(conn) as version:
+        before = await get_row(conn, table, entity_id, brand_id)
         after = table.row(await conn.fetchrow(update, entity_id, status, version))
-        await _audit(conn, version, actor, f"{table.entity}.set_status", after, _state(before), _state(after))
+        await audit(conn, version, actor, f"{table.entity}.set_status", after, state(before), state(after))
     return Committed(after, version)
 
 
 # ---------------------------------------------------------------------------------------------------------- stores
 
 _INSERT_STORE = f"""
-INSERT INTO stores (brand_id, external_id, name, latitude, longitude, time_zone, row_version)
-VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {STORES.columns}"""  # noqa: S608 - constants only
+INSERT INTO stores (brand_id, external_id, name, latitude, longitude, time_zone, radius_m, row_version)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {STORES.columns}"""  # noqa: S608 - constants only
+# COALESCE: a parameter left NULL keeps the column as it is.
+_UPDATE_STORE = f"""
+UPDATE stores SET name = COALESCE($2, name), latitude = COALESCE($3, latitude), longitude = COALESCE($4, longitude),
+                  time_zone = COALESCE($5, time_zone), radius_m = COALESCE($6, radius_m), row_version = $7
+WHERE id = $1 RETURNING {STORES.columns}"""  # noqa: S608 - constants only
+
+
+def _number(value: float | None) -> float | None:
+    return None if value is None else float(value)
 
 
 async def create_store(
@@ -198,28 +124,55 @@ async def create_store(
     latitude: float,
     longitude: float,
     time_zone: str,
+    radius_m: float = DEFAULT_RADIUS_M,
 ) -> Committed[Store]:
-    """A new, active store of the brand, with its location and IANA time zone."""
-    raise_if(
-        check(is_external_id(external_id), "external_id", EXTERNAL_ID_RULE),
-        check(is_name(name), "name", NAME_RULE),
-        check(in_range(latitude, -90, 90), "latitude", "must be a number from -90 to 90"),
-        check(in_range(longitude, -180, 180), "longitude", "must be a number from -180 to 180"),
-        check(is_time_zone(time_zone), "time_zone", "must be an IANA time zone name, such as Europe/Paris"),
-    )
-    async with _change(conn, f"the brand already has a store {external_id!r}") as version:
-        await _get(conn, BRANDS, brand_id, brand_id)
+    """A new, active store of the brand, with its location, geofence radius (metres) and IANA time zone."""
+    raise_if(store_rules({
+        "external_id": external_id, "name": name, "latitude": latitude, "longitude": longitude,
+        "time_zone": time_zone, "radius_m": radius_m,
+    }))  # fmt: skip
+    async with change(conn, f"the brand already has a store {external_id!r}") as version:
+        await get_row(conn, BRANDS, brand_id, brand_id)
         row = await conn.fetchrow(
-            _INSERT_STORE, brand_id, external_id, name, float(latitude), float(longitude), time_zone, version
-        )
+            _INSERT_STORE, brand_id, external_id, name, float(latitude), float(longitude), time_zone,
+            float(radius_m), version,
+        )  # fmt: skip
         store = STORES.row(row)
-        await _audit(conn, version, actor, "store.create", store, None, _state(store))
+        await audit(conn, version, actor, "store.create", store, None, state(store))
     return Committed(store, version)
+
+
+async def update_store(
+    conn: asyncpg.Connection,
+    *,
+    actor: str,
+    brand_id: int | None,
+    store_id: int,
+    name: str | None = None,
+    latitude: float | None = None,
+    longitude: float | None = None,
+    time_zone: str | None = None,
+    radius_m: float | None = None,
+) -> Committed[Store]:
+    """Change one of the brand's stores: the fields given (None: unchanged). Its external id is its name in every
+    request, so it never changes."""
+    raise_if(store_rules({
+        "name": name, "latitude": latitude, "longitude": longitude, "time_zone": time_zone, "radius_m": radius_m
+    }))  # fmt: skip
+    async with change(conn) as version:
+        before = await get_row(conn, STORES, store_id, brand_id)
+        row = await conn.fetchrow(
+            _UPDATE_STORE, store_id, name, _number(latitude), _number(longitude), time_zone, _number(radius_m),
+            version,
+        )  # fmt: skip
+        after = STORES.row(row)
+        await audit(conn, version, actor, "store.update", after, state(before), state(after))
+    return Committed(after, version)
 
 
 async def list_stores(conn: asyncpg.Connection, *, brand_id: int | None) -> list[Store]:
     """The brand's stores (None: every brand's)."""
-    return await _list(conn, STORES, "$1::bigint IS NULL OR brand_id = $1", brand_id)
+    return await list_rows(conn, STORES, "$1::bigint IS NULL OR brand_id = $1", brand_id)
 
 
 async def set_store_status(
@@ -237,15 +190,15 @@ async def create_terminal(
 ) -> Committed[Terminal]:
     """A new, active terminal of one of the brand's stores."""
     raise_if(check(is_external_id(external_id), "external_id", EXTERNAL_ID_RULE))
-    async with _change(conn, f"the store already has a terminal {external_id!r}") as version:
-        await _get(conn, STORES, store_id, brand_id)
+    async with change(conn, f"the store already has a terminal {external_id!r}") as version:
+        await get_row(conn, STORES, store_id, brand_id)
         row = await conn.fetchrow(
             f"""INSERT INTO terminals (brand_id, store_id, external_id, row_version)
                 VALUES ($1, $2, $3, $4) RETURNING {TERMINALS.columns}""",  # noqa: S608 - constants only
             brand_id, store_id, external_id, version,
         )  # fmt: skip
         terminal = TERMINALS.row(row)
-        await _audit(conn, version, actor, "terminal.create", terminal, None, _state(terminal))
+        await audit(conn, version, actor, "terminal.create", terminal, None, state(terminal))
     return Committed(terminal, version)
 
 
@@ -254,7 +207,7 @@ async def list_terminals(
 ) -> list[Terminal]:
     """The brand's terminals (None: every brand's), optionally of one store."""
     where = "($1::bigint IS NULL OR brand_id = $1) AND ($2::bigint IS NULL OR store_id = $2)"
-    return await _list(conn, TERMINALS, where, brand_id, store_id)
+    return await list_rows(conn, TERMINALS, where, brand_id, store_id)
 
 
 async def set_terminal_status(
@@ -295,7 +248,7 @@ async def _binding(
     Another brand's store or terminal is described exactly like a missing one; the brand must exist."""
     if brand_id is None:  # a platform client: _client_rules refuses any binding
         return store_id, []
-    await _get(conn, BRANDS, brand_id, brand_id)
+    await get_row(conn, BRANDS, brand_id, brand_id)
     if terminal_id is not None:
         query = "SELECT store_id FROM terminals WHERE id = $1 AND brand_id = $2"
         terminal_store: int | None = await conn.fetchval(query, terminal_id, brand_id)
@@ -333,7 +286,7 @@ async def create_client(
         *check(is_name(label), "label", NAME_RULE),
         *check(is_env(env), "env", f"must be one of {', '.join(api_keys.ENVIRONMENTS)}"),
     ]
-    async with _change(conn) as version:
+    async with change(conn) as version:
         store_id, binding = await _binding(conn, brand_id, store_id, terminal_id)
         raise_if(rules, binding)
         row = await conn.fetchrow(
@@ -341,13 +294,13 @@ async def create_client(
         )
         client = CLIENTS.row(row)
         key, plaintext = await _insert_key(conn, client.id, env, version)
-        await _audit(conn, version, actor, "client.create", client, None, _state(client, [key]))
+        await audit(conn, version, actor, "client.create", client, None, state(client, [key]))
     return Committed(IssuedKey(client, key.key_id, plaintext), version)
 
 
 async def list_clients(conn: asyncpg.Connection, *, brand_id: int | None) -> list[Client]:
     """The brand's clients (None: every client, platform clients included)."""
-    return await _list(conn, CLIENTS, "$1::bigint IS NULL OR brand_id = $1", brand_id)
+    return await list_rows(conn, CLIENTS, "$1::bigint IS NULL OR brand_id = $1", brand_id)
 
 
 async def _keys_of(conn: asyncpg.Connection, client_id: str) -> list[ApiKey]:
@@ -358,13 +311,13 @@ async def revoke_client(
     conn: asyncpg.Connection, *, actor: str, brand_id: int | None, client_id: str
 ) -> Committed[Client]:
     """Revoke a client and every key it has, at once (revoking twice keeps the first time)."""
-    async with _change(conn) as version:
-        before = await _get(conn, CLIENTS, client_id, brand_id)
-        before_json = _state(before, await _keys_of(conn, client_id))
+    async with change(conn) as version:
+        before = await get_row(conn, CLIENTS, client_id, brand_id)
+        before_json = state(before, await _keys_of(conn, client_id))
         after = CLIENTS.row(await conn.fetchrow(_REVOKE_CLIENT, client_id, version))
         await conn.execute(_REVOKE_KEYS, client_id, version)
-        after_json = _state(after, await _keys_of(conn, client_id))
-        await _audit(conn, version, actor, "client.revoke", after, before_json, after_json)
+        after_json = state(after, await _keys_of(conn, client_id))
+        await audit(conn, version, actor, "client.revoke", after, before_json, after_json)
     return Committed(after, version)
 
 
@@ -377,15 +330,15 @@ async def rotate_client_key(
         check(grace >= timedelta(0), "grace", "must not be negative"),
         check(is_env(env), "env", f"must be one of {', '.join(api_keys.ENVIRONMENTS)}"),
     )
-    async with _change(conn) as version:
-        client = await _get(conn, CLIENTS, client_id, brand_id)
+    async with change(conn) as version:
+        client = await get_row(conn, CLIENTS, client_id, brand_id)
         raise_if(check(client.revoked_at is None, "client_id", "is revoked: create a new client instead"))
-        before_json = _state(client, await _keys_of(conn, client_id))
+        before_json = state(client, await _keys_of(conn, client_id))
         expires_at: datetime = await conn.fetchval("SELECT now() + $1::interval", grace)
         await conn.execute(_EXPIRE_KEYS, client_id, expires_at, version)
         key, plaintext = await _insert_key(conn, client_id, env, version)
-        after_json = _state(client, await _keys_of(conn, client_id))
-        await _audit(conn, version, actor, "client.rotate_key", client, before_json, after_json)
+        after_json = state(client, await _keys_of(conn, client_id))
+        await audit(conn, version, actor, "client.rotate_key", client, before_json, after_json)
     return Committed(IssuedKey(client, key.key_id, plaintext, expires_at), version)
 
 

@@ -5,13 +5,14 @@ Incremental refresh of a snapshot: `registry.apply(await load_changes(conn, regi
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import asyncpg
 
-from gateway.tenancy.model import ApiKey, Brand, Client, Role, Status, Store, Terminal
+from gateway.tenancy.model import ApiKey, Brand, Client, RiskPolicyRow, Role, Status, Store, Terminal
 from gateway.tenancy.snapshot import Registry, RegistryChanges
 
 T = TypeVar("T")
@@ -34,7 +35,7 @@ def _brand(r: asyncpg.Record) -> Brand:
 def _store(r: asyncpg.Record) -> Store:
     return Store(
         r["id"], r["brand_id"], r["external_id"], r["name"], r["latitude"], r["longitude"], r["time_zone"],
-        Status(r["status"]),
+        Status(r["status"]), r["radius_m"],
     )  # fmt: skip
 
 
@@ -58,9 +59,14 @@ def _key(r: asyncpg.Record) -> ApiKey:
     )
 
 
+def _risk_policy(r: asyncpg.Record) -> RiskPolicyRow:
+    # asyncpg hands jsonb over as its text unless a codec is set; decoding here keeps connections codec-free.
+    return RiskPolicyRow(r["brand_id"], r["campaign_id"], json.loads(r["document"]))
+
+
 BRANDS = Table("brands", "brand", "id, slug, name, status", _brand)
 STORES = Table(
-    "stores", "store", "id, brand_id, external_id, name, latitude, longitude, time_zone, status", _store
+    "stores", "store", "id, brand_id, external_id, name, latitude, longitude, time_zone, status, radius_m", _store
 )  # fmt: skip
 TERMINALS = Table(
     "terminals", "terminal", "id, brand_id, store_id, external_id, status, first_seen_at, last_seen_at", _terminal
@@ -69,6 +75,7 @@ CLIENTS = Table(
     "api_clients", "client", "id, brand_id, role, store_id, terminal_id, label, created_at, revoked_at", _client
 )  # fmt: skip
 KEYS = Table("api_keys", "key", "key_id, client_id, secret_hash, created_at, expires_at, revoked_at", _key)
+RISK_POLICIES = Table("risk_policies", "risk policy", "brand_id, campaign_id, document", _risk_policy)
 
 
 async def _changed(conn: asyncpg.Connection, table: Table[T], since_version: int) -> tuple[T, ...]:
@@ -95,6 +102,7 @@ async def load_changes(conn: asyncpg.Connection, since_version: int) -> Registry
             terminals=await _changed(conn, TERMINALS, since_version),
             clients=await _changed(conn, CLIENTS, since_version),
             keys=await _changed(conn, KEYS, since_version),
+            risk_policies=await _changed(conn, RISK_POLICIES, since_version),
         )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -9,6 +10,11 @@ from typing import Any
 
 # Owns every campaign created before brands existed (migration 0003).
 DEFAULT_BRAND_ID = 1
+# A store's geofence radius unless set otherwise, and the bounds of any (migration 0005).
+DEFAULT_RADIUS_M = 300.0
+MAX_RADIUS_M = 100_000.0
+# The campaign id of a brand-wide risk policy.
+BRAND_WIDE = 0
 
 
 class Role(StrEnum):
@@ -40,7 +46,7 @@ class Brand:
 
 @dataclass(frozen=True, slots=True)
 class Store:
-    """A brand's store, with the location and time zone the risk engine checks against."""
+    """A brand's store, with the location, geofence radius (metres) and time zone the risk engine checks against."""
 
     id: int
     brand_id: int
@@ -50,6 +56,7 @@ class Store:
     longitude: float
     time_zone: str
     status: Status
+    radius_m: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +101,16 @@ class ApiKey:
     def __repr__(self) -> str:
         # The hash is not the secret, but it has no business in logs or tracebacks either.
         return f"ApiKey(key_id={self.key_id!r}, client_id={self.client_id!r}, expires_at={self.expires_at!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class RiskPolicyRow:
+    """A brand's risk-policy document as stored: brand-wide (campaign_id 0) or for one campaign of the brand.
+    The empty document is a cleared policy (rows are never deleted); risk/policy.py gives documents meaning."""
+
+    brand_id: int
+    campaign_id: int
+    document: Mapping[str, Any]
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ from types import MappingProxyType
 from typing import Any, TypeVar
 
 from gateway.tenancy import api_keys
-from gateway.tenancy.model import ApiKey, Brand, Client, Status, Store, Terminal
+from gateway.tenancy.model import ApiKey, Brand, Client, RiskPolicyRow, Status, Store, Terminal
 
 K = TypeVar("K", bound=Hashable)
 X = TypeVar("X", bound=Hashable)
@@ -37,9 +37,11 @@ class RegistryChanges:
     terminals: tuple[Terminal, ...] = ()
     clients: tuple[Client, ...] = ()
     keys: tuple[ApiKey, ...] = ()
+    risk_policies: tuple[RiskPolicyRow, ...] = ()
 
     def __len__(self) -> int:
-        return len(self.brands) + len(self.stores) + len(self.terminals) + len(self.clients) + len(self.keys)
+        rows = (self.brands, self.stores, self.terminals, self.clients, self.keys, self.risk_policies)
+        return sum(len(changed) for changed in rows)
 
 
 def _merge(rows: Mapping[K, R], changed: Iterable[R], id_of: Callable[[R], K]) -> Mapping[K, R]:
@@ -87,6 +89,23 @@ def _key_id(key: ApiKey) -> str:
     return key.key_id
 
 
+def _policy_key(policy: RiskPolicyRow) -> tuple[int, int]:
+    return policy.brand_id, policy.campaign_id
+
+
+def _merge_policies(
+    documents: Mapping[tuple[int, int], Mapping[str, Any]], changed: Iterable[RiskPolicyRow]
+) -> Mapping[tuple[int, int], Mapping[str, Any]]:
+    """Documents with the changed ones upserted; a cleared policy (`{}`) is dropped, as if never set."""
+    merged = dict(documents)
+    for policy in changed:
+        if policy.document:
+            merged[_policy_key(policy)] = MappingProxyType(dict(policy.document))
+        else:
+            merged.pop(_policy_key(policy), None)
+    return MappingProxyType(merged)
+
+
 def _store_key(store: Store) -> tuple[int, str]:
     return store.brand_id, store.external_id
 
@@ -97,8 +116,11 @@ def _terminal_key(terminal: Terminal) -> tuple[int, str]:
 
 @dataclass(frozen=True, slots=True)
 class Registry:
-    """Every brand, store, terminal, client and key at one registry version, with the indexes the hot path uses.
-    The maps are read-only; build a new snapshot with `apply`."""
+    """Every brand, store, terminal, client, key and risk-policy document at one registry version, with the indexes
+    the hot path uses. The maps are read-only; build a new snapshot with `apply`.
+
+    `risk_policies` maps (brand id, campaign id - 0 for brand-wide) to the stored document, as
+    `risk.policy.PolicyBook.from_documents` takes them; cleared (empty) documents are left out."""
 
     version: int
     brands: Mapping[int, Brand]
@@ -109,12 +131,13 @@ class Registry:
     terminal_ids_by_external: Mapping[tuple[int, str], int]
     clients: Mapping[str, Client]
     keys: Mapping[str, ApiKey]
+    risk_policies: Mapping[tuple[int, int], Mapping[str, Any]]
 
     @classmethod
     def empty(cls) -> Registry:
         """A registry with nothing in it, at version 0 (the state before the first load)."""
         nothing: Mapping[Any, Any] = MappingProxyType({})
-        return cls(0, nothing, nothing, nothing, nothing, nothing, nothing, nothing, nothing)
+        return cls(0, nothing, nothing, nothing, nothing, nothing, nothing, nothing, nothing, nothing)
 
     def apply(self, changes: RegistryChanges) -> Registry:
         """A new snapshot with the changed rows upserted (rows are never deleted: revoke and disable are updates)."""
@@ -129,7 +152,10 @@ class Registry:
         )
         clients = _merge(self.clients, changes.clients, _client_id)
         keys = _merge(self.keys, changes.keys, _key_id)
-        return Registry(changes.version, brands, slugs, stores, by_store_key, terminals, by_terminal_key, clients, keys)
+        policies = _merge_policies(self.risk_policies, changes.risk_policies)
+        return Registry(
+            changes.version, brands, slugs, stores, by_store_key, terminals, by_terminal_key, clients, keys, policies
+        )
 
     def authenticate(self, parsed: api_keys.ParsedKey, now: datetime) -> Client | None:
         """The client a key belongs to, if the key is known, its secret matches, it is neither revoked nor past its

@@ -20,7 +20,7 @@ from gateway.grpc_api.client_auth import authenticated_channel
 from gateway.grpc_api.server import Gateway
 from gateway.pb.redemption.v1 import redemption_pb2_grpc as pb_grpc
 from gateway.settings import Settings
-from gateway.tenancy import admin_store, notify
+from gateway.tenancy import admin_risk, admin_store, notify
 from gateway.tenancy.model import Store, Terminal
 from tests.conftest import T0_MS, gateway_environ
 
@@ -132,10 +132,20 @@ async def tenants(db: asyncpg.Connection, redis: Redis) -> Tenants:
         "store_pos": await _client(db, 1, "pos", store_id=store.id),
         "terminal_pos": await _client(db, 1, "pos", terminal_id=terminal.id),
     }
+    await admin_risk.set_risk_policy(db, actor="tests", brand_id=1, campaign_id=0, document=HAMMER_POLICY)
     version = await db.fetchval("SELECT version FROM registry_version")
     await notify.publish(redis, version)
     return Tenants({n: key for n, (_, key) in made.items()}, {n: cid for n, (cid, _) in made.items()}, other.id,
                    store, terminal)  # fmt: skip
+
+
+# Brand 1's risk policy in the suites that are not about risk: they hammer one code from a few terminals and send
+# thousands of unknown codes on purpose (races, streams, fuzzing), which the default limits and lockouts would
+# (rightly) stop. Every other rule keeps its default; the risk suites set their own policies.
+HAMMER_POLICY: dict[str, object] = {
+    "limits": {"terminal": None, "store": None, "client": None, "code": None, "device": None},
+    "lockout": {"terminal": None, "store": None, "client": None},
+}
 
 
 @dataclass

@@ -49,7 +49,9 @@ async def audit_count(db: asyncpg.Connection) -> int:
 
 async def registry_state(db: asyncpg.Connection) -> tuple[Any, ...]:
     """Everything a refused change must leave as it was."""
-    tables = ("brands", "stores", "terminals", "api_clients", "api_keys", "audit_log", "registry_version")
+    tables = (
+        "brands", "stores", "terminals", "api_clients", "api_keys", "risk_policies", "audit_log", "registry_version"
+    )  # fmt: skip
     state = []
     for table in tables:
         state.append([tuple(r) for r in await db.fetch(f"SELECT * FROM {table} ORDER BY 1")])

@@ -126,6 +126,11 @@ def every_rpc(store: Store, terminal: Terminal, client_id: str, tag: str) -> lis
         ("RotateClientKey", pb.RotateClientKeyRequest(client_id=client_id)),
         ("RevokeClient", pb.RevokeClientRequest(client_id=client_id)),
         ("ListAuditLog", pb.ListAuditLogRequest(limit=5)),
+        ("UpdateStore", pb.UpdateStoreRequest(store_id=store.id, radius_m=250)),
+        ("SetRiskPolicy", pb.SetRiskPolicyRequest(document_json="{}")),
+        ("GetRiskPolicy", pb.GetRiskPolicyRequest()),
+        ("ListLockouts", pb.ListLockoutsRequest()),
+        ("LiftLockout", pb.LiftLockoutRequest(scope="terminal", subject="store-1/till-1")),
     ]  # fmt: skip
 
 

@@ -9,13 +9,13 @@ import pytest
 
 from gateway.tenancy import api_keys
 from gateway.tenancy.api_keys import ParsedKey
-from gateway.tenancy.model import ApiKey, Brand, Client, Role, Status, Store, Terminal
+from gateway.tenancy.model import ApiKey, Brand, Client, RiskPolicyRow, Role, Status, Store, Terminal
 from gateway.tenancy.snapshot import Registry, RegistryChanges
 
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
 BRAND = Brand(7, "acme", "Acme", Status.ACTIVE)
 OTHER_BRAND = Brand(8, "globex", "Globex", Status.ACTIVE)
-STORE = Store(3, 7, "s-1", "Main street", 48.85, 2.35, "Europe/Paris", Status.ACTIVE)
+STORE = Store(3, 7, "s-1", "Main street", 48.85, 2.35, "Europe/Paris", Status.ACTIVE, 300.0)
 TERMINAL = Terminal(5, 7, 3, "till-1", Status.ACTIVE, None, None)
 
 
@@ -142,3 +142,15 @@ def test_a_full_load_replaces_the_snapshot(registry: Registry) -> None:
 
 def test_nothing_new_keeps_the_same_snapshot(registry: Registry) -> None:
     assert registry.apply(RegistryChanges(version=4)) is registry
+
+
+def test_risk_policies_are_upserted_and_a_cleared_one_is_dropped(registry: Registry) -> None:
+    brand_wide = RiskPolicyRow(7, 0, {"modes": {"lockout": "shadow"}})
+    campaign = RiskPolicyRow(7, 12, {"modes": {"lockout": "off"}})
+    first = registry.apply(RegistryChanges(version=5, risk_policies=(brand_wide, campaign)))
+    assert dict(first.risk_policies) == {(7, 0): brand_wide.document, (7, 12): campaign.document}
+    cleared = first.apply(RegistryChanges(version=6, risk_policies=(RiskPolicyRow(7, 12, {}),)))
+    assert dict(cleared.risk_policies) == {(7, 0): brand_wide.document}
+    assert (7, 12) in first.risk_policies  # the old snapshot is untouched
+    with pytest.raises(TypeError):
+        cleared.risk_policies[(7, 0)]["modes"] = {}  # type: ignore[index]

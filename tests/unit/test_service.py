@@ -14,6 +14,7 @@ from gateway.domain import (
     CodeLookup,
     CodeNotFound,
     CodeState,
+    FailedAttempt,
     ItemFailure,
     NotReady,
     Outcome,
@@ -25,6 +26,7 @@ from gateway.domain import (
 )
 from gateway.service import Mode, RedemptionService
 from gateway.validation import InvalidRequest
+from risk.model import Assessment, CounterPlan
 
 RING = KeyRing({"k": b"k" * 32}, "k")
 CALLER = Caller(client_id="cl_pos", brand_id=3, role="pos")
@@ -36,21 +38,35 @@ class FakeStore:
 
     def __init__(self, down: frozenset[int] = frozenset()) -> None:
         self.calls: list[tuple[Mode, list[RedeemCommand]]] = []
+        self.risks: list[Assessment | None] = []
+        self.failures: list[tuple[CounterPlan, FailedAttempt]] = []
         self.down = down
 
     async def decide(
-        self, commands: Sequence[RedeemCommand], redemption_ids: Sequence[str], *, mode: Mode, now_ms: int
+        self,
+        commands: Sequence[RedeemCommand],
+        redemption_ids: Sequence[str],
+        *,
+        mode: Mode,
+        now_ms: int,
+        risks: Sequence[Assessment | None] | None = None,
     ) -> Sequence[RedeemResult | ItemFailure]:
         self.calls.append((mode, list(commands)))
+        self.risks += risks or [None] * len(commands)
         if commands[0].lookup.route.shard in self.down:
             raise StoreUnavailable("ConnectionError")
         return [RedeemResult(Outcome.REDEEMED, c.lookup.route.campaign_id, 0, rid, now_ms, 1) for c, rid in
                 zip(commands, redemption_ids, strict=True)]  # fmt: skip
 
-    async def redeem_one(self, command: RedeemCommand, redemption_id: str, *, mode: Mode, now_ms: int) -> RedeemResult:
-        (result,) = await self.decide([command], [redemption_id], mode=mode, now_ms=now_ms)
+    async def redeem_one(
+        self, command: RedeemCommand, redemption_id: str, *, mode: Mode, now_ms: int, risk: Assessment | None = None
+    ) -> RedeemResult:
+        (result,) = await self.decide([command], [redemption_id], mode=mode, now_ms=now_ms, risks=[risk])
         assert isinstance(result, RedeemResult)
         return result
+
+    async def count_failure(self, plan: CounterPlan, attempt: FailedAttempt) -> None:
+        self.failures.append((plan, attempt))
 
     async def code_state(self, lookup: CodeLookup, brand_id: int) -> CodeState | None:
         return None

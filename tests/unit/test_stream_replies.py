@@ -48,11 +48,12 @@ def test_every_reply_to_an_accepted_message_fits_the_send_limit(
 
 def test_the_bound_is_tight_for_the_worst_error() -> None:
     """All-bad items (every field violated, long texts) reach the bound exactly: it is not a loose guess."""
-    worst = Fault(3, "m" * 1000, "r" * 100, [FieldViolation("f" * 50, "d" * 500)] * 12)
+    worst = Fault(8, "m" * 1000, "r" * 100, [FieldViolation("f" * 50, "d" * 500)] * 12, quota_subject="s" * 500,
+                  retry_after_ms=604_799_999)  # fmt: skip
     reply = pb.RedeemStreamResponse(
         batch_id="b" * MAX_BATCH_ID_CHARS, results=[pb.RedeemStreamResult(error=item_error(worst))] * 64
     )
-    assert worst_reply_bytes(64) - reply.ByteSize() <= 64 * 10  # only the int32 code's varint (-1 vs 3) differs
+    assert worst_reply_bytes(64) - reply.ByteSize() <= 64 * 10  # only the int32 code's varint (-1 vs 8) differs
 
 
 def test_captions_are_cut_on_character_boundaries() -> None:

@@ -65,6 +65,11 @@ class AdminServiceStub:
                 request_serializer=redemption_dot_v1_dot_admin__pb2.SetStoreStatusRequest.SerializeToString,
                 response_deserializer=redemption_dot_v1_dot_admin__pb2.SetStoreStatusResponse.FromString,
                 _registered_method=True)
+        self.UpdateStore = channel.unary_unary(
+                '/redemption.v1.AdminService/UpdateStore',
+                request_serializer=redemption_dot_v1_dot_admin__pb2.UpdateStoreRequest.SerializeToString,
+                response_deserializer=redemption_dot_v1_dot_admin__pb2.UpdateStoreResponse.FromString,
+                _registered_method=True)
         self.CreateTerminal = channel.unary_unary(
                 '/redemption.v1.AdminService/CreateTerminal',
                 request_serializer=redemption_dot_v1_dot_admin__pb2.CreateTerminalRequest.SerializeToString,
@@ -104,6 +109,26 @@ class AdminServiceStub:
                 '/redemption.v1.AdminService/ListAuditLog',
                 request_serializer=redemption_dot_v1_dot_admin__pb2.ListAuditLogRequest.SerializeToString,
                 response_deserializer=redemption_dot_v1_dot_admin__pb2.ListAuditLogResponse.FromString,
+                _registered_method=True)
+        self.SetRiskPolicy = channel.unary_unary(
+                '/redemption.v1.AdminService/SetRiskPolicy',
+                request_serializer=redemption_dot_v1_dot_admin__pb2.SetRiskPolicyRequest.SerializeToString,
+                response_deserializer=redemption_dot_v1_dot_admin__pb2.SetRiskPolicyResponse.FromString,
+                _registered_method=True)
+        self.GetRiskPolicy = channel.unary_unary(
+                '/redemption.v1.AdminService/GetRiskPolicy',
+                request_serializer=redemption_dot_v1_dot_admin__pb2.GetRiskPolicyRequest.SerializeToString,
+                response_deserializer=redemption_dot_v1_dot_admin__pb2.GetRiskPolicyResponse.FromString,
+                _registered_method=True)
+        self.ListLockouts = channel.unary_unary(
+                '/redemption.v1.AdminService/ListLockouts',
+                request_serializer=redemption_dot_v1_dot_admin__pb2.ListLockoutsRequest.SerializeToString,
+                response_deserializer=redemption_dot_v1_dot_admin__pb2.ListLockoutsResponse.FromString,
+                _registered_method=True)
+        self.LiftLockout = channel.unary_unary(
+                '/redemption.v1.AdminService/LiftLockout',
+                request_serializer=redemption_dot_v1_dot_admin__pb2.LiftLockoutRequest.SerializeToString,
+                response_deserializer=redemption_dot_v1_dot_admin__pb2.LiftLockoutResponse.FromString,
                 _registered_method=True)
 
 
@@ -148,6 +173,13 @@ class AdminServiceServicer:
 
     def SetStoreStatus(self, request, context):
         """SetStoreStatus enables or disables one of the brand's stores.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateStore(self, request, context):
+        """UpdateStore changes one of the brand's stores: its name, location, time zone or geofence radius.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -210,6 +242,36 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetRiskPolicy(self, request, context):
+        """SetRiskPolicy stores the brand's risk policy (campaign_id 0) or one of its campaigns'. Every gateway process
+        enforces it within about two seconds, without a restart.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRiskPolicy(self, request, context):
+        """GetRiskPolicy returns the stored risk policy of the brand or of one of its campaigns, and the policy in effect
+        there.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListLockouts(self, request, context):
+        """ListLockouts lists the brand's current brute-force lockouts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LiftLockout(self, request, context):
+        """LiftLockout ends a lockout at once, and forgets the failures that led to it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -242,6 +304,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.SetStoreStatus,
                     request_deserializer=redemption_dot_v1_dot_admin__pb2.SetStoreStatusRequest.FromString,
                     response_serializer=redemption_dot_v1_dot_admin__pb2.SetStoreStatusResponse.SerializeToString,
+            ),
+            'UpdateStore': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateStore,
+                    request_deserializer=redemption_dot_v1_dot_admin__pb2.UpdateStoreRequest.FromString,
+                    response_serializer=redemption_dot_v1_dot_admin__pb2.UpdateStoreResponse.SerializeToString,
             ),
             'CreateTerminal': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateTerminal,
@@ -282,6 +349,26 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListAuditLog,
                     request_deserializer=redemption_dot_v1_dot_admin__pb2.ListAuditLogRequest.FromString,
                     response_serializer=redemption_dot_v1_dot_admin__pb2.ListAuditLogResponse.SerializeToString,
+            ),
+            'SetRiskPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRiskPolicy,
+                    request_deserializer=redemption_dot_v1_dot_admin__pb2.SetRiskPolicyRequest.FromString,
+                    response_serializer=redemption_dot_v1_dot_admin__pb2.SetRiskPolicyResponse.SerializeToString,
+            ),
+            'GetRiskPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRiskPolicy,
+                    request_deserializer=redemption_dot_v1_dot_admin__pb2.GetRiskPolicyRequest.FromString,
+                    response_serializer=redemption_dot_v1_dot_admin__pb2.GetRiskPolicyResponse.SerializeToString,
+            ),
+            'ListLockouts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLockouts,
+                    request_deserializer=redemption_dot_v1_dot_admin__pb2.ListLockoutsRequest.FromString,
+                    response_serializer=redemption_dot_v1_dot_admin__pb2.ListLockoutsResponse.SerializeToString,
+            ),
+            'LiftLockout': grpc.unary_unary_rpc_method_handler(
+                    servicer.LiftLockout,
+                    request_deserializer=redemption_dot_v1_dot_admin__pb2.LiftLockoutRequest.FromString,
+                    response_serializer=redemption_dot_v1_dot_admin__pb2.LiftLockoutResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -447,6 +534,33 @@ class AdminService:
             '/redemption.v1.AdminService/SetStoreStatus',
             redemption_dot_v1_dot_admin__pb2.SetStoreStatusRequest.SerializeToString,
             redemption_dot_v1_dot_admin__pb2.SetStoreStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateStore(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/redemption.v1.AdminService/UpdateStore',
+            redemption_dot_v1_dot_admin__pb2.UpdateStoreRequest.SerializeToString,
+            redemption_dot_v1_dot_admin__pb2.UpdateStoreResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -663,6 +777,114 @@ class AdminService:
             '/redemption.v1.AdminService/ListAuditLog',
             redemption_dot_v1_dot_admin__pb2.ListAuditLogRequest.SerializeToString,
             redemption_dot_v1_dot_admin__pb2.ListAuditLogResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRiskPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/redemption.v1.AdminService/SetRiskPolicy',
+            redemption_dot_v1_dot_admin__pb2.SetRiskPolicyRequest.SerializeToString,
+            redemption_dot_v1_dot_admin__pb2.SetRiskPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRiskPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/redemption.v1.AdminService/GetRiskPolicy',
+            redemption_dot_v1_dot_admin__pb2.GetRiskPolicyRequest.SerializeToString,
+            redemption_dot_v1_dot_admin__pb2.GetRiskPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListLockouts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/redemption.v1.AdminService/ListLockouts',
+            redemption_dot_v1_dot_admin__pb2.ListLockoutsRequest.SerializeToString,
+            redemption_dot_v1_dot_admin__pb2.ListLockoutsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LiftLockout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/redemption.v1.AdminService/LiftLockout',
+            redemption_dot_v1_dot_admin__pb2.LiftLockoutRequest.SerializeToString,
+            redemption_dot_v1_dot_admin__pb2.LiftLockoutResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -20,7 +20,11 @@ gRPC status codes carrying google.rpc details:
                        google.rpc.ErrorInfo), and for request bytes that do not parse as the request message
                        (reason MALFORMED_REQUEST, no field named). Nothing was changed.
   RESOURCE_EXHAUSTED + google.rpc.RetryInfo: the server is at its concurrent-call limit; retry later. Also a
-                       request message over the server's size limit (make it smaller).
+                       request message over the server's size limit (make it smaller). With
+                       google.rpc.QuotaFailure too (ErrorInfo reason RATE_LIMITED): the caller is over its own
+                       rate limit; the violation's subject names the scope ("client:<id>", "terminal:<store>/
+                       <terminal>", "store:<id>", "brand:-") and RetryInfo says when the next attempt is
+                       admitted. Nothing was decided or counted.
   UNAVAILABLE        + google.rpc.RetryInfo: a dependency (Redis, or the tenant registry) is not ready. The
                        call did not happen, or may have happened: retry with the SAME idempotency key to learn
                        which.
@@ -31,6 +35,7 @@ gRPC status codes carrying google.rpc details:
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -68,6 +73,17 @@ class _OutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Outcome.Value
     """The code's (or its campaign's) validity window has not started yet. reason: CODE_NOT_YET_VALID."""
     OUTCOME_REDEEMABLE: _Outcome.ValueType  # 6
     """Validate only: Redeem would redeem the code now. reason: REDEEMABLE."""
+    OUTCOME_RISK_DENIED: _Outcome.ValueType  # 7
+    """The risk engine declined the attempt; the code was not used (nothing about it was looked at or changed,
+    except DEVICE_MISMATCH / DEVICE_LIMIT, decided with the code). reason, one of: LOCKED_OUT (too many failed
+    attempts from this terminal, store or client: locked for a cool-down, see retry_after), DEVICE_VELOCITY,
+    CODE_VELOCITY (too many attempts by this customer device / on this code; see retry_after),
+    TERMINAL_STORE_MISMATCH (a registered terminal naming another store), UNKNOWN_TERMINAL (the brand accepts
+    registered terminals only), OUTSIDE_STORE_RADIUS, OUTSIDE_CAMPAIGN_REGION, LOCATION_REQUIRED (no location,
+    and the brand requires one), LOCATION_TOO_INACCURATE, IMPOSSIBLE_TRAVEL, DEVICE_MISMATCH (the code is bound
+    to another customer device), DEVICE_REQUIRED, DEVICE_LIMIT (this device used its share of the campaign),
+    RISK_DATA_UNAVAILABLE (a fact a rule needs is missing and the rule fails closed). New reasons may be added.
+    """
 
 class Outcome(_Outcome, metaclass=_OutcomeEnumTypeWrapper):
     """Outcome is the business decision on a code. New values are added over time; treat an unknown value as a
@@ -90,6 +106,17 @@ OUTCOME_NOT_YET_VALID: Outcome.ValueType  # 5
 """The code's (or its campaign's) validity window has not started yet. reason: CODE_NOT_YET_VALID."""
 OUTCOME_REDEEMABLE: Outcome.ValueType  # 6
 """Validate only: Redeem would redeem the code now. reason: REDEEMABLE."""
+OUTCOME_RISK_DENIED: Outcome.ValueType  # 7
+"""The risk engine declined the attempt; the code was not used (nothing about it was looked at or changed,
+except DEVICE_MISMATCH / DEVICE_LIMIT, decided with the code). reason, one of: LOCKED_OUT (too many failed
+attempts from this terminal, store or client: locked for a cool-down, see retry_after), DEVICE_VELOCITY,
+CODE_VELOCITY (too many attempts by this customer device / on this code; see retry_after),
+TERMINAL_STORE_MISMATCH (a registered terminal naming another store), UNKNOWN_TERMINAL (the brand accepts
+registered terminals only), OUTSIDE_STORE_RADIUS, OUTSIDE_CAMPAIGN_REGION, LOCATION_REQUIRED (no location,
+and the brand requires one), LOCATION_TOO_INACCURATE, IMPOSSIBLE_TRAVEL, DEVICE_MISMATCH (the code is bound
+to another customer device), DEVICE_REQUIRED, DEVICE_LIMIT (this device used its share of the campaign),
+RISK_DATA_UNAVAILABLE (a fact a rule needs is missing and the rule fails closed). New reasons may be added.
+"""
 Global___Outcome: _TypeAlias = Outcome  # noqa: Y015
 
 class _CodeStatus:
@@ -217,6 +244,7 @@ class RedeemResponse(_message.Message):
     USES_LEFT_FIELD_NUMBER: _builtins.int
     REPLAYED_FIELD_NUMBER: _builtins.int
     USE_NUMBER_FIELD_NUMBER: _builtins.int
+    RETRY_AFTER_FIELD_NUMBER: _builtins.int
     outcome: Global___Outcome.ValueType
     """The decision."""
     reason: _builtins.str
@@ -239,6 +267,12 @@ class RedeemResponse(_message.Message):
     def redeemed_at(self) -> _timestamp_pb2.Timestamp:
         """Set when outcome is OUTCOME_REDEEMED: when the redemption happened (server clock)."""
 
+    @_builtins.property
+    def retry_after(self) -> _duration_pb2.Duration:
+        """Set when outcome is OUTCOME_RISK_DENIED and waiting helps (LOCKED_OUT, DEVICE_VELOCITY, CODE_VELOCITY): how
+        long until the same attempt may be admitted.
+        """
+
     def __init__(
         self,
         *,
@@ -250,10 +284,11 @@ class RedeemResponse(_message.Message):
         uses_left: _builtins.int = ...,
         replayed: _builtins.bool = ...,
         use_number: _builtins.int = ...,
+        retry_after: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["redeemed_at", b"redeemed_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["redeemed_at", b"redeemed_at", "retry_after", b"retry_after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "outcome", b"outcome", "reason", b"reason", "redeemed_at", b"redeemed_at", "redemption_id", b"redemption_id", "replayed", b"replayed", "use_number", b"use_number", "uses_left", b"uses_left"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "outcome", b"outcome", "reason", b"reason", "redeemed_at", b"redeemed_at", "redemption_id", b"redemption_id", "replayed", b"replayed", "retry_after", b"retry_after", "use_number", b"use_number", "uses_left", b"uses_left"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -309,6 +344,7 @@ class ValidateResponse(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     CAMPAIGN_ID_FIELD_NUMBER: _builtins.int
     USES_LEFT_FIELD_NUMBER: _builtins.int
+    RETRY_AFTER_FIELD_NUMBER: _builtins.int
     outcome: Global___Outcome.ValueType
     """OUTCOME_REDEEMABLE, or the decline Redeem would give."""
     reason: _builtins.str
@@ -317,6 +353,10 @@ class ValidateResponse(_message.Message):
     """The campaign the code belongs to; 0 when not found."""
     uses_left: _builtins.int
     """Uses the code has left; 0 when not found."""
+    @_builtins.property
+    def retry_after(self) -> _duration_pb2.Duration:
+        """As RedeemResponse.retry_after."""
+
     def __init__(
         self,
         *,
@@ -324,10 +364,11 @@ class ValidateResponse(_message.Message):
         reason: _builtins.str = ...,
         campaign_id: _builtins.int = ...,
         uses_left: _builtins.int = ...,
+        retry_after: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["retry_after", b"retry_after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "outcome", b"outcome", "reason", b"reason", "uses_left", b"uses_left"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "outcome", b"outcome", "reason", b"reason", "retry_after", b"retry_after", "uses_left", b"uses_left"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -511,19 +552,30 @@ class ItemError(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     FIELD_VIOLATIONS_FIELD_NUMBER: _builtins.int
+    RETRY_AFTER_FIELD_NUMBER: _builtins.int
+    QUOTA_SUBJECT_FIELD_NUMBER: _builtins.int
     code: _builtins.int
     """A google.rpc.Code value: INVALID_ARGUMENT (3) for a malformed item or an idempotency key reused with a
-    different request; UNAVAILABLE (14) when Redis could not decide it (retry with the same key); INTERNAL (13).
+    different request; RESOURCE_EXHAUSTED (8) when the caller is over its own rate limit (see quota_subject and
+    retry_after); UNAVAILABLE (14) when Redis could not decide it (retry with the same key); INTERNAL (13).
     """
     message: _builtins.str
     """Human-readable; never contains the code. At most 160 bytes."""
     reason: _builtins.str
-    """Machine-readable: INVALID_REQUEST, IDEMPOTENCY_KEY_REUSED, DEPENDENCY_UNAVAILABLE, REDIS_NOT_READY, INTERNAL."""
+    """Machine-readable: INVALID_REQUEST, IDEMPOTENCY_KEY_REUSED, RATE_LIMITED, DEPENDENCY_UNAVAILABLE,
+    REDIS_NOT_READY, INTERNAL.
+    """
+    quota_subject: _builtins.str
+    """For RATE_LIMITED: the scope over its limit, as in google.rpc.QuotaFailure (at most 160 bytes)."""
     @_builtins.property
     def field_violations(self) -> _containers.RepeatedCompositeFieldContainer[Global___FieldViolation]:
         """For INVALID_ARGUMENT: each bad field of the item (paths relative to the item, as in BadRequest); at most 8,
         descriptions at most 96 bytes.
         """
+
+    @_builtins.property
+    def retry_after(self) -> _duration_pb2.Duration:
+        """When retrying later helps (RESOURCE_EXHAUSTED, UNAVAILABLE): how long to wait."""
 
     def __init__(
         self,
@@ -532,10 +584,12 @@ class ItemError(_message.Message):
         message: _builtins.str = ...,
         reason: _builtins.str = ...,
         field_violations: _abc.Iterable[Global___FieldViolation] | None = ...,
+        retry_after: _duration_pb2.Duration | None = ...,
+        quota_subject: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["retry_after", b"retry_after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "field_violations", b"field_violations", "message", b"message", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "field_violations", b"field_violations", "message", b"message", "quota_subject", b"quota_subject", "reason", b"reason", "retry_after", b"retry_after"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -20,7 +20,11 @@ gRPC status codes carrying google.rpc details:
                        google.rpc.ErrorInfo), and for request bytes that do not parse as the request message
                        (reason MALFORMED_REQUEST, no field named). Nothing was changed.
   RESOURCE_EXHAUSTED + google.rpc.RetryInfo: the server is at its concurrent-call limit; retry later. Also a
-                       request message over the server's size limit (make it smaller).
+                       request message over the server's size limit (make it smaller). With
+                       google.rpc.QuotaFailure too (ErrorInfo reason RATE_LIMITED): the caller is over its own
+                       rate limit; the violation's subject names the scope ("client:<id>", "terminal:<store>/
+                       <terminal>", "store:<id>", "brand:-") and RetryInfo says when the next attempt is
+                       admitted. Nothing was decided or counted.
   UNAVAILABLE        + google.rpc.RetryInfo: a dependency (Redis, or the tenant registry) is not ready. The
                        call did not happen, or may have happened: retry with the SAME idempotency key to learn
                        which.
