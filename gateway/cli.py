@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import re
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -79,12 +80,26 @@ async def _campaign_create(args: argparse.Namespace, settings: Settings) -> int:
     return await _with_stores(settings, create)
 
 
+def _device_id(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", text):
+        raise argparse.ArgumentTypeError("1 to 128 characters of [A-Za-z0-9._:-]")
+    return text
+
+
 async def _codes_generate(args: argparse.Namespace, settings: Settings) -> int:
     keyring = settings.keyring()
 
     async def generate(conn: asyncpg.Connection, redis: object) -> int:
         campaign = await issuance.get_campaign(conn, args.campaign)
-        n = await issuance.issue_codes(conn, redis, keyring, campaign, count=args.count, out=args.out)  # type: ignore[arg-type]
+        n = await issuance.issue_codes(
+            conn,
+            redis,  # type: ignore[arg-type]
+            keyring,
+            campaign,
+            count=args.count,
+            out=args.out,
+            bound_device=args.device,
+        )
         print(f"issued {n} codes for campaign {campaign.id} into {args.out}", file=sys.stderr)
         return 0
 
@@ -170,6 +185,7 @@ def _add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     gen.add_argument("--campaign", type=_positive, required=True)
     gen.add_argument("--count", type=_positive, required=True)
     gen.add_argument("--out", type=Path, required=True)
+    gen.add_argument("--device", type=_device_id, help="bind every code of this batch to one customer device")
     gen.set_defaults(run=_codes_generate)
     load = code_cmds.add_parser("load", help="(re)load a campaign's issued codes from Postgres into Redis")
     load.add_argument("--campaign", type=_positive, required=True)

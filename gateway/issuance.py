@@ -119,7 +119,7 @@ async def load_campaign(redis: Redis, campaign: Campaign) -> None:
 
 
 def _batches(
-    campaign: Campaign, keyring: KeyRing, count: int, batch_id: uuid.UUID
+    campaign: Campaign, keyring: KeyRing, count: int, batch_id: uuid.UUID, bound_device: str | None
 ) -> Iterator[tuple[list[str], list[tuple[Any, ...]]]]:
     """Codes in batches: their plaintext and their issued_codes rows (shards chosen at random)."""
     for start in range(0, count, COPY_BATCH):
@@ -132,7 +132,7 @@ def _batches(
             plain.append(code)
             rows.append((
                 bytes.fromhex(ref.ref), campaign.key_id, campaign.id, shard, campaign.uses_per_code,
-                campaign.valid_from, campaign.valid_until, batch_id,
+                campaign.valid_from, campaign.valid_until, batch_id, bound_device,
             ))  # fmt: skip
         yield plain, rows
 
@@ -146,13 +146,22 @@ _CODE_COLUMNS = [
     "valid_from",
     "valid_until",
     "batch_id",
+    "bound_device",
 ]
 
 
 async def issue_codes(
-    conn: asyncpg.Connection, redis: Redis, keyring: KeyRing, campaign: Campaign, *, count: int, out: Path
+    conn: asyncpg.Connection,
+    redis: Redis,
+    keyring: KeyRing,
+    campaign: Campaign,
+    *,
+    count: int,
+    out: Path,
+    bound_device: str | None = None,
 ) -> int:
-    """Issue `count` new codes: plaintext to `out` (one per line, mode 0600), code_refs to Postgres and Redis."""
+    """Issue `count` new codes: plaintext to `out` (one per line, mode 0600), code_refs to Postgres and Redis.
+    With `bound_device`, each code is bound to that customer device (the device_binding rule enforces it)."""
     if os.path.lexists(out):  # noqa: ASYNC240 - a CLI command: nothing else runs on this loop
         raise FileExistsError(f"{out} exists; refusing to overwrite a file of codes")
     batch_id = uuid.uuid4()
@@ -161,7 +170,7 @@ async def issue_codes(
     try:
         with os.fdopen(fd, "w") as handle:
             async with conn.transaction():
-                for plain, rows in _batches(campaign, keyring, count, batch_id):
+                for plain, rows in _batches(campaign, keyring, count, batch_id, bound_device):
                     await conn.copy_records_to_table("issued_codes", records=rows, columns=_CODE_COLUMNS)
                     handle.write("\n".join(plain) + "\n")
         # Committed: the codes exist, so their plaintext must survive even if loading Redis fails below.
@@ -183,7 +192,10 @@ async def load_codes(
 ) -> int:
     """Load issued codes from Postgres into Redis in pipelined batches. Never resets a code's counters, so it
     is safe on a Redis that already holds some of them."""
-    query = "SELECT code_ref, key_id, shard, uses, valid_from, valid_until FROM issued_codes WHERE campaign_id = $1"
+    query = (
+        "SELECT code_ref, key_id, shard, uses, valid_from, valid_until, bound_device FROM issued_codes"
+        " WHERE campaign_id = $1"
+    )
     args: list[object] = [campaign_id]
     if batch_id is not None:
         query += " AND batch_id = $2"
@@ -213,4 +225,6 @@ async def _load_batch(redis: Redis, campaign_id: int, rows: list[asyncpg.Record]
             )
             pipe.hsetnx(key, "used", 0)
             pipe.hsetnx(key, "seq", 0)
+            if row["bound_device"] is not None:  # never replaces a binding the code already has
+                pipe.hsetnx(key, "dev", row["bound_device"])
         await pipe.execute()

@@ -95,6 +95,8 @@ class RegistryRiskFacts:
         key = (brand_id, terminal_id)
         if key in self._pending or len(self._pending) >= MAX_PENDING_BINDS:
             return
+        if (brand_id, store_id) not in self._current().store_ids:
+            return  # only a registered store can own a terminal; an invented store id binds nothing
         # bound in this process at once; every other process learns it with the registry
         self._pending[key] = store_id
         self._queued[(brand_id, store_id, terminal_id)] = None
@@ -139,15 +141,12 @@ async def register_event_streams(redis: Redis, registry: Registry) -> None:
 
 
 async def maintain(facts: RegistryRiskFacts, pool: asyncpg.Pool, redis: Redis, interval_s: float) -> None:
-    """Forever (until cancelled): register bound terminals and the brands' event streams as the registry grows."""
-    known_brands: frozenset[int] = frozenset()
+    """Forever (until cancelled): register bound terminals, and list every brand's event stream each round - a
+    Redis that lost its data and was rebuilt must get the directory entries back (SADD of members present is a
+    no-op)."""
     while True:
         try:
-            registry = facts.registry()
-            brands = frozenset(registry.brands)
-            if brands != known_brands:
-                await register_event_streams(redis, registry)
-                known_brands = brands
+            await register_event_streams(redis, facts.registry())
             await facts.flush_binds(pool, redis)
             facts.forget_registered()
         except Exception as exc:  # the registry stale, Redis away: the next round tries again

@@ -30,6 +30,8 @@ MAX_RETRY_MS = 7 * 24 * 3600 * 1000
 def retry_after_ms(value: int) -> int:
     """A retry-after as replies carry it: at most MAX_RETRY_MS, so its size is bounded too."""
     return min(value, MAX_RETRY_MS)
+
+
 _UUID_CHARS = 36
 _INT64_MAX = 2**63 - 1
 

@@ -1,7 +1,8 @@
 --[[ mark_used.lua - record a code use the ledger knows but Redis does not (rebuild, reconcile --repair).
 
 Fails closed: a use recorded in the ledger can never be redeemed again. Idempotent: a use already recorded is
-left alone.
+left alone. The device of a code's first use binds the code to it, unless it already has a binding (from issuance
+or first presentation): redeem.lua binds at first presentation, so a rebuilt Redis keeps that binding.
 
 KEYS[1]  rgw:{c.s}:code:<code_ref>   the code hash (must exist: load the code first)
 ARGV[1]  use number n
@@ -22,4 +23,6 @@ redis.call('HINCRBY', key, 'used', 1)
 if n > tonumber(redis.call('HGET', key, 'seq') or '0') then redis.call('HSET', key, 'seq', n) end
 if tonumber(ARGV[3]) > tonumber(redis.call('HGET', key, 'last') or '0') then redis.call('HSET', key, 'last', ARGV[3]) end
 if ARGV[4] ~= '' then redis.call('HSETNX', key, ARGV[4], ARGV[5]) end
+local device = string.match(ARGV[2], '^[^|]*|[^|]*|[^|]*|[^|]*|[^|]*|[^|]*|([^|]*)|')
+if n == 1 and device and device ~= '' then redis.call('HSETNX', key, 'dev', device) end
 return 1

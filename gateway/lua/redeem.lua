@@ -29,7 +29,9 @@ brand's risk tag {r<brand>} - on a single Redis one script call covers both; see
        (even a valid code); a failed attempt (NOT_FOUND: unknown, another brand's) is counted in fail_k and at
        the threshold the scope is locked for the cool-down
   w  = {{k, limit, window_ms, mode, rule, reason, quota, scope}, ...}   sliding windows: all checked before any is
-       counted; counted (ZADD rid) only when the attempt is admitted and mode is redeem
+       counted; counted (ZADD rid) when no lock and no window denies the attempt and mode is redeem - whatever the
+       code's own answer then is (a used code, a device mismatch: the attempt was made); a retry replayed is not
+       an attempt
   t  = {k, max_speed_mps, ttl_ms, mode}   impossible travel of the customer device (needs lat/lon)
   d  = {binding_mode, limit, limit_mode, limit_k}   code <-> device binding (code field "dev") and uses per device
        per campaign shard (counter limit_k, campaign tag), decided with the code

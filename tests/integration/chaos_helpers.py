@@ -29,10 +29,10 @@ from gateway.grpc_api.client_auth import authenticated_channel
 from gateway.ledger.events import decode_event
 from gateway.pb.redemption.v1 import redemption_pb2 as pb
 from gateway.pb.redemption.v1 import redemption_pb2_grpc as pb_grpc
-from gateway.tenancy import admin_store
+from gateway.tenancy import admin_risk, admin_store
 from gateway.tenancy.model import DEFAULT_BRAND_ID
 from tests.conftest import gateway_environ
-from tests.integration.conftest import DAY_MS, Issued, issue_campaign
+from tests.integration.conftest import DAY_MS, HAMMER_POLICY, Issued, issue_campaign
 from tests.integration.grpc_helpers import redeem_request
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -265,9 +265,13 @@ class Rig:
 
 
 async def internal_key(database_url: str) -> str:
-    """A new internal API key of the default brand (whose campaigns the tests issue), in that database."""
+    """A new internal API key of the default brand (whose campaigns the tests issue), in that database, with the
+    brand's risk limits and lockouts off: the chaos load hammers from a few terminals on purpose."""
     conn = await asyncpg.connect(database_url)
     try:
+        await admin_risk.set_risk_policy(
+            conn, actor="tests", brand_id=DEFAULT_BRAND_ID, campaign_id=0, document=HAMMER_POLICY
+        )
         made = await admin_store.create_client(
             conn, actor="tests", brand_id=DEFAULT_BRAND_ID, role="internal", label="chaos load", env="test"
         )
