@@ -71,10 +71,44 @@ def _device(plan: CounterPlan, device_key: str, index: Callable[[str], int]) -> 
     return [_MODE[rules.binding], limit, _MODE[rules.limit_mode], index(device_key) if limit and device_key else 0]
 
 
+def _dumps(doc: dict[str, Any]) -> str:
+    return json.dumps(doc, separators=(",", ":"))
+
+
 def encode(assessment: Assessment | None, device_key: str, keys: ScriptKeys) -> str:
-    """The item's risk argument: "" when the engine is off, else the plan (see lua/redeem.lua for the fields)."""
+    """The item's risk argument for the one-call path: "" when the engine is off, else the whole plan, counters
+    and device rules (see lua/redeem.lua for the fields)."""
     if assessment is None:
         return ""
+    doc = _counters(assessment, keys)
+    if "x" not in doc and (device := _device(assessment.plan, device_key, keys.index)) is not None:
+        doc["d"] = device
+    return _dumps(doc)
+
+
+def encode_counters(assessment: Assessment, keys: ScriptKeys) -> str:
+    """The item's plan for lua/risk.lua (the counters as their own call): everything but the device rules."""
+    return _dumps(_counters(assessment, keys))
+
+
+def encode_code_part(
+    assessment: Assessment, device_key: str, keys: ScriptKeys, events_key: str, *, denial: Finding | None = None,
+    shadow: tuple[Finding, ...] = (),
+) -> str:  # fmt: skip
+    """The item's plan for lua/redeem.lua when the counters ran in their own call: the device rules, and the
+    events (device findings, or `denial` / `shadow` decided without the counters) recorded into `events_key` -
+    the campaign shard's outbox, the only stream in that slot (the ledger writer takes risk events from any)."""
+    doc: dict[str, Any] = {"e": keys.index(events_key)}
+    if shadow:
+        doc["s"] = [_finding(f) for f in shadow]
+    if denial is not None:
+        doc["x"] = _finding(denial)
+    elif (device := _device(assessment.plan, device_key, keys.index)) is not None:
+        doc["d"] = device
+    return _dumps(doc)
+
+
+def _counters(assessment: Assessment, keys: ScriptKeys) -> dict[str, Any]:
     plan, index = assessment.plan, keys.index
     doc: dict[str, Any] = {}
     if plan.events_key:
@@ -83,13 +117,11 @@ def encode(assessment: Assessment | None, device_key: str, keys: ScriptKeys) -> 
         doc["s"] = [_finding(f) for f in assessment.shadow]
     if assessment.denial is not None:  # decided already: the script only records it
         doc["x"] = _finding(assessment.denial)
-        return json.dumps(doc, separators=(",", ":"))
+        return doc
     if windows := [_window(w, index) for w in plan.windows if w.mode is not Mode.OFF]:
         doc["w"] = windows
     if locks := [_lockout(lock, index) for lock in plan.lockouts if lock.mode is not Mode.OFF]:
         doc["l"] = locks
     if plan.travel is not None and plan.travel.mode is not Mode.OFF:
         doc["t"] = _travel(plan.travel, index)
-    if (device := _device(plan, device_key, index)) is not None:
-        doc["d"] = device
-    return json.dumps(doc, separators=(",", ":"))
+    return doc

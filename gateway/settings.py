@@ -63,6 +63,12 @@ SPECS: tuple[Spec, ...] = (
     Spec("RGW_REGISTRY_MAX_STALE_SECONDS", "5", "a known-stale registry not refreshed this long fails closed"),
     Spec("RGW_TERMINAL_SEEN_FLUSH_SECONDS", "30", "how often terminals' first/last seen times are written"),
     Spec("RGW_RISK_ENGINE", "true", "run the risk engine on Redeem, Validate and RedeemStream (false: benchmarks)"),
+    Spec(
+        "RGW_RISK_REDIS_URL",
+        "",
+        "where the risk counters live; empty: in the code Redis, checked inside the redeem "
+        "script (one call); a URL (even the same one): their own call before the redemption, as on Redis Cluster",
+    ),
     Spec("RGW_RISK_UPKEEP_SECONDS", "1", "how often bind_first terminals are registered and event streams listed"),
     Spec("RGW_TLS_CERT_FILE", "", "server certificate chain (PEM); empty: plaintext gRPC"),
     Spec("RGW_TLS_KEY_FILE", "", "server private key (PEM)"),
@@ -113,6 +119,7 @@ class Settings:
     registry_max_stale_seconds: float
     terminal_seen_flush_seconds: float
     risk_engine: bool
+    risk_redis_url: str
     risk_upkeep_seconds: float
     tls_cert_file: str
     tls_key_file: str
@@ -159,6 +166,13 @@ def _url(*schemes: str) -> Callable[[str], str]:
         return text
 
     return parse
+
+
+def _optional(parse: Callable[[str], str]) -> Callable[[str], str]:
+    def optional(text: str) -> str:
+        return parse(text) if text else ""
+
+    return optional
 
 
 def _code_keys(text: str) -> dict[str, bytes]:
@@ -270,6 +284,7 @@ class _Reader:
             registry_max_stale_seconds=self.get("RGW_REGISTRY_MAX_STALE_SECONDS", _positive_float),
             terminal_seen_flush_seconds=self.get("RGW_TERMINAL_SEEN_FLUSH_SECONDS", _positive_float),
             risk_engine=self.get("RGW_RISK_ENGINE", _bool),
+            risk_redis_url=self.get("RGW_RISK_REDIS_URL", _optional(_url("redis", "rediss", "unix"))),
             risk_upkeep_seconds=self.get("RGW_RISK_UPKEEP_SECONDS", _positive_float),
             tls_cert_file=self.get("RGW_TLS_CERT_FILE", _optional_file),
             tls_key_file=self.get("RGW_TLS_KEY_FILE", _optional_file),

@@ -40,6 +40,8 @@ _WINDOW_RULES = (
     (Scope.CODE, Rule.CODE_VELOCITY),
 )
 _LOCKOUT_SCOPES = (Scope.TERMINAL, Scope.STORE, Scope.CLIENT)
+# The rules whose data is the counters in Redis (what a failure policy decides on when they cannot be reached).
+_COUNTER_RULES = (Rule.LOCKOUT, Rule.RATE_LIMIT, Rule.DEVICE_VELOCITY, Rule.CODE_VELOCITY, Rule.IMPOSSIBLE_TRAVEL)
 _BRAND_SUBJECT = "-"  # the brand scope has one subject; a key part must not be empty
 
 
@@ -74,6 +76,7 @@ class _Compiled:
     lockouts: tuple[tuple[Scope, LockoutSpec], ...]
     lockout_mode: Mode
     device: DeviceRules
+    closed: frozenset[Rule]  # enforced counter rules that fail closed
 
     @classmethod
     def of(cls, policy: Policy) -> _Compiled:
@@ -94,6 +97,11 @@ class _Compiled:
             lockouts=tuple((scope, specs[scope]) for scope in _LOCKOUT_SCOPES if scope in specs),
             lockout_mode=lockout_mode,
             device=DeviceRules(policy.mode(Rule.DEVICE_BINDING), limit, limit_mode),
+            closed=frozenset(
+                rule
+                for rule in _COUNTER_RULES
+                if policy.mode(rule) is Mode.ENFORCE and policy.failure[rule] is FailurePolicy.CLOSED
+            ),
         )
 
 
@@ -249,13 +257,27 @@ def _plan(
         subject = request.device_id if rule.scope is Scope.DEVICE else request.code_ref
         if subject:  # no customer device (or code ref) given: nothing to count
             windows += (rule.window(request.brand_id, request.campaign_id, subject),)
+    travel = _travel(policy, request, place)
     return CounterPlan(
         windows=windows,
         lockouts=parts.lockouts,
-        travel=_travel(policy, request, place),
+        travel=travel,
         device=compiled.device if request.device_id else _without_device(policy, compiled.device),
         events_key=parts.events_key,
+        closed=_closed(compiled.closed, windows, parts.lockouts, travel) if compiled.closed else (),
     )
+
+
+def _closed(
+    closed: frozenset[Rule], windows: tuple[Window, ...], lockouts: tuple[Lockout, ...], travel: Travel | None
+) -> tuple[Rule, ...]:
+    """The fail-closed rules this plan actually has counters for, in a fixed order."""
+    present = {window.rule for window in windows}
+    if lockouts:
+        present.add(Rule.LOCKOUT)
+    if travel is not None:
+        present.add(Rule.IMPOSSIBLE_TRAVEL)
+    return tuple(rule for rule in _COUNTER_RULES if rule in closed and rule in present)
 
 
 def _without_device(policy: Policy, rules: DeviceRules) -> DeviceRules:

@@ -181,13 +181,16 @@ class DeviceRules:
 class CounterPlan:
     """Everything an attempt needs from Redis, executed atomically with the redemption.
 
-    `events_key` is the brand's risk-event stream: the script appends every denial and shadow hit there."""
+    `events_key` is the brand's risk-event stream: the script appends every denial and shadow hit there.
+    `closed` are the enforced counter rules of this plan whose failure policy is closed: when the counters cannot
+    be reached (a separate call that failed), the first of them declines the attempt; the others fail open."""
 
     windows: tuple[Window, ...] = ()
     lockouts: tuple[Lockout, ...] = ()
     travel: Travel | None = None
     device: DeviceRules = field(default_factory=DeviceRules)
     events_key: str = ""
+    closed: tuple[Rule, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

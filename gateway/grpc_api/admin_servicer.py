@@ -95,20 +95,30 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
     """The gRPC face of the registry's administration."""
 
     def __init__(
-        self, pool: asyncpg.Pool, redis: Redis, *, key_env: str, rotation_grace: timedelta, reply_limit: int
+        self,
+        pool: asyncpg.Pool,
+        redis: Redis,
+        *,
+        key_env: str,
+        rotation_grace: timedelta,
+        reply_limit: int,
+        risk_redis: Redis | None = None,
     ) -> None:
         self._registry = RegistryAccess(pool, redis)
-        self._redis = redis  # where the risk engine's lockouts live
+        self._redis = risk_redis or redis  # where the risk engine's lockouts live (RGW_RISK_REDIS_URL)
         self._key_env = key_env
         self._rotation_grace = rotation_grace
         self._budget = reply_limit - 64  # room for the reply's own fields beside its list
 
     @classmethod
-    def from_settings(cls, settings: Settings, pool: asyncpg.Pool, redis: Redis) -> AdminServicer:
+    def from_settings(
+        cls, settings: Settings, pool: asyncpg.Pool, redis: Redis, risk_redis: Redis | None = None
+    ) -> AdminServicer:
         """The servicer of a gateway: new keys in RGW_KEY_ENV, replies within the server's send limit."""
         grace = timedelta(seconds=settings.key_rotation_grace_seconds)
         limit = send_limit(settings.max_message_bytes, settings.stream_max_items)
-        return cls(pool, redis, key_env=settings.key_env, rotation_grace=grace, reply_limit=limit)
+        return cls(pool, redis, key_env=settings.key_env, rotation_grace=grace, reply_limit=limit,
+                   risk_redis=risk_redis)  # fmt: skip
 
     async def close(self) -> None:
         """Stop announcing committed changes in the background."""

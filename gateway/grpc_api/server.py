@@ -33,6 +33,7 @@ from gateway.pb.redemption.v1 import redemption_pb2 as pb
 from gateway.pb.redemption.v1 import redemption_pb2_grpc as pb_grpc
 from gateway.pipelined_redis import PipelinedRedis
 from gateway.redis_store import RedisCodeStore, connect
+from gateway.risk_counters import SeparateCounters
 from gateway.risk_facts import RegistryRiskFacts
 from gateway.service import RedemptionService
 from gateway.settings import Settings
@@ -100,6 +101,8 @@ class Gateway:
     _sightings_task: asyncio.Task[None] | None = field(init=False, default=None)
     _health_task: asyncio.Task[None] | None = field(init=False, default=None)
     risk_facts: RegistryRiskFacts | None = field(init=False, default=None)
+    risk_redis: Redis | None = field(init=False, default=None)
+    risk_pipelined: PipelinedRedis | None = field(init=False, default=None)
     _risk_task: asyncio.Task[None] | None = field(init=False, default=None)
 
     async def start(self) -> int:
@@ -129,7 +132,8 @@ class Gateway:
                 s.redis_url, connections=s.redis_hot_connections, timeout_s=s.redis_timeout_seconds
             )
             await self.pipelined.connect()
-        store = RedisCodeStore(self.redis, self.pipelined)
+        counters = await self._separate_counters() if s.risk_engine and s.risk_redis_url else None
+        store = RedisCodeStore(self.redis, self.pipelined, counters=counters)
         self.risk_facts = RegistryRiskFacts(self.registry.registry) if s.risk_engine else None
         service = RedemptionService(
             store=store,
@@ -152,9 +156,9 @@ class Gateway:
         )
         if self.risk_facts is not None:
             self._risk_task = asyncio.create_task(
-                risk_facts.maintain(self.risk_facts, self.pool, self.redis, s.risk_upkeep_seconds)
+                risk_facts.maintain(self.risk_facts, self.pool, self.risk_redis or self.redis, s.risk_upkeep_seconds)
             )
-        self.admin = AdminServicer.from_settings(s, self.pool, self.redis)
+        self.admin = AdminServicer.from_settings(s, self.pool, self.redis, self.risk_redis)
         register_admin_service(self.server, self.admin)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -172,6 +176,19 @@ class Gateway:
         await self._check_health()
         self._health_task = asyncio.create_task(self._watch_health())
         return self.port
+
+    async def _separate_counters(self) -> SeparateCounters:
+        """The risk counters as their own call, on RGW_RISK_REDIS_URL (pipelined like the redeem script)."""
+        s = self.settings
+        self.risk_redis = connect(s.risk_redis_url, pool_size=s.redis_pool_size, timeout_s=s.redis_timeout_seconds)
+        self.risk_pipelined = None
+        if s.risk_redis_url.startswith("redis://"):
+            self.risk_pipelined = PipelinedRedis(
+                s.risk_redis_url, connections=s.redis_hot_connections, timeout_s=s.redis_timeout_seconds
+            )
+            # never waits for it: an unreachable risk Redis is what the failure policies are for
+            await self.risk_pipelined.connect()
+        return SeparateCounters(self.risk_redis, self.risk_pipelined)
 
     async def _check_health(self) -> None:
         """Serving means: Redis answers, and holds state built from Postgres (the initialised marker)."""
@@ -219,6 +236,10 @@ class Gateway:
         await self.pool.close()
         if self.pipelined is not None:
             await self.pipelined.close()
+        if self.risk_pipelined is not None:
+            await self.risk_pipelined.close()
+        if self.risk_redis is not None:
+            await self.risk_redis.aclose()
         await self.redis.aclose()
 
 

@@ -36,7 +36,14 @@ async def run_writer(settings: Settings, stop: asyncio.Event, *, serve_metrics: 
     """Run one writer until `stop` is set."""
     if serve_metrics and settings.writer_metrics_addr:
         start_metrics_server(settings.writer_metrics_addr)
-    redis = connect(settings.redis_url, pool_size=4, timeout_s=max(settings.redis_timeout_seconds, 5))
+    urls = [settings.redis_url]
+    if settings.risk_redis_url and settings.risk_redis_url != settings.redis_url:
+        urls.append(settings.risk_redis_url)  # the risk-event streams live there (RGW_RISK_REDIS_URL)
+    await asyncio.gather(*(_run_one(settings, url, stop) for url in urls))
+
+
+async def _run_one(settings: Settings, url: str, stop: asyncio.Event) -> None:
+    redis = connect(url, pool_size=4, timeout_s=max(settings.redis_timeout_seconds, 5))
     connect_pg = partial(asyncpg.connect, settings.database_url, timeout=10, command_timeout=60)
     writer = LedgerWriter(Outbox(redis, consumer=consumer_name(settings)), connect_pg, writer_config(settings))
     try:

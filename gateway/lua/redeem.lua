@@ -64,6 +64,8 @@ local items = (#ARGV - GLOBAL) / NF
 -- Another brand's campaign is invisible: the same answer as a campaign that does not exist.
 local visible = meta[1] and (meta[3] or DEFAULT_BRAND) == brand
 
+--@include risk_lib.lua
+
 -- One HMGET per candidate key fetches everything a decision needs, this caller's idempotency record included:
 -- the fewer commands per item, the more redemptions one Redis core (and one AOF fsync) carries.
 local function find_code(item, idem_field, legacy_field)
@@ -73,12 +75,6 @@ local function find_code(item, idem_field, legacy_field)
     if c[1] then return key, c end
   end
   return nil, nil
-end
-
-local function split(value)
-  local parts = {}
-  for part in string.gmatch(value .. '|', '([^|]*)|') do parts[#parts + 1] = part end
-  return parts
 end
 
 local function answer(status, left)
@@ -97,112 +93,8 @@ local function window_status(vf, vu)
   return nil
 end
 
--- Risk --------------------------------------------------------------------------------------------------------
--- A risk check returns a finding {rule, reason, mode, scope, retry_ms, quota}; "E" findings deny, "S" findings
--- are recorded only. The first enforced finding wins; every shadow finding is kept.
+-- Redemption ------------------------------------------------------------------------------------------------
 
-local function record(plan, a, f)
-  if not plan.e then return end
-  local kind = (mode == 'redeem') and 'redeem' or 'validate'
-  local m = (f[3] == 'E') and 'enforce' or 'shadow'
-  redis.call('XADD', KEYS[plan.e], '*', 'r1', table.concat({now, brand, campaign, ARGV[a + 7], ARGV[a + 8],
-    ARGV[a + 6], ARGV[a + 9], f[1], f[2], m, f[4] or '', ARGV[a + 10], ARGV[a + 11], ARGV[a + 12], kind}, '|'))
-end
-
-local function denied(f)
-  local status = (f[6] == 1) and 'THROTTLED' or 'RISK_DENIED'
-  return {status, 0, '', 0, 0, 0, f[1], f[2], f[4] or '', f[5] or 0, ''}
-end
-
-local function check_lockouts(plan, findings)
-  for _, l in ipairs(plan.l or {}) do
-    local left = redis.call('PTTL', KEYS[l[1]])
-    if left > 0 then findings[#findings + 1] = {'lockout', 'LOCKED_OUT', l[6], l[7], left, 0} end
-  end
-end
-
--- Sliding window log: exact - at most `limit` counted attempts in any window of `window_ms` (fixed windows let a
--- double burst through at their boundary). Trimming expired members is bookkeeping, not counting.
-local function check_windows(plan, findings)
-  for _, w in ipairs(plan.w or {}) do
-    local key = KEYS[w[1]]
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', now - w[3])
-    local n = redis.call('ZCARD', key)
-    if n >= w[2] then
-      -- admitted again once n - limit + 1 members have left: when the member at index n - limit expires
-      local oldest = redis.call('ZRANGE', key, n - w[2], n - w[2], 'WITHSCORES')
-      local retry = math.max(tonumber(oldest[2]) + w[3] - now, 1)
-      findings[#findings + 1] = {w[5], w[6], w[4], w[8], retry, w[7]}
-    end
-  end
-end
-
-local function distance_m(lat1, lon1, lat2, lon2)
-  local r = math.pi / 180
-  local dlat, dlon = (lat2 - lat1) * r, (lon2 - lon1) * r
-  local h = math.sin(dlat / 2) ^ 2 + math.cos(lat1 * r) * math.cos(lat2 * r) * math.sin(dlon / 2) ^ 2
-  return 2 * 6371008.8 * math.asin(math.min(1, math.sqrt(h)))
-end
-
-local function check_travel(plan, a, findings)
-  local t = plan.t
-  if not t or ARGV[a + 10] == '' then return end
-  local last = redis.call('GET', KEYS[t[1]])
-  if not last then return end
-  local p = split(last)
-  local metres = distance_m(tonumber(p[1]), tonumber(p[2]), tonumber(ARGV[a + 10]), tonumber(ARGV[a + 11]))
-  local seconds = math.max(now - tonumber(p[3]), 1) / 1000
-  if metres / seconds > t[2] then findings[#findings + 1] = {'impossible_travel', 'IMPOSSIBLE_TRAVEL', t[4], '', 0, 0} end
-end
-
--- Every check of the attempt, before anything is counted. Returns the enforced denial (or nil) and the shadow hits.
-local function assess(plan, a)
-  local findings = {}
-  check_lockouts(plan, findings)
-  check_windows(plan, findings)
-  check_travel(plan, a, findings)
-  local denial, hits = nil, {}
-  for _, f in ipairs(findings) do
-    if f[3] == 'E' and not denial then denial = f elseif f[3] ~= 'E' then hits[#hits + 1] = f end
-  end
-  return denial, hits
-end
-
-local function count_attempt(plan, rid)
-  if mode ~= 'redeem' then return end -- Validate counts nothing
-  for _, w in ipairs(plan.w or {}) do
-    redis.call('ZADD', KEYS[w[1]], now, rid)
-    redis.call('PEXPIRE', KEYS[w[1]], w[3])
-  end
-end
-
--- A failed attempt (an unknown code, another brand's) counts towards every lockout scope, Validate included: a
--- lookup that says "no such code" is a guess answered, whichever RPC asked it (OWASP OAT-002).
-local function count_failure(plan, a, hits)
-  for _, l in ipairs(plan.l or {}) do
-    local key = KEYS[l[2]]
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', now - l[4])
-    redis.call('ZADD', key, now, ARGV[a + 4])
-    redis.call('PEXPIRE', key, l[4])
-    if redis.call('ZCARD', key) >= l[3] then
-      local f = {'lockout', 'LOCKED_OUT', l[6], l[7], l[5], 0}
-      if l[6] == 'E' then
-        redis.call('SET', KEYS[l[1]], now, 'PX', l[5])
-        redis.call('DEL', key)
-      end
-      hits[#hits + 1] = f
-    end
-  end
-end
-
-local function after_redemption(plan, a)
-  local t = plan.t
-  if t and ARGV[a + 10] ~= '' then
-    redis.call('SET', KEYS[t[1]], ARGV[a + 10] .. '|' .. ARGV[a + 11] .. '|' .. now, 'PX', t[3])
-  end
-end
-
--- Code <-> device: a bound code answers only its device; uses per device per campaign shard are capped.
 local function check_device(plan, a, c, findings)
   local d = plan.d
   if not d then return end
@@ -219,15 +111,6 @@ local function check_device(plan, a, c, findings)
   end
 end
 
-local function shadow_text(hits)
-  local parts = {}
-  for _, f in ipairs(hits) do
-    if f[3] ~= 'E' then parts[#parts + 1] = f[1] .. ':' .. f[2] end
-  end
-  return table.concat(parts, ',')
-end
-
--- Redemption --------------------------------------------------------------------------------------------------
 
 local function redeem(key, c, a, plan)
   local seq = tonumber(c[5] or '0') + 1
@@ -269,12 +152,6 @@ local function decide_plain(item, a)
   if reply then return reply end
   if mode ~= 'redeem' then return answer('REDEEMABLE', tonumber(c[1]) - tonumber(c[2])) end
   return redeem(key, c, a, nil)
-end
-
-local function finish(plan, a, reply, hits)
-  for _, f in ipairs(hits) do record(plan, a, f) end
-  reply[11] = shadow_text(hits)
-  return reply
 end
 
 local function decide_risky(item, a, plan)

@@ -20,6 +20,7 @@ from gateway.coderefs import KeyRing
 from gateway.domain import Caller, FailedAttempt, Outcome, RedeemCommand, RedeemResult, Throttled
 from gateway.pipelined_redis import PipelinedRedis
 from gateway.redis_store import RedisCodeStore
+from gateway.risk_counters import SeparateCounters
 from gateway.tenancy.lockouts import lift_lockout
 from gateway.validation import InvalidRequest
 from risk import keys
@@ -54,16 +55,24 @@ LOCK = keys.lock_key(BRAND, Scope.TERMINAL, "s1/t1")
 ONE_SECOND_LOCK = policy(lockout={"terminal": (3, 60, 1)})  # 3 failures a minute: locked for a second
 
 
-@pytest_asyncio.fixture(loop_scope="session", params=["redis-py", "pipelined"])
+@pytest_asyncio.fixture(loop_scope="session", params=["redis-py", "pipelined", "two calls"])
 async def code_store(request: pytest.FixtureRequest, redis: Redis, redis_url: str) -> AsyncIterator[RedisCodeStore]:
-    """The store on either client the gateway uses: redis-py, or the pipelined hot-path client."""
+    """The store on either client the gateway uses (redis-py, or the pipelined hot-path client), and with the
+    counters as their own call (RGW_RISK_REDIS_URL, as on Redis Cluster) on the pipelined client."""
     if request.param == "redis-py":
         yield RedisCodeStore(redis)
         return
     pipelined = PipelinedRedis(redis_url, connections=2, timeout_s=5)
     await pipelined.connect()
-    yield RedisCodeStore(redis, pipelined)
+    counters = SeparateCounters(redis, pipelined) if request.param == "two calls" else None
+    yield RedisCodeStore(redis, pipelined, counters=counters)
     await pipelined.close()
+
+
+@pytest.fixture(params=["one call", "two calls"])
+def any_store(request: pytest.FixtureRequest, redis: Redis) -> RedisCodeStore:
+    """The store with the risk counters inside the redeem script, or as their own call before it."""
+    return RedisCodeStore(redis, counters=SeparateCounters(redis) if request.param == "two calls" else None)
 
 
 def admitted(answer: Answer) -> bool:
@@ -183,8 +192,9 @@ async def test_every_scope_is_checked_before_any_is_counted(
     sizes: dict[tuple[Scope, str], int],
     redis: Redis,
     keyring: KeyRing,
+    any_store: RedisCodeStore,
 ) -> None:
-    limiter = Limiter(RedisCodeStore(redis), engine_of(policy(limits)), keyring)
+    limiter = Limiter(any_store, engine_of(policy(limits)), keyring)
     code = unknown_code(NO_CAMPAIGN)
     answers = [
         await limiter.attempt(limiter.command(code, terminal=terminal, device=device), T0_MS + n)
@@ -200,9 +210,9 @@ async def test_every_scope_is_checked_before_any_is_counted(
 
 
 async def test_the_window_slides_across_a_fixed_boundary_and_retry_after_is_exact(
-    redis: Redis, keyring: KeyRing
+    redis: Redis, keyring: KeyRing, any_store: RedisCodeStore
 ) -> None:
-    limiter = Limiter(RedisCodeStore(redis), engine_of(policy({"terminal": (3, 10)})), keyring)
+    limiter = Limiter(any_store, engine_of(policy({"terminal": (3, 10)})), keyring)
     code = unknown_code(NO_CAMPAIGN)
 
     async def at(now_ms: int) -> Answer:
@@ -287,10 +297,10 @@ def lockout_events(events: list[dict[str, str]]) -> list[tuple[str, str, str, st
 
 
 async def test_failed_attempts_lock_the_terminal_even_for_a_valid_code_until_the_cooldown_ends(
-    issue: Issue, redis: Redis, keyring: KeyRing
+    issue: Issue, redis: Redis, keyring: KeyRing, any_store: RedisCodeStore
 ) -> None:
     issued = await issue(3)
-    limiter = Limiter(RedisCodeStore(redis), engine_of(ONE_SECOND_LOCK), keyring)
+    limiter = Limiter(any_store, engine_of(ONE_SECOND_LOCK), keyring)
     unknown = unknown_code(issued.campaign.id)
     fails = [await limiter.attempt(limiter.command(unknown), T0_MS + n) for n in range(2)]
     assert all(isinstance(f, RedeemResult) and f.outcome is Outcome.NOT_FOUND for f in fails)
@@ -316,10 +326,10 @@ async def test_failed_attempts_lock_the_terminal_even_for_a_valid_code_until_the
 
 
 async def test_validate_not_found_answers_count_as_failures_and_an_admin_lift_unlocks(
-    issue: Issue, redis: Redis, keyring: KeyRing
+    issue: Issue, redis: Redis, keyring: KeyRing, any_store: RedisCodeStore
 ) -> None:
     issued = await issue(1)
-    limiter = Limiter(RedisCodeStore(redis), engine_of(policy(lockout={"terminal": (3, 60, 900)})), keyring)
+    limiter = Limiter(any_store, engine_of(policy(lockout={"terminal": (3, 60, 900)})), keyring)
     for n in range(3):
         guess = await limiter.attempt(limiter.command(unknown_code(issued.campaign.id)), T0_MS + n, "validate")
         assert isinstance(guess, RedeemResult) and guess.outcome is Outcome.NOT_FOUND
@@ -336,10 +346,10 @@ async def test_validate_not_found_answers_count_as_failures_and_an_admin_lift_un
 
 
 async def test_guessed_check_characters_count_towards_the_same_lockout(
-    issue: Issue, redis: Redis, keyring: KeyRing
+    issue: Issue, redis: Redis, keyring: KeyRing, any_store: RedisCodeStore
 ) -> None:
     issued = await issue(1)
-    limiter = Limiter(RedisCodeStore(redis), engine_of(policy(lockout={"terminal": (3, 60, 900)})), keyring)
+    limiter = Limiter(any_store, engine_of(policy(lockout={"terminal": (3, 60, 900)})), keyring)
     with pytest.raises(InvalidRequest) as refused:
         limiter.command(guessed_code(issued.campaign.id))
     assert refused.value.guess  # what the service counts through failures.lua
@@ -374,11 +384,11 @@ SHADOW = {"rate_limit": "shadow", "device_velocity": "shadow", "code_velocity": 
 
 
 async def test_shadow_limits_admit_everything_and_record_every_hit(
-    issue: Issue, redis: Redis, keyring: KeyRing
+    issue: Issue, redis: Redis, keyring: KeyRing, any_store: RedisCodeStore
 ) -> None:
     issued = await issue(1, uses_per_code=10)
     limits = {"terminal": (2, 60), "store": (2, 60), "device": (2, 60), "code": (2, 60)}
-    limiter = Limiter(RedisCodeStore(redis), engine_of(policy(limits, modes=SHADOW)), keyring)
+    limiter = Limiter(any_store, engine_of(policy(limits, modes=SHADOW)), keyring)
     commands = [limiter.command(issued.codes[0]) for _ in range(5)]
 
     answers = [await limiter.attempt(c, T0_MS + n) for n, c in enumerate(commands)]
@@ -398,10 +408,12 @@ async def test_shadow_limits_admit_everything_and_record_every_hit(
     assert await window_size(redis, Scope.TERMINAL, "s1/t1") == 5
 
 
-async def test_a_shadow_lockout_records_but_never_locks(issue: Issue, redis: Redis, keyring: KeyRing) -> None:
+async def test_a_shadow_lockout_records_but_never_locks(
+    issue: Issue, redis: Redis, keyring: KeyRing, any_store: RedisCodeStore
+) -> None:
     issued = await issue(1)
     doc = policy(lockout={"terminal": (2, 60, 900)}, modes=SHADOW)
-    limiter = Limiter(RedisCodeStore(redis), engine_of(doc), keyring)
+    limiter = Limiter(any_store, engine_of(doc), keyring)
     fails = [await limiter.attempt(limiter.command(unknown_code(issued.campaign.id)), T0_MS + n) for n in range(3)]
     valid = await limiter.attempt(limiter.command(issued.codes[0]), T0_MS + 3)
 
