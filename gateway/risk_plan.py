@@ -3,6 +3,7 @@ keys passed in KEYS (deduplicated) and named by their index, so the script decla
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from typing import Any
@@ -24,7 +25,7 @@ class ScriptKeys:
 
     def __init__(self, keys: list[str]) -> None:
         self.keys = keys
-        self._index: dict[str, int] = {}
+        self._index: dict[str, int] = {key: position for position, key in enumerate(keys, start=1)}
 
     def index(self, key: str) -> int:
         found = self._index.get(key)
@@ -45,34 +46,50 @@ def _finding(finding: Finding) -> list[str]:
     return [finding.rule.value, finding.reason.value, finding.scope]
 
 
-def _window(window: Window, index: Callable[[str], int]) -> list[Any]:
-    quota = 1 if window.quota else 0
+def _tail(values: list[Any]) -> str:
+    """JSON of a list without its opening bracket: the part of an entry that follows its key indices."""
+    return json.dumps(values, separators=(",", ":"))[1:]
+
+
+# The hot path encodes a plan per call; everything but the key indices is the same for every attempt of a till
+# under one policy, so it is encoded once per (immutable) window or lockout and reused.
+@functools.lru_cache(maxsize=16_384)
+def _window_tail(window: Window) -> str:
     label = scope_label(window.scope.value, window.subject)
     reason = _WINDOW_REASON[window.rule].value
-    return [index(window.key), window.limit, window.window_ms, _MODE[window.mode], window.rule.value, reason, quota,
-            label]  # fmt: skip
+    return _tail([window.limit, window.window_ms, _MODE[window.mode], window.rule.value, reason,
+                  1 if window.quota else 0, label])  # fmt: skip
 
 
-def _lockout(lock: Lockout, index: Callable[[str], int]) -> list[Any]:
+@functools.lru_cache(maxsize=16_384)
+def _lockout_tail(lock: Lockout) -> str:
     label = scope_label(lock.scope.value, lock.subject)
-    return [index(lock.lock_key), index(lock.failures_key), lock.threshold, lock.window_ms, lock.cooldown_ms,
-            _MODE[lock.mode], label]  # fmt: skip
+    return _tail([lock.threshold, lock.window_ms, lock.cooldown_ms, _MODE[lock.mode], label])
 
 
-def _travel(travel: Travel, index: Callable[[str], int]) -> list[Any]:
-    return [index(travel.key), travel.max_speed_mps, travel.ttl_ms, _MODE[travel.mode]]
+def _window(window: Window, index: Callable[[str], int]) -> str:
+    return f"[{index(window.key)},{_window_tail(window)}"
 
 
-def _device(plan: CounterPlan, device_key: str, index: Callable[[str], int]) -> list[Any] | None:
+def _lockout(lock: Lockout, index: Callable[[str], int]) -> str:
+    return f"[{index(lock.lock_key)},{index(lock.failures_key)},{_lockout_tail(lock)}"
+
+
+def _travel(travel: Travel, index: Callable[[str], int]) -> str:
+    return f"[{index(travel.key)},{_tail([travel.max_speed_mps, travel.ttl_ms, _MODE[travel.mode]])}"
+
+
+def _device(plan: CounterPlan, device_key: str, index: Callable[[str], int]) -> str | None:
     rules = plan.device
     limit = rules.limit if rules.limit_mode is not Mode.OFF else 0
     if rules.binding is Mode.OFF and not limit:
         return None
-    return [_MODE[rules.binding], limit, _MODE[rules.limit_mode], index(device_key) if limit and device_key else 0]
+    key = index(device_key) if limit and device_key else 0
+    return f'["{_MODE[rules.binding]}",{limit},"{_MODE[rules.limit_mode]}",{key}]'
 
 
-def _dumps(doc: dict[str, Any]) -> str:
-    return json.dumps(doc, separators=(",", ":"))
+def _object(fields: list[str]) -> str:
+    return "{" + ",".join(fields) + "}"
 
 
 def encode(assessment: Assessment | None, device_key: str, keys: ScriptKeys) -> str:
@@ -80,15 +97,15 @@ def encode(assessment: Assessment | None, device_key: str, keys: ScriptKeys) -> 
     and device rules (see lua/redeem.lua for the fields)."""
     if assessment is None:
         return ""
-    doc = _counters(assessment, keys)
-    if "x" not in doc and (device := _device(assessment.plan, device_key, keys.index)) is not None:
-        doc["d"] = device
-    return _dumps(doc)
+    fields = _counters(assessment, keys)
+    if assessment.denial is None and (device := _device(assessment.plan, device_key, keys.index)) is not None:
+        fields.append(f'"d":{device}')
+    return _object(fields)
 
 
 def encode_counters(assessment: Assessment, keys: ScriptKeys) -> str:
     """The item's plan for lua/risk.lua (the counters as their own call): everything but the device rules."""
-    return _dumps(_counters(assessment, keys))
+    return _object(_counters(assessment, keys))
 
 
 def encode_code_part(
@@ -98,30 +115,31 @@ def encode_code_part(
     """The item's plan for lua/redeem.lua when the counters ran in their own call: the device rules, and the
     events (device findings, or `denial` / `shadow` decided without the counters) recorded into `events_key` -
     the campaign shard's outbox, the only stream in that slot (the ledger writer takes risk events from any)."""
-    doc: dict[str, Any] = {"e": keys.index(events_key)}
+    fields = [f'"e":{keys.index(events_key)}']
     if shadow:
-        doc["s"] = [_finding(f) for f in shadow]
+        fields.append('"s":' + json.dumps([_finding(f) for f in shadow], separators=(",", ":")))
     if denial is not None:
-        doc["x"] = _finding(denial)
+        fields.append('"x":' + json.dumps(_finding(denial), separators=(",", ":")))
     elif (device := _device(assessment.plan, device_key, keys.index)) is not None:
-        doc["d"] = device
-    return _dumps(doc)
+        fields.append(f'"d":{device}')
+    return _object(fields)
 
 
-def _counters(assessment: Assessment, keys: ScriptKeys) -> dict[str, Any]:
+def _counters(assessment: Assessment, keys: ScriptKeys) -> list[str]:
+    """The plan's fields but the device rules: events, in-process findings, locks, windows, travel."""
     plan, index = assessment.plan, keys.index
-    doc: dict[str, Any] = {}
+    fields: list[str] = []
     if plan.events_key:
-        doc["e"] = index(plan.events_key)
+        fields.append(f'"e":{index(plan.events_key)}')
     if assessment.shadow:
-        doc["s"] = [_finding(f) for f in assessment.shadow]
+        fields.append('"s":' + json.dumps([_finding(f) for f in assessment.shadow], separators=(",", ":")))
     if assessment.denial is not None:  # decided already: the script only records it
-        doc["x"] = _finding(assessment.denial)
-        return doc
+        fields.append('"x":' + json.dumps(_finding(assessment.denial), separators=(",", ":")))
+        return fields
     if windows := [_window(w, index) for w in plan.windows if w.mode is not Mode.OFF]:
-        doc["w"] = windows
+        fields.append('"w":[' + ",".join(windows) + "]")
     if locks := [_lockout(lock, index) for lock in plan.lockouts if lock.mode is not Mode.OFF]:
-        doc["l"] = locks
+        fields.append('"l":[' + ",".join(locks) + "]")
     if plan.travel is not None and plan.travel.mode is not Mode.OFF:
-        doc["t"] = _travel(plan.travel, index)
-    return doc
+        fields.append(f'"t":{_travel(plan.travel, index)}')
+    return fields

@@ -5,7 +5,10 @@ most voucher systems use, in one run on this machine. Writes loadtest/results/be
 Variants (all behind the same gRPC server stack, same worker processes, same requests):
   ceiling      a bench-only servicer with Redeem's types and a handler that does no work
   ceiling-bare the same without the server interceptors (alternating CPU runs only): what they cost
-  redeem       the real Redeem on fresh codes (Redis AOF appendfsync always)
+  redeem       the real Redeem on fresh codes (Redis AOF appendfsync always), the risk engine on with the shipped
+               default rules and raised limits (loadtest/bench_risk.py)
+  redeem-risk-off  Redeem on fresh codes of the risk brand with RGW_RISK_ENGINE=false
+  redeem-risk  the same requests with every risk rule enforced (none denies: the cost, not denials)
   redeem-everysec  the same with appendfsync everysec (RGW_REDIS_DURABILITY=everysec): what the disk's fsync
                tail latency costs
   stream       RedeemStream on fresh codes, ITEMS redemptions per message
@@ -16,9 +19,13 @@ Variants (all behind the same gRPC server stack, same worker processes, same req
   redis        redis-benchmark EVALSHA of the redeem script, unpipelined and pipelined
 
 Two measurements per variant: CPU per call at one open-loop rate below saturation (from /proc, every process),
-and a ramp of open-loop rates for throughput and p50/p99/p999 latency, with the CPU of every process.
+and a ramp of open-loop rates for throughput and p50/p99/p999 latency, with the CPU of every process. Besides:
+`interleaved` (CPU of ceiling-bare, ceiling and redeem measured alternately), `interleaved-risk` (the same for
+redeem-risk-off and redeem-risk, with their p99) and `burst` (the limiter's accuracy, loadtest/bench_risk.py).
 
-Usage: python -m loadtest.bench [--smoke] [--workers N] [--out DIR] [--no-markdown]
+Usage: python -m loadtest.bench [--smoke] [--workers N] [--out DIR] [--no-markdown] [--only a,b,...]
+Exit status 1 when a fresh-code variant of the gateway saw a denial (its figures are then not like for like) or
+the burst admitted other than exactly its limit.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -37,16 +45,19 @@ from typing import Any
 
 import uvloop
 
+from loadtest import bench_risk
 from loadtest import frames as fr
 from loadtest.bench_redis import redis_ceiling
 from loadtest.bench_report import write_outputs
 from loadtest.procstat import CpuMeter
-from loadtest.stack import Stack, start_stack
+from loadtest.stack import SAME_REDIS, Stack, start_stack
 
 GENERATOR = Path(__file__).with_name("h2gen.mjs")
 REDEEM_PATH = "/redemption.v1.RedemptionService/Redeem"
 STREAM_PATH = "/redemption.v1.RedemptionService/RedeemStream"
 REDEEMED, ALREADY = "1", "2"
+RESOURCE_EXHAUSTED = "8"  # a gRPC status: a caller quota declined the call
+RISK_TARGET = 1.25  # issue 9: CPU per call with every rule enforced vs the engine off
 
 
 @dataclass(frozen=True)
@@ -64,14 +75,16 @@ class Profile:
     hot_uses: int
     redis_requests: int
     cpu_rounds: int = 5
+    burst_limit: int = 100
 
 
 FULL = Profile(duration=5, warmup=1, unary_cpu_rate=600, stream_cpu_rate=40,
                unary_rates=(500, 1000, 1500, 2000, 2500, 3000, 4000, 5000, 6000),
                stream_rates=(50, 100, 200, 300, 400, 500, 650, 800), items=64, hot_codes=5, hot_uses=2000,
-               redis_requests=200_000, cpu_rounds=9)  # fmt: skip
+               redis_requests=200_000, cpu_rounds=9, burst_limit=100)  # fmt: skip
 SMOKE = Profile(duration=0.5, warmup=0.2, unary_cpu_rate=100, stream_cpu_rate=5, unary_rates=(100,),
-                stream_rates=(5,), items=8, hot_codes=2, hot_uses=20, redis_requests=1000, cpu_rounds=1)  # fmt: skip
+                stream_rates=(5,), items=8, hot_codes=2, hot_uses=20, redis_requests=1000, cpu_rounds=1,
+                burst_limit=10)  # fmt: skip
 
 
 @dataclass
@@ -84,13 +97,32 @@ class Variant:
     mode: str  # unary | stream
     codes: str  # fresh | peer | hot | any
     fsync: str = "always"  # Redis appendfsync (and RGW_REDIS_DURABILITY) while this variant runs
+    brand: str = "default"  # whose codes and client (loadtest/bench_risk.py): default | risk
+    env: dict[str, str] = field(default_factory=dict)  # extra server settings
     results: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def fresh_gateway(self) -> bool:
+        """The gateway on fresh codes: every call must be REDEEMED, or the variant measured something else."""
+        return self.server == "redeem" and self.codes == "fresh"
 
 
 VARIANTS = [
     Variant("ceiling", "ceiling", REDEEM_PATH, "unary", "any"),
     Variant("redeem", "redeem", REDEEM_PATH, "unary", "fresh"),
     Variant("redeem-everysec", "redeem", REDEEM_PATH, "unary", "fresh", fsync="everysec"),
+    Variant("redeem-risk-off", "redeem", REDEEM_PATH, "unary", "fresh", brand="risk", env={"RGW_RISK_ENGINE": "false"}),
+    Variant("redeem-risk", "redeem", REDEEM_PATH, "unary", "fresh", brand="risk"),
+    # the counters as their own call (the Redis Cluster layout), on the same Redis: what the second call costs
+    Variant(
+        "redeem-risk-2calls",
+        "redeem",
+        REDEEM_PATH,
+        "unary",
+        "fresh",
+        brand="risk",
+        env={"RGW_RISK_REDIS_URL": SAME_REDIS},
+    ),
     Variant("stream", "redeem", STREAM_PATH, "stream", "fresh"),
     Variant("redeem-hot", "redeem", REDEEM_PATH, "unary", "hot"),
     Variant("peer", "peer", REDEEM_PATH, "unary", "peer"),
@@ -119,7 +151,7 @@ class Bench:
             hot = await self.stack.issue(self.profile.hot_codes, uses=self.profile.hot_uses,
                                          peer=variant.codes == "hot-peer", name=variant.name)  # fmt: skip
             return [hot[i % len(hot)] for i in range(count)]
-        return await self.stack.issue(count, peer=variant.codes == "peer", name=variant.name)
+        return await self.stack.issue(count, peer=variant.codes == "peer", name=variant.name, brand=variant.brand)
 
     def frames(self, variant: Variant, codes: list[str], tag: str) -> Path:
         if variant.mode == "stream":
@@ -142,7 +174,7 @@ class Bench:
         meter = CpuMeter({"server": pids, "redis": [self.stack.redis.pid], "postgres": [self.stack.postgres.pid or 0]},
                          with_children=("postgres",))  # fmt: skip
         meter.start()
-        result = run_generator(target, variant, frames, rate, p, self.stack.api_key)
+        result = run_generator(target, variant, frames, rate, p, self.stack.brand(variant.brand)[1])
         cpu = meter.stop()
         cpu["generator"] = round(result["generator_cpu_s"], 3)
         per_call = p.items if variant.mode == "stream" else 1
@@ -150,7 +182,7 @@ class Bench:
         result.update(cpu_s=cpu, redemptions_per_call=per_call,
                       cpu_us_per_call={k: round(v / calls_done * 1e6, 1) for k, v in cpu.items()},
                       cpu_us_per_redemption={k: round(v / calls_done / per_call * 1e6, 1) for k, v in cpu.items()},
-                      redemptions_per_s=round(result["achieved_rate"] * per_call),
+                      redemptions_per_s=round(result["achieved_rate"] * per_call), denied=denials(result),
                       over_redeemed=max(0, result["outcomes"].get(REDEEMED, 0) - allowed))  # fmt: skip
         frames.unlink()
         return result
@@ -158,7 +190,7 @@ class Bench:
     async def run_variant(self, variant: Variant) -> None:
         p = self.profile
         self.stack.set_fsync(variant.fsync)
-        target, pids = self.stack.start_servers(variant.server, self.workers, durability=variant.fsync)
+        target, pids = self.stack.start_servers(variant.server, self.workers, durability=variant.fsync, env=variant.env)
         try:
             cpu_rate = p.stream_cpu_rate if variant.mode == "stream" else p.unary_cpu_rate
             variant.results["cpu"] = await self.measure(variant, target, pids, cpu_rate, f"{variant.name}-cpu")
@@ -189,26 +221,84 @@ class Bench:
 CEILING_BARE = Variant("ceiling-bare", "ceiling-bare", REDEEM_PATH, "unary", "any")
 
 
-async def interleaved_cpu(bench: Bench, rounds: int) -> dict[str, Any]:
-    """CPU per call of the ceiling without and with the interceptors and of redeem, measured alternately at the
-    same rate with every server set up: the ratios of medians do not depend on which drew a noisy minute."""
-    by_name = {v.name: v for v in VARIANTS}
+def denials(result: dict[str, Any]) -> int:
+    """Calls declined: an outcome other than REDEEMED (a risk decline, ...) or a quota's RESOURCE_EXHAUSTED."""
+    declined = sum(count for outcome, count in result["outcomes"].items() if outcome != REDEEMED)
+    return int(declined + result["statuses"].get(RESOURCE_EXHAUSTED, 0))
+
+
+async def alternating(bench: Bench, names: tuple[str, ...], rounds: int) -> dict[str, Any]:
+    """Server CPU per call (and p99) of several variants measured alternately at the same rate with every server
+    set up: the ratios of medians do not depend on which drew a noisy minute."""
+    by_name = {v.name: v for v in [*VARIANTS, CEILING_BARE]}
     rate = bench.profile.unary_cpu_rate
-    sides = [(variant, *bench.stack.start_servers(variant.server, bench.workers))
-             for variant in (CEILING_BARE, by_name["ceiling"], by_name["redeem"])]  # fmt: skip
-    samples: dict[str, list[float]] = {variant.name: [] for variant, _, _ in sides}
+    sides = [(by_name[name], *bench.stack.start_servers(by_name[name].server, bench.workers, env=by_name[name].env))
+             for name in names]  # fmt: skip
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    redis: dict[str, list[float]] = {name: [] for name in names}
+    p99: dict[str, list[float]] = {name: [] for name in names}
+    denied = dict.fromkeys(names, 0)
     try:
         for n in range(rounds):
             for variant, target, pids in sides:
                 result = await bench.measure(variant, target, pids, rate, f"interleaved-{variant.name}-{n}")
                 samples[variant.name].append(result["cpu_us_per_call"]["server"])
+                redis[variant.name].append(result["cpu_us_per_call"]["redis"])
+                p99[variant.name].append(round(result["latency_ms"]["p99"] or 0, 2))
+                denied[variant.name] += result["denied"]
     finally:
         bench.stack.stop_servers()
-    medians = {name: statistics.median(values) for name, values in samples.items()}
-    return {"rate": rate, "samples_us": samples, "median_us": medians,
-            "ratio": round(medians["redeem"] / medians["ceiling"], 2) if medians["ceiling"] else None,
-            "interceptors_ratio": round(medians["ceiling"] / medians["ceiling-bare"], 3)
-            if medians["ceiling-bare"] else None}  # fmt: skip
+    both = {name: [a + b for a, b in zip(samples[name], redis[name], strict=True)] for name in names}
+    return {"rate": rate, "samples_us": samples, "median_us": _medians(samples), "redis_samples_us": redis,
+            "redis_median_us": _medians(redis), "server_and_redis_median_us": _medians(both), "p99_ms": p99,
+            "median_p99_ms": _medians(p99), "denied": denied}  # fmt: skip
+
+
+def _medians(samples: dict[str, list[float]]) -> dict[str, float]:
+    return {name: round(statistics.median(values), 2) for name, values in samples.items() if values}
+
+
+def _over(medians: dict[str, float], a: str, b: str, digits: int = 2) -> float | None:
+    return round(medians[a] / medians[b], digits) if medians.get(b) else None
+
+
+async def interleaved_cpu(bench: Bench, rounds: int) -> dict[str, Any]:
+    """The ceiling without and with the interceptors, and redeem, alternately."""
+    cpu = await alternating(bench, ("ceiling-bare", "ceiling", "redeem"), rounds)
+    medians = cpu["median_us"]
+    return {**cpu, "ratio": _over(medians, "redeem", "ceiling"),
+            "interceptors_ratio": _over(medians, "ceiling", "ceiling-bare", 3)}  # fmt: skip
+
+
+async def interleaved_risk(bench: Bench, rounds: int) -> dict[str, Any]:
+    """Every risk rule enforced vs the engine off, alternately: CPU per call and p99 at the same offered rate. The
+    target's CPU is the server's and Redis' together: the rules run in both."""
+    cpu = await alternating(bench, ("redeem-risk-off", "redeem-risk", "redeem-risk-2calls"), rounds)
+    ratio = _over(cpu["server_and_redis_median_us"], "redeem-risk", "redeem-risk-off")
+    return {**cpu, "ratio": ratio, "server_ratio": _over(cpu["median_us"], "redeem-risk", "redeem-risk-off"),
+            "redis_ratio": _over(cpu["redis_median_us"], "redeem-risk", "redeem-risk-off"),
+            "two_calls_ratio": _over(cpu["server_and_redis_median_us"], "redeem-risk-2calls", "redeem-risk-off"),
+            "two_calls_server_ratio": _over(cpu["median_us"], "redeem-risk-2calls", "redeem-risk-off"),
+            "target": RISK_TARGET, "meets_target": ratio is not None and ratio <= RISK_TARGET}  # fmt: skip
+
+
+async def limiter_burst(bench: Bench) -> dict[str, Any]:
+    """BURST_FACTOR x N concurrent calls at one terminal whose campaign admits N a minute, against the
+    redeem-risk servers (issued and limited before they start, so they load the policy)."""
+    n, key = bench.profile.burst_limit, bench.stack.risk_api_key
+    calls = n * bench_risk.BURST_FACTOR
+    campaign, codes = await bench.stack.issue_campaign(calls + len(bench_risk.CONTROLS), name="burst", brand="risk")
+    await bench.stack.limit_terminal(campaign, n)
+    risk = next(v for v in VARIANTS if v.name == "redeem-risk")
+    target, _ = bench.stack.start_servers(risk.server, bench.workers, env=risk.env)
+    try:
+        result = await bench_risk.burst(target, key, codes[:calls], n)
+        result["controls"] = await bench_risk.controls(target, key, codes[calls:])
+    finally:
+        bench.stack.stop_servers()
+    print(f"burst: {result['admitted']} of {result['calls']} admitted at a limit of {n}; "
+          f"first throttled retry after {result['first_throttled_retry_after_ms']} ms", flush=True)  # fmt: skip
+    return result
 
 
 def settle() -> None:
@@ -232,15 +322,20 @@ def run_generator(target: str, variant: Variant, frames: Path, rate: int, p: Pro
 
 
 async def run(profile: Profile, workers: int, workdir: Path, only: set[str] | None) -> dict[str, Any]:
+    def chosen(name: str) -> bool:
+        return only is None or name in only
+
     stack = start_stack(workdir)
     try:
         await stack.prepare()
         bench = Bench(stack, profile, workers)
-        cpu = await interleaved_cpu(bench, profile.cpu_rounds) if only is None or "interleaved" in only else {}
+        cpu = await interleaved_cpu(bench, profile.cpu_rounds) if chosen("interleaved") else {}
+        risk = await interleaved_risk(bench, profile.cpu_rounds) if chosen("interleaved-risk") else {}
+        burst = await limiter_burst(bench) if chosen("burst") else {}
         for variant in VARIANTS:
-            if only is None or variant.name in only:
+            if chosen(variant.name):
                 await bench.run_variant(variant)
-        redis = redis_ceiling(stack.redis, profile.redis_requests) if only is None or "redis" in only else {}
+        redis = redis_ceiling(stack.redis, profile.redis_requests) if chosen("redis") else {}
     finally:
         stack.stop_servers()
         stack.redis.stop()
@@ -251,7 +346,28 @@ async def run(profile: Profile, workers: int, workdir: Path, only: set[str] | No
         "variants": {v.name: {**asdict(v), "results": v.results} for v in VARIANTS if v.results},
         "redis": redis,
         "interleaved_cpu": cpu,
+        "interleaved_risk": risk,
+        "burst": burst,
+        "problems": problems(cpu, risk, burst),
     }
+
+
+def problems(cpu: dict[str, Any], risk: dict[str, Any], burst: dict[str, Any]) -> list[str]:
+    """What makes this run's comparisons wrong: a denial on fresh codes, a burst not admitting exactly N."""
+    found = []
+    for variant in VARIANTS:
+        steps = [variant.results[k] for k in ("cpu", "half") if k in variant.results] + variant.results.get("ramp", [])
+        denied = sum(step["denied"] for step in steps)
+        if variant.fresh_gateway and denied:
+            found.append(f"{variant.name}: {denied} call(s) denied on fresh codes")
+    for name, denied in [*cpu.get("denied", {}).items(), *risk.get("denied", {}).items()]:
+        if denied and name != "ceiling-bare" and name != "ceiling":
+            found.append(f"alternating runs of {name}: {denied} call(s) denied on fresh codes")
+    if burst and not burst["exact"]:
+        found.append(f"burst: {burst['answers']} at a limit of {burst['limit']}, not exactly the limit admitted")
+    if burst and not burst["controls"]["ok"]:
+        found.append(f"the risk rules did not decline the controls as expected: {burst['controls']['answers']}")
+    return found
 
 
 def main() -> None:
@@ -259,8 +375,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="seconds, to prove the harness works (not for figures)")
     parser.add_argument("--workers", type=int, default=2, help="server processes per variant (SO_REUSEPORT)")
     parser.add_argument("--out", type=Path, default=Path("loadtest/results"))
-    parser.add_argument("--only", default="", help="comma-separated variants, `interleaved` for the alternating "
-                        "CPU runs (default: all)")  # fmt: skip
+    parser.add_argument("--only", default="", help="comma-separated variants; `interleaved` and `interleaved-risk` "
+                        "for the alternating CPU runs, `burst` for the limiter's accuracy (default: all)")  # fmt: skip
     parser.add_argument("--no-markdown", action="store_true", help="do not update BENCHMARKS.md")
     args = parser.parse_args()
     profile = SMOKE if args.smoke else FULL
@@ -272,6 +388,10 @@ def main() -> None:
                   machine=f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
                   command="make bench" + (" (smoke)" if args.smoke else ""))  # fmt: skip
     write_outputs(report, args.out, markdown_too=not args.no_markdown and not args.smoke)
+    for problem in report["problems"]:
+        print(f"bench: NOT LIKE FOR LIKE - {problem}", file=sys.stderr)
+    if report["problems"]:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

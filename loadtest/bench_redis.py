@@ -34,7 +34,7 @@ def script_args() -> list[str]:
               "campaign": str(CAMPAIGN), "shard": "0", "brand": "1"}  # fmt: skip
     item = {"idem": "i:__rand_int__", "legacy_idem": "i:none", "fp": "fp", "rid": "rid-__rand_int__",
             "caller": "cl/t", "client": "cl", "store": "s", "term": "t", "dev": "d", "lat": "31.2", "lon": "121.4",
-            "acc": "10"}  # fmt: skip
+            "acc": "10", "risk": ""}  # fmt: skip  # no risk plan: the script alone, as with RGW_RISK_ENGINE=false
     return [scalar[name] for name in SCRIPT_ARGS] + [item[name] for name in ITEM_ARGS]
 
 

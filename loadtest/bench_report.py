@@ -26,6 +26,10 @@ def ratios(report: dict[str, Any]) -> dict[str, float | None]:
         value = v.get(name, {}).get("results", {}).get("cpu", {}).get("cpu_us_per_call", {}).get(key)
         return float(value) if value is not None else None
 
+    def both(name: str) -> float | None:
+        server, redis = cpu(name), cpu(name, "redis")
+        return server + redis if server is not None and redis is not None else None
+
     def redemptions(name: str) -> float | None:
         r = v.get(name, {}).get("results", {})
         per = r.get("cpu", {}).get("redemptions_per_call", 1)
@@ -47,6 +51,12 @@ def ratios(report: dict[str, Any]) -> dict[str, float | None]:
         "redeem_p99_ms_at_half_saturation": _ms(p99_half("redeem")),
         "redeem_everysec_p99_ms_at_half_saturation": _ms(p99_half("redeem-everysec")),
         "ceiling_p99_ms_at_half_saturation": _ms(p99_half("ceiling")),
+        "risk_cpu_per_call_every_rule_vs_engine_off": report.get("interleaved_risk", {}).get("ratio"),
+        "risk_server_cpu_ratio": report.get("interleaved_risk", {}).get("server_ratio"),
+        "risk_redis_cpu_ratio": report.get("interleaved_risk", {}).get("redis_ratio"),
+        "risk_two_calls_cpu_ratio": report.get("interleaved_risk", {}).get("two_calls_ratio"),
+        "risk_cpu_per_call_single_runs": _ratio(both("redeem-risk"), both("redeem-risk-off")),
+        "burst_admitted_exactly_the_limit": report.get("burst", {}).get("exact"),
     }
 
 
@@ -88,6 +98,75 @@ def _interleaved(report: dict[str, Any]) -> str:
     return f"Alternating CPU runs at {cpu['rate']} calls/s, server µs per call: {runs}; medians: {medians}."
 
 
+POLICIES = """Policies (loadtest/bench_risk.py): `redeem`, `redeem-everysec`, `stream` and `redeem-hot` run with the
+risk engine on and the shipped default modes (rate limits, device and code velocity, lockouts, terminal_store enforced;
+place and device rules off), with the default brand's limits raised so the offered load is admitted (the default 2
+calls/s per till and 1,000/s per API client would decline most of a ramp offering 6,000/s from 50 tills and one
+client). `redeem-risk` runs every rule enforced for its brand - rate limits on all six scopes (limits high enough
+to admit the load), lockouts, terminal_store (registered terminals, unknown ones denied), store_geofence (stores
+registered with a 10 km radius, every request 0-6 km from them), campaign_region (a polygon with a hole and a
+circle), impossible_travel (a device always at the same place), device_binding, device_limit (1,000 uses), device
+and code velocity; `redeem-risk-off` sends the same requests of the same brand to servers with
+RGW_RISK_ENGINE=false."""
+
+
+def _side_by_side(report: dict[str, Any]) -> list[str]:
+    """p99 of redeem-risk-off and redeem-risk at each offered rate of their ramps."""
+    variants = report["variants"]
+    if "redeem-risk" not in variants or "redeem-risk-off" not in variants:
+        return []
+    ramps = [{s["offered_rate"]: s for s in variants[n]["results"]["ramp"]} for n in ("redeem-risk-off", "redeem-risk")]
+    lines = [
+        "",
+        "| offered calls/s | engine off: achieved, p99 ms | every rule: achieved, p99 ms |",
+        "|---:|---:|---:|",
+    ]
+    for rate in sorted(set(ramps[0]) & set(ramps[1])):
+        off, on = ramps[0][rate], ramps[1][rate]
+        lines.append(f"| {rate} | {off['achieved_rate']:.0f}, {off['latency_ms']['p99'] or 0:.1f} | "
+                     f"{on['achieved_rate']:.0f}, {on['latency_ms']['p99'] or 0:.1f} |")  # fmt: skip
+    return lines
+
+
+def _risk(report: dict[str, Any]) -> list[str]:
+    """The issue-9 figures: CPU per call and p99, every rule vs the engine off; the burst; what went wrong."""
+    risk, burst = report.get("interleaved_risk") or {}, report.get("burst") or {}
+    lines = ["", "**Risk engine.** " + POLICIES, ""]
+    if risk:
+        med, p99, red = risk["server_and_redis_median_us"], risk["median_p99_ms"], risk["redis_samples_us"]
+        verdict = "meets" if risk["meets_target"] else "DOES NOT MEET"
+        lines += [
+            f"Alternating runs at {risk['rate']} calls/s ({len(risk['samples_us']['redeem-risk'])} rounds), server "
+            f"µs per call: engine off {risk['samples_us']['redeem-risk-off']}, every rule "
+            f"{risk['samples_us']['redeem-risk']}; Redis µs per call: engine off {red['redeem-risk-off']}, every rule "
+            f"{red['redeem-risk']}; medians of server + Redis {med['redeem-risk-off']:.0f} / {med['redeem-risk']:.0f}: "
+            f"**{risk['ratio']}x** ({verdict} the <= {risk['target']}x target). p99 at that same offered rate, "
+            f"median of the rounds: engine off {p99['redeem-risk-off']} ms, every rule {p99['redeem-risk']} ms "
+            f"(rounds: {risk['p99_ms']['redeem-risk-off']} / {risk['p99_ms']['redeem-risk']}). Denied calls: "
+            f"{risk['denied']}.",
+        ]
+        if "redeem-risk-2calls" in med:
+            lines += [
+                "",
+                f"The counters as their own call (`RGW_RISK_REDIS_URL`, the Redis Cluster layout) on the same "
+                f"Redis: server µs per call {risk['samples_us']['redeem-risk-2calls']}, Redis "
+                f"{red['redeem-risk-2calls']}; server + Redis median {med['redeem-risk-2calls']:.0f}: "
+                f"**{risk['two_calls_ratio']}x** the engine off (server alone {risk['two_calls_server_ratio']}x), "
+                f"p99 {p99['redeem-risk-2calls']} ms at the same rate.",
+            ]
+    lines += _side_by_side(report)
+    if burst:
+        lines += ["", f"Limiter burst: {burst['calls']} Redeem calls at once from one terminal whose campaign admits "
+                  f"{burst['limit']} a minute there ({burst['seconds']} s): {burst['answers']} - "
+                  f"{'exactly the limit admitted' if burst['exact'] else 'NOT exactly the limit'}; the first "
+                  f"throttled answer said retry after {burst['first_throttled_retry_after_ms']} ms (all: "
+                  f"{burst['retry_after_ms_range']} ms). Controls on the same servers: "
+                  f"{burst['controls']['answers']}."]  # fmt: skip
+    for problem in report.get("problems", []):
+        lines += ["", f"**NOT LIKE FOR LIKE: {problem}**"]
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
     r = ratios(report)
     lines = [
@@ -112,14 +191,23 @@ def markdown(report: dict[str, Any]) -> str:
         f"| redeem p99 at half its saturation rate, ms (target <= 10) | {r['redeem_p99_ms_at_half_saturation']} |",
         f"| the same with appendfsync everysec, ms | {r['redeem_everysec_p99_ms_at_half_saturation']} |",
         f"| the ceiling's p99 at half its saturation rate, ms | {r['ceiling_p99_ms_at_half_saturation']} |",
+        f"| redeem with every risk rule enforced vs the engine off, server + Redis CPU per call (target <= 1.25; "
+        f"median of alternating runs) | {r['risk_cpu_per_call_every_rule_vs_engine_off']} |",
+        f"| the same, server CPU only / Redis CPU only | {r['risk_server_cpu_ratio']} / {r['risk_redis_cpu_ratio']} |",
+        f"| the same from the single CPU runs of the variant table below, server + Redis | "
+        f"{r['risk_cpu_per_call_single_runs']} |",
+        f"| the limiter admitted exactly its limit under a concurrent burst | "
+        f"{r['burst_admitted_exactly_the_limit']} |",
         "",
         _interleaved(report),
+        *_risk(report),
         "",
         "CPU per call at one open-loop rate below saturation (µs of CPU per call; streams: per message):",
         "",
         "| variant | rate (calls/s) | server | redis | postgres | generator | per redemption: server |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
+    lines = [line for line in lines if not line.endswith("| None |")]  # targets this run did not measure
     for name, variant in report["variants"].items():
         c = variant["results"]["cpu"]
         u = c["cpu_us_per_call"]
@@ -159,7 +247,7 @@ def write_outputs(report: dict[str, Any], out: Path, *, markdown_too: bool = Tru
     (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
     if report["variants"]:
         chart(report, out / "bench.png")
-    if markdown_too and report["variants"]:
+    if markdown_too:
         update_section(Path("BENCHMARKS.md"), "bench", markdown(report))
     print(json.dumps(report["ratios"], indent=2))
 

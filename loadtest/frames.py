@@ -8,6 +8,9 @@ from pathlib import Path
 
 from gateway.pb.redemption.v1 import redemption_pb2 as pb
 
+STORES = 7
+TERMINALS = 50  # till-k belongs to store-(k % STORES), as loadtest/bench_risk.py registers them
+
 
 def grpc_frame(message: pb.RedeemRequest | pb.RedeemStreamRequest) -> bytes:
     """One length-prefixed gRPC message."""
@@ -15,13 +18,16 @@ def grpc_frame(message: pb.RedeemRequest | pb.RedeemStreamRequest) -> bytes:
     return b"\x00" + len(data).to_bytes(4, "big") + data
 
 
-def redeem_request(code: str, n: int, *, terminals: int = 50, tag: str = "b") -> pb.RedeemRequest:
-    """A realistic Redeem request: its own idempotency key, one of `terminals` tills, a location."""
+def redeem_request(code: str, n: int, *, tag: str = "b") -> pb.RedeemRequest:
+    """A realistic Redeem request: its own idempotency key, one of the tills (each always in its own store), a
+    customer device and its location. Device `dev-n` is always at the same place, within 6 km of the stores'
+    registered location, so every risk rule passes (no impossible travel, inside the geofence and region)."""
+    till = n % TERMINALS
     return pb.RedeemRequest(
         code=code,
         idempotency_key=f"{tag}-{n}",
-        store_id=f"store-{n % 7}",
-        terminal_id=f"till-{n % terminals}",
+        store_id=f"store-{till % STORES}",
+        terminal_id=f"till-{till}",
         customer_device_id=f"dev-{n}",
         location=pb.Location(latitude=31.23 + (n % 100) / 1000, longitude=121.47, accuracy_m=15),
     )

@@ -4,7 +4,9 @@ to Locust through `events.request`, with its response time and length.
 
 How calls are reported (request type = the scenario, i.e. the User class name; name = method and result):
 - an OK answer is named by its outcome, e.g. `Redeem:OUTCOME_REDEEMED`, `Redeem:OUTCOME_ALREADY_REDEEMED`; a
-  replayed answer (a retry with the same idempotency key) gets `:replayed`. Declines are answers, not failures.
+  replayed answer (a retry with the same idempotency key) gets `:replayed`, a risk decline its reason
+  (`Redeem:OUTCOME_RISK_DENIED:LOCKED_OUT`), so each rule's declines are counted apart. Declines are answers, not
+  failures.
 - a gRPC error is named by its status, e.g. `Redeem:UNAVAILABLE`, and is a failure - unless the scenario lists
   the status in `expected_codes` (the attacker expects INVALID_ARGUMENT for mistyped codes).
 - a scenario may attach a check to one call (`redeem(..., check=...)`); an answer the check rejects is a failure.
@@ -54,7 +56,10 @@ def request_name(method: str, response: Message | None, error: grpc.RpcError | N
         return f"{method}:{error.code().name}"
     if response is None or "outcome" not in response.DESCRIPTOR.fields_by_name:
         return method
-    name = f"{method}:{pb.Outcome.Name(getattr(response, 'outcome'))}"  # noqa: B009 - Message has no typed field
+    outcome = getattr(response, "outcome")  # noqa: B009 - Message has no typed field
+    name = f"{method}:{pb.Outcome.Name(outcome)}"
+    if outcome == pb.OUTCOME_RISK_DENIED:
+        name += f":{getattr(response, 'reason', '')}"
     return name + (":replayed" if getattr(response, "replayed", False) else "")
 
 

@@ -3,7 +3,8 @@
     LaunchPeak  (tag launch_peak)  many terminals redeeming fresh single-use codes, each code once
     HotCodes    (tag hot_codes)    many terminals redeeming a few multi-use codes at once
     Attacker    (tag attacker)     guesses: well-formed codes never issued (OUTCOME_NOT_FOUND) and mistyped ones
-                                   (INVALID_ARGUMENT, expected: not a failure)
+                                   (INVALID_ARGUMENT, expected: not a failure), until the lockout engages:
+                                   then OUTCOME_RISK_DENIED:LOCKED_OUT, counted apart in the report
     Mixed       (tag mixed)        Validate, Redeem, and retries with the same idempotency key, which must be
                                    replayed with the first redemption id (a failure otherwise)
 
@@ -64,6 +65,7 @@ class Shared:
     fresh_codes: list[str]
     hot_codes: list[str]
     api_key: str = field(repr=False)
+    attacker_key: str = field(repr=False)
     _fresh: Iterator[str] | None = field(default=None, init=False)
 
     @classmethod
@@ -71,7 +73,9 @@ class Shared:
         manifest = Manifest.read(directory)
         fresh = (directory / manifest.fresh.file).read_text().split()
         hot = (directory / manifest.hot.file).read_text().split()
-        return cls(manifest, fresh, hot, (directory / manifest.key_file).read_text().strip())
+        key, attacker_key = ((directory / name).read_text().strip()
+                             for name in (manifest.key_file, manifest.attacker_key_file))  # fmt: skip
+        return cls(manifest, fresh, hot, key, attacker_key)
 
     def take_fresh(self, environment: Environment) -> str | None:
         """The next unused fresh code of this worker's share, or None when the share is used up."""
@@ -153,12 +157,18 @@ class Terminal(GrpcUser):
     abstract = True
     wait_time = constant(0)
 
+    store_prefix = "store"
+
     def on_start(self) -> None:
-        self.api_key = shared().api_key
+        self.api_key = self.client_key(shared())
         super().on_start()
         number = next(_terminal_numbers)
-        self.store_id = f"store-{number % STORES}"
+        self.store_id = f"{self.store_prefix}-{number % STORES}"
         self.terminal_id = f"{type(self).__name__.lower()}-{number}"
+
+    def client_key(self, data: Shared) -> str:
+        """The API key this till calls with."""
+        return data.api_key
 
     def redeem_request(self, code: str, **extra: Any) -> pb.RedeemRequest:
         return pb.RedeemRequest(
@@ -194,10 +204,16 @@ class HotCodes(Terminal):
 
 class Attacker(Terminal):
     """Guesses codes: well-formed ones (valid check character) that were never issued, and mistyped ones, which the
-    gateway rejects offline with INVALID_ARGUMENT - expected here, so not a failure."""
+    gateway rejects offline with INVALID_ARGUMENT - expected here, so not a failure. Every guess counts towards
+    the lockout: after 10 (the default) the terminal is locked out and even its well-formed guesses are declined
+    OUTCOME_RISK_DENIED:LOCKED_OUT. Its own client and stores, so its lockouts never reach the honest tills."""
 
     weight = 1
     expected_codes = frozenset({grpc.StatusCode.INVALID_ARGUMENT})
+    store_prefix = "attacker-store"
+
+    def client_key(self, data: Shared) -> str:
+        return data.attacker_key
 
     def _guess(self) -> str:
         manifest = shared().manifest

@@ -11,6 +11,13 @@ Redis from Postgres if Redis is not initialised (as `rgw rebuild-redis` would), 
 - "fresh": single-use codes, each redeemed once by the launch-peak and mixed scenarios;
 - "hot": a few codes with many uses each, which many terminals redeem at once.
 
+Each campaign gets a risk policy (campaign level, so nothing else of the brand changes) that raises its rate
+limits and velocities to numbers a load test never reaches: a few Locust users at full speed would otherwise be
+throttled by the default 2 calls/s per till, and the hot codes declined by the default 30 uses a minute per code.
+The lockouts keep their defaults (10 failures in 10 minutes lock a terminal): the attacker scenario must engage
+them. It calls with its own API client (`attacker-key`), from its own stores, so the store and client lockouts it
+triggers never lock out the honest scenarios' tills.
+
 DIR (created 0700) receives the plaintext codes - test data, but redeemable ones, so each file is mode 0600 and
 never overwritten - and `manifest.json`, which the locustfile reads. A DIR prepared before is refused: its codes
 may have been used.
@@ -38,13 +45,21 @@ from gateway.durability import is_initialised
 from gateway.rebuild import rebuild_redis
 from gateway.redis_store import connect
 from gateway.settings import Settings, SettingsError
-from gateway.tenancy import admin_store, notify
+from gateway.tenancy import admin_risk, admin_store, notify
 from gateway.tenancy.model import DEFAULT_BRAND_ID
 
 MANIFEST = "manifest.json"
 KEY_FILE = "api-key"
+ATTACKER_KEY_FILE = "attacker-key"
 FRESH_FILE = "fresh-codes.txt"
 HOT_FILE = "hot-codes.txt"
+ACTOR = "loadtest.prepare"
+_UNREACHED = 10_000_000
+# The load-test campaigns' risk policy: limits out of reach, everything else (lockouts included) the brand's.
+LOAD_POLICY = {
+    "limits": {scope: {"limit": _UNREACHED, "window_s": 3600 if scope == "device" else 60}
+               for scope in ("terminal", "store", "client", "brand", "device", "code")},
+}  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +81,7 @@ class Manifest:
     fresh: CampaignData
     hot: CampaignData
     key_file: str = KEY_FILE  # the internal API key the users authenticate with (0600, beside the codes)
+    attacker_key_file: str = ATTACKER_KEY_FILE  # the attacker scenario's own client
 
     def write(self, directory: Path) -> None:
         fd = os.open(directory / MANIFEST, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -76,7 +92,7 @@ class Manifest:
     def read(cls, directory: Path) -> Manifest:
         raw = json.loads((directory / MANIFEST).read_text())
         fresh, hot = CampaignData(**raw["fresh"]), CampaignData(**raw["hot"])
-        return cls(raw["created_at"], fresh, hot, raw.get("key_file", KEY_FILE))
+        return cls(raw["created_at"], fresh, hot, raw.get("key_file", KEY_FILE), raw.get("attacker_key_file", KEY_FILE))
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,15 +127,19 @@ async def _issue(
     )  # fmt: skip
     file = FRESH_FILE if kind == "fresh" else HOT_FILE
     await issuance.issue_codes(conn, redis, keyring, campaign, count=count, out=plan.out / file)
+    made = await admin_risk.set_risk_policy(
+        conn, actor=ACTOR, brand_id=DEFAULT_BRAND_ID, campaign_id=campaign.id, document=LOAD_POLICY
+    )
+    await notify.publish(redis, made.version)
     return CampaignData(campaign.id, campaign.shards, uses, count, file)
 
 
-async def _write_key(conn: asyncpg.Connection, redis: Redis, settings: Settings, path: Path) -> None:
+async def _write_key(conn: asyncpg.Connection, redis: Redis, settings: Settings, path: Path, who: str) -> None:
     """An internal client of the default brand (whose campaigns these are) for the users, its key shown only in
     `path` (0600): Locust calls like a real order system. Revoke it with `rgw client revoke` after the run."""
     made = await admin_store.create_client(
-        conn, actor="loadtest.prepare", brand_id=DEFAULT_BRAND_ID, role="internal",
-        label=f"loadtest {datetime.now(UTC):%Y-%m-%d %H:%M:%S}", env=settings.key_env,
+        conn, actor=ACTOR, brand_id=DEFAULT_BRAND_ID, role="internal",
+        label=f"loadtest {who} {datetime.now(UTC):%Y-%m-%d %H:%M:%S}", env=settings.key_env,
     )  # fmt: skip
     await notify.publish(redis, made.version)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -137,7 +157,8 @@ async def prepare(settings: Settings, plan: Plan) -> Manifest:
         await _ensure_initialised(conn, redis)
         fresh = await _issue(conn, redis, keyring, plan, kind="fresh", count=plan.fresh, uses=1)
         hot = await _issue(conn, redis, keyring, plan, kind="hot", count=plan.hot, uses=plan.hot_uses)
-        await _write_key(conn, redis, settings, plan.out / KEY_FILE)
+        await _write_key(conn, redis, settings, plan.out / KEY_FILE, "tills")
+        await _write_key(conn, redis, settings, plan.out / ATTACKER_KEY_FILE, "attacker")
     finally:
         await redis.aclose()
         await conn.close()

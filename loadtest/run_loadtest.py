@@ -10,8 +10,10 @@ runs `python -m loadtest.prepare`; starts `rgw serve` (ledger writer in the same
 free port; runs Locust headless in a subprocess (gevent must not patch this process); stops everything.
 
 Locust's CSV files (`locust_stats.csv`, `locust_failures.csv`, ...) and HTML report (`locust.html`) go to the
-results directory, with the gateway's log. Exit status: 0 when Locust exited 0, no call failed and no exception
-was raised, and the gateway ran and stopped cleanly; 1 otherwise.
+results directory, with the gateway's log. Prints what the attacker met: its guesses answered NOT_FOUND, its
+typos INVALID_ARGUMENT, and the lockout's declines (OUTCOME_RISK_DENIED:LOCKED_OUT), each counted apart. Exit status:
+0 when Locust exited 0, no call failed and no exception was raised, no honest scenario (all but the attacker) met a
+risk decline, and the gateway ran and stopped cleanly; 1 otherwise.
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ from gateway.dev.servers import PostgresServer, RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = ("LaunchPeak", "HotCodes", "Attacker", "Mixed")
+HONEST = frozenset(SCENARIOS) - {"Attacker"}
+# How the attacker's calls are named in Locust's report (loadtest/grpc_user.py).
+ATTACKER_ROWS = {"lockout": "Redeem:OUTCOME_RISK_DENIED:LOCKED_OUT", "not found": "Redeem:OUTCOME_NOT_FOUND",
+                 "mistyped": "Redeem:INVALID_ARGUMENT"}  # fmt: skip
 PREFIX = "locust"
 GATEWAY_START_TIMEOUT_S = 30
 GATEWAY_STOP_TIMEOUT_S = 30
@@ -203,9 +209,29 @@ def _rows(path: Path) -> int:
         return max(sum(1 for _ in csv.reader(handle)) - 1, 0)
 
 
+def request_counts(path: Path) -> dict[tuple[str, str], int]:
+    """Calls per (scenario, name) in Locust's stats CSV; empty when it is missing."""
+    if not path.exists():
+        return {}
+    with path.open(newline="") as handle:
+        return {(row["Type"], row["Name"]): int(row["Request Count"]) for row in csv.DictReader(handle)}
+
+
+def risk_summary(counts: dict[tuple[str, str], int]) -> tuple[dict[str, int], dict[str, int]]:
+    """The attacker's calls by kind (lockout declines apart), and the honest scenarios' risk declines and quota
+    refusals by name."""
+    attacker = {kind: counts.get(("Attacker", name), 0) for kind, name in ATTACKER_ROWS.items()}
+    honest = {f"{kind} {name}": n for (kind, name), n in counts.items()
+              if kind in HONEST and ("RISK_DENIED" in name or "RESOURCE_EXHAUSTED" in name)}  # fmt: skip
+    return attacker, honest
+
+
 def verdict(options: Options, locust_code: int, gateway_code: int) -> list[str]:
     """What went wrong; empty when the run passed."""
     problems = []
+    _, honest = risk_summary(request_counts(options.results / f"{PREFIX}_stats.csv"))
+    if honest:
+        problems.append(f"honest scenarios met risk declines: {honest}")
     if locust_code != 0:
         problems.append(f"locust exited {locust_code}")
     for kind in ("failures", "exceptions"):
@@ -231,6 +257,9 @@ def run(options: Options) -> int:
                 print(f"the gateway died during the run (exit {proc.returncode})", file=sys.stderr)
         gateway_code = proc.returncode
     problems = verdict(options, locust_code, gateway_code)
+    if "Attacker" in options.scenarios:
+        attacker, _ = risk_summary(request_counts(options.results / f"{PREFIX}_stats.csv"))
+        print("attacker: " + ", ".join(f"{n} {kind}" for kind, n in attacker.items()))
     print(f"\nloadtest: {'FAILED: ' + '; '.join(problems) if problems else 'passed'} in "
           f"{time.monotonic() - started:.0f}s; reports in {options.results}")  # fmt: skip
     return 1 if problems else 0

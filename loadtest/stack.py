@@ -1,5 +1,6 @@
 """The benchmark's stack: its own Redis (AOF, appendfsync always) and Postgres (fsync, synchronous_commit on),
-codes issued through the real issuance path, and the server processes of one variant."""
+codes issued through the real issuance path, two brands (the default one and the risk variants', see
+loadtest/bench_risk.py), and the server processes of one variant."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from gateway.rebuild import rebuild_redis
 from gateway.redis_store import connect
 from gateway.tenancy import admin_store, notify
 from gateway.tenancy.model import DEFAULT_BRAND_ID
+from loadtest import bench_risk
 from loadtest.servicers import LOAD_PEER_CODES, PEER_SCHEMA
 
 KEY = os.urandom(32)
@@ -40,8 +42,10 @@ class Stack:
     workdir: Path
     issued: int = 0
     servers: list[subprocess.Popen[bytes]] = field(default_factory=list)
-    # The benchmark authenticates like a real internal client (Redeem and RedeemStream), for the default brand.
+    # The benchmark authenticates like a real internal client (Redeem and RedeemStream), one per brand.
     api_key: str = field(default="", repr=False)
+    risk_brand_id: int = 0
+    risk_api_key: str = field(default="", repr=False)
 
     @property
     def env(self) -> dict[str, str]:
@@ -69,24 +73,49 @@ class Stack:
             )
             await notify.publish(redis, made.version)
             self.api_key = made.value.plaintext
+            await bench_risk.prepare_default_brand(conn, redis, DEFAULT_BRAND_ID)
+            self.risk_brand_id, self.risk_api_key = await bench_risk.prepare_risk_brand(conn, redis)
         finally:
             await redis.aclose()
             await conn.close()
 
-    async def issue(self, count: int, *, uses: int = 1, peer: bool = False, name: str = "bench") -> list[str]:
+    def brand(self, name: str) -> tuple[int, str]:
+        """A bench brand's id and client key: `default` or `risk`."""
+        return (self.risk_brand_id, self.risk_api_key) if name == "risk" else (DEFAULT_BRAND_ID, self.api_key)
+
+    async def issue(
+        self, count: int, *, uses: int = 1, peer: bool = False, name: str = "bench", brand: str = "default"
+    ) -> list[str]:
         """`count` fresh codes of a new campaign (also loaded into the peer's table when `peer`)."""
+        return (await self.issue_campaign(count, uses=uses, peer=peer, name=name, brand=brand))[1]
+
+    async def issue_campaign(
+        self, count: int, *, uses: int = 1, peer: bool = False, name: str = "bench", brand: str = "default"
+    ) -> tuple[int, list[str]]:
+        """A new campaign of the brand and its `count` codes."""
         conn = await asyncpg.connect(self.postgres.url)
         redis = connect(self.redis.url, pool_size=4, timeout_s=30)
         try:
             now = datetime.now(UTC)
             campaign = await create_campaign(conn, redis, KEYRING, name=name, valid_from=now - timedelta(hours=1),
-                                             valid_until=now + timedelta(days=1), uses_per_code=uses)  # fmt: skip
+                                             valid_until=now + timedelta(days=1), uses_per_code=uses,
+                                             brand_id=self.brand(brand)[0])  # fmt: skip
             self.issued += 1
             out = self.workdir / f"codes-{self.issued}.txt"
             await issue_codes(conn, redis, KEYRING, campaign, count=count, out=out)
             if peer:
                 await conn.execute(LOAD_PEER_CODES, campaign.id)
-            return out.read_text().split()
+            return campaign.id, out.read_text().split()
+        finally:
+            await redis.aclose()
+            await conn.close()
+
+    async def limit_terminal(self, campaign_id: int, n: int) -> None:
+        """The risk brand's campaign admits N calls per minute per terminal (the burst)."""
+        conn = await asyncpg.connect(self.postgres.url)
+        redis = connect(self.redis.url, pool_size=4, timeout_s=30)
+        try:
+            await bench_risk.limit_terminal(conn, redis, brand_id=self.risk_brand_id, campaign_id=campaign_id, n=n)
         finally:
             await redis.aclose()
             await conn.close()
@@ -99,10 +128,15 @@ class Stack:
         finally:
             client.close()
 
-    def start_servers(self, variant: str, workers: int, *, durability: str = "always") -> tuple[str, list[int]]:
-        """Start `workers` processes of a variant on one port; returns the target and their pids."""
+    def start_servers(
+        self, variant: str, workers: int, *, durability: str = "always", env: dict[str, str] | None = None
+    ) -> tuple[str, list[int]]:
+        """Start `workers` processes of a variant on one port (`env`: extra settings); returns the target and
+        their pids."""
         port = free_port()
-        env = {**os.environ, **self.env, "RGW_GRPC_ADDR": f"127.0.0.1:{port}", "RGW_REDIS_DURABILITY": durability}
+        extra = {name: self.redis.url if value == SAME_REDIS else value for name, value in (env or {}).items()}
+        env = {**os.environ, **self.env, "RGW_GRPC_ADDR": f"127.0.0.1:{port}", "RGW_REDIS_DURABILITY": durability,
+               **extra}  # fmt: skip
         command = [sys.executable, "-m", "loadtest.bench_server", variant]
         started = [subprocess.Popen(command, env=env) for _ in range(workers)]  # noqa: S603 - fixed command
         self.servers += started
@@ -120,6 +154,10 @@ class Stack:
                 proc.kill()
                 proc.wait()
         self.servers = []
+
+
+# A variant's setting whose value is the stack's Redis URL (known only once the stack runs).
+SAME_REDIS = "@stack-redis"
 
 
 def _wait_serving(target: str, procs: list[subprocess.Popen[bytes]]) -> None:

@@ -7,22 +7,25 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(480)
 def test_bench_smoke_run_writes_results(tmp_path: Path) -> None:
-    variants = "ceiling,redeem,stream,redeem-hot,peer,peer-stream,redis"
+    variants = "ceiling,redeem,stream,redeem-hot,peer,peer-stream,redeem-risk-off,redeem-risk,redis"
+    steps = "interleaved-risk,burst"
     done = subprocess.run(
-        [sys.executable, "-m", "loadtest.bench", "--smoke", "--workers", "1", "--only", variants,
+        [sys.executable, "-m", "loadtest.bench", "--smoke", "--workers", "1", "--only", f"{variants},{steps}",
          "--out", str(tmp_path), "--no-markdown"],
-        capture_output=True, text=True, timeout=280, env={**os.environ},
+        capture_output=True, text=True, timeout=460, env={**os.environ},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "bench.json").read_text())
     assert (tmp_path / "bench.png").stat().st_size > 10_000
+    assert report["problems"] == []
     results = report["variants"]
     assert set(results) == set(variants.split(",")) - {"redis"}
     for name, variant in results.items():
@@ -40,3 +43,22 @@ def test_bench_smoke_run_writes_results(tmp_path: Path) -> None:
     assert stream["outcomes"]["1"] == stream["completed"] * 8  # 8 redemptions per message
     assert report["redis"]["runs"][0]["rps"] > 0
     assert report["ratios"]["redeem_cpu_per_call_vs_ceiling"] is not None
+    _assert_risk_figures(report)
+
+
+def _assert_risk_figures(report: dict[str, Any]) -> None:
+    """Every rule enforced denied nothing (a like-for-like comparison with the engine off), and the burst admitted
+    exactly its limit."""
+    for name in ("redeem-risk-off", "redeem-risk"):
+        res = report["variants"][name]["results"]
+        assert all(set(step["outcomes"]) == {"1"} for step in [res["cpu"], res["half"], *res["ramp"]]), name
+        assert all(step["denied"] == 0 for step in [res["cpu"], res["half"], *res["ramp"]]), name
+    risk = report["interleaved_risk"]
+    assert risk["denied"] == {"redeem-risk-off": 0, "redeem-risk": 0}
+    assert risk["ratio"] is not None and risk["server_ratio"] is not None and risk["median_p99_ms"]["redeem-risk"] > 0
+    assert report["ratios"]["risk_cpu_per_call_every_rule_vs_engine_off"] == risk["ratio"]
+    burst = report["burst"]
+    assert burst["admitted"] == burst["limit"] == 10 and burst["exact"]
+    assert burst["answers"] == {"OUTCOME_REDEEMED": 10, "RESOURCE_EXHAUSTED": 40}
+    assert 0 < burst["first_throttled_retry_after_ms"] <= 60_000
+    assert burst["controls"]["ok"], burst["controls"]

@@ -19,12 +19,14 @@ ROOT = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT_S = 100
 
 # (scenario, request name) pairs a healthy run must show: the fresh and hot codes are redeemed, the attacker's
-# guesses are NOT_FOUND and its typos INVALID_ARGUMENT (expected, so not failures), retries are replayed.
+# guesses are NOT_FOUND and its typos INVALID_ARGUMENT (expected, so not failures) until the lockout engages and
+# declines it LOCKED_OUT, retries are replayed.
 EXPECTED = {
     ("LaunchPeak", "Redeem:OUTCOME_REDEEMED"),
     ("HotCodes", "Redeem:OUTCOME_REDEEMED"),
     ("Attacker", "Redeem:OUTCOME_NOT_FOUND"),
     ("Attacker", "Redeem:INVALID_ARGUMENT"),
+    ("Attacker", "Redeem:OUTCOME_RISK_DENIED:LOCKED_OUT"),
     ("Mixed", "Validate:OUTCOME_REDEEMABLE"),
     ("Mixed", "Redeem:OUTCOME_REDEEMED"),
     ("Mixed", "Redeem:OUTCOME_REDEEMED:replayed"),
@@ -70,4 +72,9 @@ def test_every_scenario_runs_headless_without_failures(tmp_path: Path) -> None:
     assert stats[("", "Aggregated")]["Failure Count"] == "0"
     # Each fresh code is handed to one user once: the launch peak never meets a code already used.
     assert {name for kind, name in stats if kind == "LaunchPeak"} == {"Redeem:OUTCOME_REDEEMED"}
+    # The lockout engaged for the attacker (10 failures lock its terminal) and for nobody else.
+    assert int(stats[("Attacker", "Redeem:OUTCOME_RISK_DENIED:LOCKED_OUT")]["Request Count"]) > 0
+    honest = {(kind, name) for kind, name in stats if kind not in ("Attacker", "")}
+    assert not {(kind, name) for kind, name in honest if "RISK_DENIED" in name or "RESOURCE_EXHAUSTED" in name}
+    assert "attacker: " in run.stdout and " lockout" in run.stdout
     assert "loadtest: passed" in run.stdout
