@@ -13,7 +13,9 @@ call can do the whole redemption, on a single Redis and unchanged on Redis Clust
                                           engine's DEVICE_LIMIT, counted inside the redeem script)
 
 Outside any campaign shard:
-    rgw:outboxes                   set    every outbox stream's key: the writer's directory of streams
+    rgw:outboxes                   set    every outbox stream's key: the writer's directory of streams (the
+                                          campaign shards' outboxes and each brand's risk-event stream,
+                                          rgw:{r<brand>}:events - risk/keys.py)
     rgw:initialised                string set when Redis state was built from Postgres (rgw rebuild-redis);
                                           without it the gateway refuses to redeem
 """

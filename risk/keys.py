@@ -5,10 +5,12 @@ every caller-scoped counter of one brand lives under the brand's risk tag `{r<br
 several scopes (client, terminal, store, brand, customer device, code) and must check them all before counting
 any, atomically: that needs one script over keys of one slot, so the scopes of one attempt must share a tag, and
 the brand is the narrowest thing they all share. The cost: one brand's risk counters are bounded by one Redis
-node (~50k limiter calls/s per core measured here), and brands spread over the cluster's nodes by their tags.
+node, and brands spread over the cluster's nodes by their tags (a brand that outgrows a node needs its limits
+split over K risk shards, each holding 1/K of every limit - the way campaign budgets are split).
 
 On a single Redis the risk part runs inside the redeem script (one awaited call); on Redis Cluster the campaign
-shard and the brand's risk tag are different slots, so the risk part is a second call before the redemption.
+shard and the brand's risk tag are different slots, so the risk part is its own call before the redemption
+(lua/risk.lua; gateway/risk_counters.py, RGW_RISK_REDIS_URL) and failed attempts are reported after it.
 
     rgw:{r7}:w:<campaign>:<scope>:<subject>   zset    sliding window: one member per counted attempt, scored by
                                                        ms; <campaign> is 0 for brand-wide limits
@@ -16,7 +18,8 @@ shard and the brand's risk tag are different slots, so the risk part is a second
                                                        check characters) within the lockout window
     rgw:{r7}:lock:<scope>:<subject>           string  present while the scope is locked out (PX = cool-down)
     rgw:{r7}:t:<device>                       string  "lat|lon|ms" of the device's last redemption (travel)
-    rgw:{r7}:events                           stream  risk events (denials, shadow hits) for the ledger writer
+    rgw:{r7}:events                           stream  risk events (denials, shadow hits) for the ledger writer,
+                                                       listed in rgw:outboxes by every gateway every second
 
 Subjects are the brand's own external ids (store, "store/terminal"), client ids, customer device ids and code
 refs (keyed hashes): never a code, never a key.

@@ -34,16 +34,19 @@ def field_violations(error: grpc.aio.AioRpcError) -> dict[str, str]:
 
 
 RISK_KEYS = "rgw:{r"
+# Kept current by each gateway's background upkeep (it lists every brand's risk-event stream every second), not by
+# the requests a snapshot is taken around.
+DIRECTORY = "rgw:outboxes"
 
 
 async def redis_snapshot(redis: Redis, *, with_risk: bool = False) -> dict[str, object]:
     """Every key's logical content (DUMP is not stable: a hash may be re-ordered by rehashing on reads). The risk
     engine's counters (risk/keys.py) only with `with_risk`: every attempt counts there by design (its own tests
-    assert what), while the codes' state must not change."""
+    assert what), while the codes' state must not change. Never the outbox directory (see DIRECTORY)."""
     state: dict[str, object] = {}
     for raw in await redis.keys("*"):
         key = str(raw)
-        if key.startswith(RISK_KEYS) and not with_risk:
+        if key == DIRECTORY or (key.startswith(RISK_KEYS) and not with_risk):
             continue
         kind = await redis.type(key)
         if kind == "hash":

@@ -15,7 +15,7 @@ import pytest
 @pytest.mark.slow
 @pytest.mark.timeout(480)
 def test_bench_smoke_run_writes_results(tmp_path: Path) -> None:
-    variants = "ceiling,redeem,stream,redeem-hot,peer,peer-stream,redeem-risk-off,redeem-risk,redis"
+    variants = "ceiling,redeem,stream,redeem-hot,peer,peer-stream,redeem-risk-off,redeem-risk,redeem-risk-2calls,redis"
     steps = "interleaved-risk,burst"
     done = subprocess.run(
         [sys.executable, "-m", "loadtest.bench", "--smoke", "--workers", "1", "--only", f"{variants},{steps}",
@@ -49,13 +49,14 @@ def test_bench_smoke_run_writes_results(tmp_path: Path) -> None:
 def _assert_risk_figures(report: dict[str, Any]) -> None:
     """Every rule enforced denied nothing (a like-for-like comparison with the engine off), and the burst admitted
     exactly its limit."""
-    for name in ("redeem-risk-off", "redeem-risk"):
+    for name in ("redeem-risk-off", "redeem-risk", "redeem-risk-2calls"):
         res = report["variants"][name]["results"]
         assert all(set(step["outcomes"]) == {"1"} for step in [res["cpu"], res["half"], *res["ramp"]]), name
         assert all(step["denied"] == 0 for step in [res["cpu"], res["half"], *res["ramp"]]), name
     risk = report["interleaved_risk"]
-    assert risk["denied"] == {"redeem-risk-off": 0, "redeem-risk": 0}
+    assert risk["denied"] == {"redeem-risk-off": 0, "redeem-risk": 0, "redeem-risk-2calls": 0}
     assert risk["ratio"] is not None and risk["server_ratio"] is not None and risk["median_p99_ms"]["redeem-risk"] > 0
+    assert risk["two_calls_ratio"] is not None
     assert report["ratios"]["risk_cpu_per_call_every_rule_vs_engine_off"] == risk["ratio"]
     burst = report["burst"]
     assert burst["admitted"] == burst["limit"] == 10 and burst["exact"]
