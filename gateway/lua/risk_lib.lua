@@ -28,11 +28,37 @@ local function denied(f)
   return {status, 0, '', 0, 0, 0, f[1], f[2], f[4] or '', f[5] or 0, ''}
 end
 
+-- What one call already read, by key: the items of a batch mostly share their client, store and terminal, and "now"
+-- is the same for all of them, so a shared window is trimmed and counted once and then followed in Lua, a lock's
+-- time left read once, an expiry set once - instead of once per item.
+local live = {}     -- window key -> members inside the window
+local expiring = {} -- window key -> its expiry was set in this call
+local locked = {}   -- lock key -> ms left (0: not locked)
+
+local function lock_left(key)
+  local left = locked[key]
+  if left == nil then
+    left = math.max(redis.call('PTTL', key), 0)
+    locked[key] = left
+  end
+  return left
+end
+
 local function check_lockouts(plan, findings)
   for _, l in ipairs(plan.l or {}) do
-    local left = redis.call('PTTL', KEYS[l[1]])
+    local left = lock_left(KEYS[l[1]])
     if left > 0 then findings[#findings + 1] = {'lockout', 'LOCKED_OUT', l[6], l[7], left, 0} end
   end
+end
+
+local function window_size(key, window_ms)
+  local n = live[key]
+  if n == nil then
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window_ms)
+    n = redis.call('ZCARD', key)
+    live[key] = n
+  end
+  return n
 end
 
 -- Sliding window log: exact - at most `limit` counted attempts in any window of `window_ms` (fixed windows let a
@@ -40,8 +66,7 @@ end
 local function check_windows(plan, findings)
   for _, w in ipairs(plan.w or {}) do
     local key = KEYS[w[1]]
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', now - w[3])
-    local n = redis.call('ZCARD', key)
+    local n = window_size(key, w[3])
     if n >= w[2] then
       -- admitted again once n - limit + 1 members have left: when the member at index n - limit expires
       local oldest = redis.call('ZRANGE', key, n - w[2], n - w[2], 'WITHSCORES')
@@ -85,8 +110,12 @@ end
 local function count_attempt(plan, rid)
   if mode ~= 'redeem' then return end -- Validate counts nothing
   for _, w in ipairs(plan.w or {}) do
-    redis.call('ZADD', KEYS[w[1]], now, rid)
-    redis.call('PEXPIRE', KEYS[w[1]], w[3])
+    local key = KEYS[w[1]]
+    live[key] = window_size(key, w[3]) + redis.call('ZADD', key, now, rid)
+    if not expiring[key] then
+      redis.call('PEXPIRE', key, w[3])
+      expiring[key] = true
+    end
   end
 end
 
@@ -102,6 +131,7 @@ local function count_failure(plan, a, hits)
       local f = {'lockout', 'LOCKED_OUT', l[6], l[7], l[5], 0}
       if l[6] == 'E' then
         redis.call('SET', KEYS[l[1]], now, 'PX', l[5])
+        locked[KEYS[l[1]]] = l[5]
         redis.call('DEL', key)
       end
       hits[#hits + 1] = f

@@ -145,6 +145,28 @@ async def test_a_concurrent_burst_admits_exactly_the_limit(
     assert await total_uses(redis, commands) == LIMIT  # a refused attempt took nothing
 
 
+@pytest.mark.parametrize("scope", list(Scope))
+async def test_one_batch_of_one_script_call_admits_exactly_the_limit(
+    scope: Scope, code_store: RedisCodeStore, issue: Issue, redis: Redis, keyring: KeyRing
+) -> None:
+    """A RedeemStream message is decided in one script call, whose items share windows: the script follows a
+    shared window's count in Lua across its items (read once), and still admits exactly the limit."""
+    issued = await issue(3 * LIMIT, uses_per_code=3 * LIMIT)
+    limiter = Limiter(code_store, engine_of(policy({scope.value: (LIMIT, WINDOW_S)})), keyring)
+    codes = [issued.codes[0]] * (3 * LIMIT) if scope is Scope.CODE else issued.codes
+    commands = [limiter.command(code, **shares_only(scope, n)) for n, code in enumerate(codes)]
+    risks = [limiter.assess(command, T0_MS, counts=True) for command in commands]
+
+    answers = await code_store.decide(commands, [f"batch-{n}" for n in range(len(commands))], mode="redeem",
+                                      now_ms=T0_MS, risks=risks)  # fmt: skip
+
+    redeemed = [a for a in answers if isinstance(a, RedeemResult) and a.outcome is Outcome.REDEEMED]
+    assert len(redeemed) == LIMIT
+    assert answers[:LIMIT] == redeemed  # in order: the first LIMIT items of the message
+    assert await window_size(redis, scope, subject_of(scope, commands[0])) == LIMIT
+    assert await total_uses(redis, commands) == LIMIT
+
+
 async def test_validate_counts_nothing_so_a_later_redeem_burst_still_gets_exactly_the_limit(
     code_store: RedisCodeStore, issue: Issue, redis: Redis, keyring: KeyRing
 ) -> None:
