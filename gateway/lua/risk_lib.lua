@@ -32,7 +32,7 @@ end
 -- is the same for all of them, so a shared window is trimmed and counted once and then followed in Lua, a lock's
 -- time left read once, an expiry set once - instead of once per item.
 local live = {}     -- window key -> members inside the window
-local expiring = {} -- window key -> its expiry was set in this call
+local expiring = {} -- window key -> its expiry was looked after in this call
 local locked = {}   -- lock key -> ms left (0: not locked)
 
 local function lock_left(key)
@@ -54,22 +54,21 @@ end
 local function window_size(key, window_ms)
   local n = live[key]
   if n == nil then
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window_ms)
-    n = redis.call('ZCARD', key)
+    n = redis.call('ZCOUNT', key, '(' .. (now - window_ms), '+inf') -- a read: nothing for the AOF
     live[key] = n
   end
   return n
 end
 
 -- Sliding window log: exact - at most `limit` counted attempts in any window of `window_ms` (fixed windows let a
--- double burst through at their boundary). Trimming expired members is bookkeeping, not counting.
+-- double burst through at their boundary).
 local function check_windows(plan, findings)
   for _, w in ipairs(plan.w or {}) do
     local key = KEYS[w[1]]
     local n = window_size(key, w[3])
     if n >= w[2] then
-      -- admitted again once n - limit + 1 members have left: when the member at index n - limit expires
-      local oldest = redis.call('ZRANGE', key, n - w[2], n - w[2], 'WITHSCORES')
+      -- admitted again once n - limit + 1 of the n in the window have left: when the limit-th newest expires
+      local oldest = redis.call('ZRANGE', key, -w[2], -w[2], 'WITHSCORES')
       local retry = math.max(tonumber(oldest[2]) + w[3] - now, 1)
       findings[#findings + 1] = {w[5], w[6], w[4], w[8], retry, w[7]}
     end
@@ -107,14 +106,27 @@ local function assess(plan, a)
   return denial, hits
 end
 
+-- Counting is one ZADD per window. Expired members are trimmed only once the oldest is two windows old, and the
+-- key's life extended to two windows only when less than one is left - each about once a window, not on every
+-- attempt: every write of a script goes to the AOF (fsynced on every write with appendfsync always), and those
+-- were most of the limiter's writes. A key never expires while a member inside its window exists, and holds at
+-- most two windows' attempts.
+local function look_after(key, window_ms)
+  local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  if oldest[2] and tonumber(oldest[2]) <= now - 2 * window_ms then
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window_ms)
+  end
+  if redis.call('PTTL', key) < window_ms then redis.call('PEXPIRE', key, 2 * window_ms) end
+end
+
 local function count_attempt(plan, rid)
   if mode ~= 'redeem' then return end -- Validate counts nothing
   for _, w in ipairs(plan.w or {}) do
     local key = KEYS[w[1]]
     live[key] = window_size(key, w[3]) + redis.call('ZADD', key, now, rid)
     if not expiring[key] then
-      redis.call('PEXPIRE', key, w[3])
       expiring[key] = true
+      look_after(key, w[3])
     end
   end
 end

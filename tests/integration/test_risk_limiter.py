@@ -445,3 +445,18 @@ async def test_a_shadow_lockout_records_but_never_locks(
     ]  # fmt: skip
     assert isinstance(valid, RedeemResult) and valid.outcome is Outcome.REDEEMED and not await redis.exists(LOCK)
     assert lockout_events(await risk_events(redis)) == [("lockout", "LOCKED_OUT", "shadow", "terminal:s1/t1")] * 2
+
+
+async def test_a_window_key_holds_at_most_two_windows_of_members_and_expires_when_idle(
+    any_store: RedisCodeStore, issue: Issue, redis: Redis, keyring: KeyRing
+) -> None:
+    """Expired members are trimmed about once a window (not on every attempt, to keep the AOF small), so a busy
+    key never grows past two windows' attempts, and an idle one disappears."""
+    issued = await issue(1)
+    limiter = Limiter(any_store, engine_of(policy({"terminal": (1000, 1)})), keyring)
+    for step in range(30):  # one attempt every 100 ms for 3 s: three windows of one second
+        answer = await limiter.attempt(limiter.command(unknown_code(issued.campaign.id)), T0_MS + step * 100)
+        assert admitted(answer)
+    key = window_key(Scope.TERMINAL, "s1/t1")
+    assert 10 <= await redis.zcard(key) <= 20
+    assert 0 < await redis.pttl(key) <= 2000
