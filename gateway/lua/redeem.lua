@@ -161,22 +161,11 @@ local function decide_risky(item, a, plan)
   -- that its redemption happened even when it is over its quota or locked out now.
   local answered = key and mode == 'redeem' and (c[7] or c[8])
   if answered then return replay(answered, ARGV[a + 3]) end
-  local hits = {}
-  for _, s in ipairs(plan.s or {}) do hits[#hits + 1] = {s[1], s[2], 'S', s[3], 0, 0} end
-  if plan.x then
-    local f = {plan.x[1], plan.x[2], 'E', plan.x[3], 0, 0}
-    record(plan, a, f)
-    return finish(plan, a, denied(f), hits)
-  end
-  local denial, found = assess(plan, a)
-  for _, f in ipairs(found) do hits[#hits + 1] = f end
-  if denial then
-    record(plan, a, denial)
-    return finish(plan, a, denied(denial), hits)
-  end
+  local refused, hits = verdict(plan, a)
+  if refused then return refused end
   local reply = code_decision(key, c, a)
   if not reply then
-    local device = {}
+    local device, denial = {}, nil
     check_device(plan, a, c, device)
     for _, f in ipairs(device) do
       if f[3] == 'E' and not denial then denial = f elseif f[3] ~= 'E' then hits[#hits + 1] = f end

@@ -25,19 +25,8 @@ local items = (#ARGV - GLOBAL) / NF
 local function decide(item)
   local a = GLOBAL + item * NF
   local plan = cjson.decode(ARGV[a + 13])
-  local hits = {}
-  for _, s in ipairs(plan.s or {}) do hits[#hits + 1] = {s[1], s[2], 'S', s[3], 0, 0} end
-  if plan.x then
-    local f = {plan.x[1], plan.x[2], 'E', plan.x[3], 0, 0}
-    record(plan, a, f)
-    return finish(plan, a, denied(f), hits)
-  end
-  local denial, found = assess(plan, a)
-  for _, f in ipairs(found) do hits[#hits + 1] = f end
-  if denial then
-    record(plan, a, denial)
-    return finish(plan, a, denied(denial), hits)
-  end
+  local refused, hits = verdict(plan, a)
+  if refused then return refused end
   count_attempt(plan, ARGV[a + 4])
   return finish(plan, a, {'ADMITTED', 0, '', 0, 0, 0, '', '', '', 0, ''}, hits)
 end

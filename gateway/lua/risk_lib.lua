@@ -172,3 +172,21 @@ local function finish(plan, a, reply, hits)
   reply[11] = shadow_text(hits)
   return reply
 end
+
+-- The verdict of everything decided before the code is looked at: an in-process denial (x), or the locks,
+-- windows and travel; a denial is recorded and returned as the item's reply. Also the shadow hits so far.
+local function verdict(plan, a)
+  local hits = {}
+  for _, s in ipairs(plan.s or {}) do hits[#hits + 1] = {s[1], s[2], 'S', s[3], 0, 0} end
+  local denial = nil
+  if plan.x then
+    denial = {plan.x[1], plan.x[2], 'E', plan.x[3], 0, 0}
+  else
+    local found
+    denial, found = assess(plan, a)
+    for _, f in ipairs(found) do hits[#hits + 1] = f end
+  end
+  if not denial then return nil, hits end
+  record(plan, a, denial)
+  return finish(plan, a, denied(denial), hits), hits
+end
