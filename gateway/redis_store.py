@@ -4,6 +4,7 @@ StoreUnavailable - callers never see a Redis exception."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -24,6 +25,7 @@ from gateway.domain import (
     RedeemResult,
     Throttled,
 )
+from gateway.gateway_metrics import script_observer
 from gateway.pipelined_redis import PipelinedRedis, Script
 from gateway.risk_counters import PlanArg, SeparateCounters
 from gateway.script_calls import (
@@ -86,6 +88,8 @@ def item_outcome(reply: Sequence[Any], campaign_id: int) -> RedeemResult | ItemF
 
 # Outcomes that say nothing about the code's campaign (it was not found, or not looked at).
 _NO_CAMPAIGN = (Outcome.NOT_FOUND, Outcome.RISK_DENIED)
+_REDEEM_SECONDS = script_observer("redeem")
+_FAILURES_SECONDS = script_observer("failures")
 
 
 def to_result(reply: Sequence[Any], campaign_id: int) -> RedeemResult:
@@ -176,7 +180,12 @@ class RedisCodeStore:
         route = commands[0].lookup.route
         cid, shard = route.campaign_id, route.shard
         nk = len(commands[0].lookup.refs)
-        script_keys = [keys.meta_key(cid, shard), keys.outbox_key(cid, shard)]
+        # meta, outbox, this minute's decision counters (the minute of the injected clock's now), then the codes
+        script_keys = [
+            keys.meta_key(cid, shard),
+            keys.outbox_key(cid, shard),
+            keys.stats_key(cid, shard, keys.stats_minute(now_ms)),
+        ]
         for command in commands:
             script_keys += [keys.code_key(cid, shard, ref.ref) for ref in command.lookup.refs]
         # risk keys follow every code key: the script finds code keys by position
@@ -184,8 +193,12 @@ class RedisCodeStore:
         args: list[str | int] = [mode, now_ms, nk, cid, shard, commands[0].brand_id]
         for position, (command, redemption_id) in enumerate(zip(commands, redemption_ids, strict=True)):
             args += item_args(command, redemption_id, plan(position, command, extra))
-        with wrap_errors():
-            replies: list[Any] = await self._redeem(keys=script_keys, args=args)
+        started = time.perf_counter()
+        try:
+            with wrap_errors():
+                replies: list[Any] = await self._redeem(keys=script_keys, args=args)
+        finally:
+            _REDEEM_SECONDS(time.perf_counter() - started)
         return replies
 
     async def redeem_one(
@@ -210,8 +223,12 @@ class RedisCodeStore:
             return
         script_keys, args = count_failure_args(plan, attempt, 0)
         if script_keys:
-            with wrap_errors():
-                await self._failures(keys=script_keys, args=args)
+            started = time.perf_counter()
+            try:
+                with wrap_errors():
+                    await self._failures(keys=script_keys, args=args)
+            finally:
+                _FAILURES_SECONDS(time.perf_counter() - started)
 
     async def code_state(self, lookup: CodeLookup, brand_id: int) -> CodeState | None:
         """The stored state of a code of `brand_id`, or None when unknown - another brand's code is unknown

@@ -11,6 +11,7 @@ rule that fails closed declines the attempt (RISK_DATA_UNAVAILABLE), the others 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
@@ -18,6 +19,7 @@ from redis.asyncio import Redis
 
 from gateway import keys, risk_plan
 from gateway.domain import FailedAttempt, Location, RedeemCommand, StoreUnavailable
+from gateway.gateway_metrics import script_observer
 from gateway.pipelined_redis import PipelinedRedis, Script
 from gateway.ratelimited_log import RateLimitedLog
 from gateway.script_calls import count_failure_args, item_args, load_lua, wrap_errors
@@ -37,6 +39,7 @@ class CodeRun(Protocol):
 
 
 _ADMITTED = "ADMITTED"
+_RISK_SECONDS = script_observer("risk")
 _log = RateLimitedLog(logging.getLogger("rgw.risk.counters"), burst=1)
 
 
@@ -91,8 +94,12 @@ class SeparateCounters:
         args: list[str | int] = [mode, now_ms, 0, route.campaign_id, route.shard, commands[0].brand_id]
         for command, rid, assessment in zip(commands, redemption_ids, risks, strict=True):
             args += item_args(command, rid, risk_plan.encode_counters(assessment, table))
-        with wrap_errors():
-            replies: list[Any] = await self._check(keys=script_keys, args=args)
+        started = time.perf_counter()
+        try:
+            with wrap_errors():
+                replies: list[Any] = await self._check(keys=script_keys, args=args)
+        finally:
+            _RISK_SECONDS(time.perf_counter() - started)
         return replies
 
     async def report(

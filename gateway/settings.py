@@ -46,10 +46,13 @@ SPECS: tuple[Spec, ...] = (
     Spec("RGW_REDIS_TIMEOUT_SECONDS", "2", "Redis connect/read timeout and pool wait; beyond it: UNAVAILABLE"),
     Spec("RGW_HEALTH_INTERVAL_SECONDS", "2", "how often health checking pings Redis"),
     Spec("RGW_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
+    Spec("RGW_LOG_FORMAT", "json", "json (one JSON object per line, for production) or text (development)"),
+    Spec("RGW_ACCESS_LOG", "true", "one log line per RPC (logger rgw.access, INFO): method, status, outcome, time"),
     Spec("RGW_REDIS_DURABILITY", "always", "required Redis persistence: always, everysec or none (see Durability)"),
     Spec("RGW_METRICS_ADDR", "127.0.0.1:9108", "host:port of the gateway's Prometheus /metrics (empty: off)"),
     Spec("RGW_SERVE_WRITER", "false", "also run a ledger writer inside `rgw serve` (development)"),
     Spec("RGW_WRITER_METRICS_ADDR", "127.0.0.1:9109", "host:port of the writer's Prometheus /metrics (empty: off)"),
+    Spec("RGW_WRITER_HEALTH_ADDR", "127.0.0.1:50052", "host:port of the writer's gRPC health service (empty: off)"),
     Spec("RGW_WRITER_BATCH_SIZE", "2000", "most outbox entries written to Postgres in one transaction"),
     Spec("RGW_WRITER_BATCH_WAIT_MS", "200", "longest wait for a batch to fill once its first entry arrived"),
     Spec("RGW_WRITER_CLAIM_IDLE_MS", "30000", "entries unacknowledged this long by a consumer are reclaimed"),
@@ -102,10 +105,13 @@ class Settings:
     redis_timeout_seconds: float
     health_interval_seconds: float
     log_level: str
+    log_format: str
+    access_log: bool
     redis_durability: str
     metrics_addr: str
     serve_writer: bool
     writer_metrics_addr: str
+    writer_health_addr: str
     writer_batch_size: int
     writer_batch_wait_ms: int
     writer_claim_idle_ms: int
@@ -267,10 +273,13 @@ class _Reader:
             redis_timeout_seconds=self.get("RGW_REDIS_TIMEOUT_SECONDS", _positive_float),
             health_interval_seconds=self.get("RGW_HEALTH_INTERVAL_SECONDS", _positive_float),
             log_level=self.get("RGW_LOG_LEVEL", _log_level),
+            log_format=self.get("RGW_LOG_FORMAT", _one_of("json", "text")),
+            access_log=self.get("RGW_ACCESS_LOG", _bool),
             redis_durability=self.get("RGW_REDIS_DURABILITY", _durability),
             metrics_addr=self.get("RGW_METRICS_ADDR", _optional_host_port),
             serve_writer=self.get("RGW_SERVE_WRITER", _bool),
             writer_metrics_addr=self.get("RGW_WRITER_METRICS_ADDR", _optional_host_port),
+            writer_health_addr=self.get("RGW_WRITER_HEALTH_ADDR", _optional_host_port),
             writer_batch_size=self.get("RGW_WRITER_BATCH_SIZE", _positive_int),
             writer_batch_wait_ms=self.get("RGW_WRITER_BATCH_WAIT_MS", _positive_int),
             writer_claim_idle_ms=self.get("RGW_WRITER_CLAIM_IDLE_MS", _positive_int),

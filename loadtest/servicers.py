@@ -83,7 +83,7 @@ class PeerServicer(pb_grpc.RedemptionServiceServicer):
                 results = [await self._decide(conn, command, now) for command in commands]
             yield pb.RedeemStreamResponse(
                 batch_id=message.batch_id,
-                results=[pb.RedeemStreamResult(response=redeem_response(r)) for r in results],
+                results=[pb.RedeemStreamResult(response=redeem_response(r, "RedeemStream")) for r in results],
             )
 
     async def _decide(self, conn: asyncpg.Connection, command: RedeemCommand, now_ms: int) -> RedeemResult:

@@ -119,6 +119,7 @@ def gateway_environ(redis_url: str, database_url: str, **extra: str) -> dict[str
         "RGW_REDIS_DURABILITY": "none",
         "RGW_METRICS_ADDR": "",
         "RGW_WRITER_METRICS_ADDR": "",
+        "RGW_WRITER_HEALTH_ADDR": "",
         **extra,
     }
 

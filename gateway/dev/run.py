@@ -26,7 +26,7 @@ import asyncpg
 import uvloop
 from redis.asyncio import Redis
 
-from gateway import issuance
+from gateway import issuance, logs
 from gateway.db.migrate import migrate
 from gateway.dev.servers import PostgresServer, RedisServer
 from gateway.rebuild import rebuild_redis
@@ -161,8 +161,9 @@ def _banner(settings: Settings, demo: Demo) -> str:
 
 def main() -> int:
     """Entry point of `make run`."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    with local_servers(dict(os.environ)) as env:
+    environ = {"RGW_LOG_FORMAT": "text", **os.environ}  # readable lines on a developer's terminal
+    stop_logging = logs.configure(environ.get("RGW_LOG_LEVEL", "INFO"), environ["RGW_LOG_FORMAT"])
+    with local_servers(environ) as env:
         settings = Settings.from_env(env)
         demo = uvloop.run(prepare_demo(settings))
         print(_banner(settings, demo), flush=True)
@@ -170,6 +171,7 @@ def main() -> int:
 
         with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
             uvloop.run(serve(settings))
+    stop_logging()
     print("stopped")
     return 0
 

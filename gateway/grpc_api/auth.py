@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import grpc
 
 from gateway.domain import Caller, PermissionDenied, RegistryNotReady, Unauthenticated
+from gateway.gateway_metrics import AUTH_FAILURES
 from gateway.grpc_api.errors import fault_for, request_id_of, status_for
 from gateway.grpc_api.interceptors import Continuation
 from gateway.tenancy import api_keys
@@ -52,6 +53,11 @@ _REFUSALS = (Unauthenticated, PermissionDenied, InvalidRequest, RegistryNotReady
 def current_caller() -> Caller:
     """The authenticated caller of the call being handled (set by AuthInterceptor before the handler runs)."""
     return _CALLER.get()
+
+
+def current_caller_or_none() -> Caller | None:
+    """The authenticated caller, or None before (or without) authentication - for the access log."""
+    return _CALLER.get(None)
 
 
 def roles_for(method: str) -> frozenset[Role]:
@@ -207,7 +213,22 @@ class _Recent:
             self._callers[seen] = (caller, until)
 
 
+_FAILURE_KINDS: tuple[tuple[type[Exception], Callable[[], None]], ...] = tuple(
+    (kind, AUTH_FAILURES.labels(name).inc)
+    for kind, name in (
+        (Unauthenticated, "unauthenticated"),
+        (PermissionDenied, "permission_denied"),
+        (InvalidRequest, "invalid_brand"),
+        (RegistryNotReady, "registry_not_ready"),
+    )
+)
+
+
 async def _refuse(exc: Exception, context: grpc.aio.ServicerContext) -> None:
+    for kind, count in _FAILURE_KINDS:
+        if isinstance(exc, kind):
+            count()
+            break
     await context.abort_with_status(status_for(fault_for(exc, request_id_of(context))))
 
 

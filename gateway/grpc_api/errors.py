@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -35,6 +37,11 @@ from gateway.tenancy.model import AlreadyExists, NotFoundError
 from gateway.validation import FieldViolation, InvalidRequest, UndecodableRequest
 
 DOMAIN = "redemption.v1"
+REQUEST_ID_HEADER = "x-request-id"
+# What a request id may look like when the caller sends one: anything else (a code pasted by mistake, a log
+# injection) is replaced by a new id rather than echoed into logs and trailers.
+_REQUEST_ID_FORM = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+_REQUEST_ID: ContextVar[str] = ContextVar("rgw_request_id", default="")
 RETRY_AFTER_SECONDS = 1
 
 Req = TypeVar("Req")
@@ -43,13 +50,18 @@ Handler = Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]
 
 
 def to_status(code: int, message: str, details: Sequence[Message] = ()) -> grpc.Status:
-    """A grpc.Status carrying google.rpc details in its trailers."""
+    """A grpc.Status carrying google.rpc details in its trailers, and the call's request id (an abort replaces
+    the trailers set before it, so the id must travel with the status)."""
     packed = []
     for detail in details:
         holder = any_pb2.Any()
         holder.Pack(detail)
         packed.append(holder)
-    return rpc_status.to_status(status_pb2.Status(code=code, message=message, details=packed))
+    status = rpc_status.to_status(status_pb2.Status(code=code, message=message, details=packed))
+    rid = _REQUEST_ID.get()
+    if not rid:
+        return status
+    return type(status)(status.code, status.details, (*status.trailing_metadata, (REQUEST_ID_HEADER, rid)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,14 +172,25 @@ def status_for(fault: Fault) -> grpc.Status:
     return to_status(fault.code, fault.message, details)
 
 
+def bind_request_id(context: grpc.aio.ServicerContext) -> str:
+    """The call's request id - the caller's x-request-id when it is a plain token, else a new one - remembered for
+    the rest of the call (every RPC runs in a task of its own) and returned to the caller in trailing metadata."""
+    rid = ""
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_HEADER and isinstance(value, str) and _REQUEST_ID_FORM.fullmatch(value):
+            rid = value
+            break
+    rid = rid or uuid.uuid4().hex
+    _REQUEST_ID.set(rid)
+    context.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
+    return rid
+
+
 def request_id_of(context: grpc.aio.ServicerContext) -> Callable[[], str]:
-    """The caller's x-request-id (or a new one), computed only when a fault needs it."""
+    """The call's request id (bound by the observing interceptor; bound here on a server without it)."""
 
     def request_id() -> str:
-        for key, value in context.invocation_metadata() or ():
-            if key == "x-request-id" and isinstance(value, str):
-                return value[:64]
-        return uuid.uuid4().hex
+        return _REQUEST_ID.get() or bind_request_id(context)
 
     return request_id
 

@@ -21,10 +21,12 @@ from gateway.clock import Clock, SystemClock
 from gateway.coderefs import KeyRing
 from gateway.domain import Readiness, RegistryNotReady
 from gateway.durability import LOSS_WINDOW, check_durability
-from gateway.gateway_metrics import REDIS_DURABILITY, start_metrics_server
+from gateway.gateway_metrics import REDIS_DURABILITY, set_build_info, start_metrics_server
 from gateway.grpc_api.admin_servicer import AdminServicer, register_admin_service
 from gateway.grpc_api.auth import Authenticator, AuthInterceptor, RegistrySource
+from gateway.grpc_api.health_checks import LIVE, Check, ComponentHealth
 from gateway.grpc_api.interceptors import DecodeGuard
+from gateway.grpc_api.observe import Observe
 from gateway.grpc_api.servicer import RedemptionServicer
 from gateway.grpc_api.stream_replies import send_limit
 from gateway.grpc_api.tls import client_id_from_context, server_credentials
@@ -61,11 +63,16 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
 
 
 def default_interceptors(source: RegistrySource, settings: Settings) -> list[grpc.aio.ServerInterceptor]:
-    """What every call goes through before its handler, outermost first: who is calling (so an unknown caller
+    """What every call goes through before its handler, outermost first: metrics, request id and access log (so
+    every refusal is seen), who is calling (so an unknown caller
     learns nothing, not even how its bytes parse), then undecodable bytes. Certificates are looked at only where
     client certificates are required (without mTLS no call carries a verified one)."""
     peer = client_id_from_context if settings.tls_client_auth == "require" else None
-    return [AuthInterceptor(Authenticator(source), peer_identity=peer), DecodeGuard()]
+    return [
+        Observe(access_log=settings.access_log),
+        AuthInterceptor(Authenticator(source), peer_identity=peer),
+        DecodeGuard(),
+    ]
 
 
 def register_redemption_service(server: grpc.aio.Server, service: RedemptionService, settings: Settings) -> None:
@@ -100,6 +107,7 @@ class Gateway:
     sightings: Sightings = field(default_factory=Sightings)
     _sightings_task: asyncio.Task[None] | None = field(init=False, default=None)
     _health_task: asyncio.Task[None] | None = field(init=False, default=None)
+    component_health: ComponentHealth = field(init=False)
     risk_facts: RegistryRiskFacts | None = field(init=False, default=None)
     risk_redis: Redis | None = field(init=False, default=None)
     risk_pipelined: PipelinedRedis | None = field(init=False, default=None)
@@ -173,6 +181,13 @@ class Gateway:
         if self.port == 0:
             raise RuntimeError(f"cannot bind {s.grpc_addr}")
         await self.server.start()
+        self.component_health = ComponentHealth(
+            self.health,
+            self._health_checks(),
+            overall=("", SERVICE_NAME),
+            timeout_s=s.redis_timeout_seconds,
+        )
+        await self.health.set(LIVE, SERVING)
         await self._check_health()
         self._health_task = asyncio.create_task(self._watch_health())
         return self.port
@@ -190,24 +205,47 @@ class Gateway:
             await self.risk_pipelined.connect()
         return SeparateCounters(self.risk_redis, self.risk_pipelined)
 
-    async def _check_health(self) -> None:
-        """Serving means: Redis answers, and holds state built from Postgres (the initialised marker)."""
+    def _health_checks(self) -> list[Check]:
+        """The gateway's components: Redis (reachable and initialised from Postgres), the pipelined redeem
+        connections, the registry, and the separate risk Redis when there is one."""
+        checks = [Check("redis", self._redis_probe)]
+        if self.pipelined is not None:
+            checks.append(Check("redis_hot", self._hot_probe))
+        checks.append(Check("registry", self._registry_probe))
+        if self.risk_redis is not None:
+            checks.append(Check("risk_redis", self._risk_redis_probe))
+        return checks
+
+    async def _redis_probe(self) -> str:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.ping()
+            pipe.exists(keys.INITIALISED)
+            _, initialised = await pipe.execute()
+        return "" if initialised else "Redis is not initialised from Postgres: run `rgw rebuild-redis`"
+
+    async def _hot_probe(self) -> str:
+        connected = self.pipelined is not None and self.pipelined.connected
+        return "" if connected else "the redeem connections to Redis are reconnecting"
+
+    async def _registry_probe(self) -> str:
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.ping()
-                pipe.exists(keys.INITIALISED)
-                _, initialised = await pipe.execute()
-            reason = "" if initialised else "Redis is not initialised from Postgres: run `rgw rebuild-redis`"
-            if not reason and self.pipelined is not None and not self.pipelined.connected:
-                reason = "the redeem connections to Redis are reconnecting"
-        except Exception as exc:  # any failure to reach Redis means "not serving"
-            reason = f"Redis is unreachable ({type(exc).__name__})"
+            self.registry.registry()
+        except RegistryNotReady as exc:
+            return f"the registry is not usable: {exc}"
+        return ""
+
+    async def _risk_redis_probe(self) -> str:
+        assert self.risk_redis is not None
+        await self.risk_redis.ping()
+        return ""
+
+    async def _check_health(self) -> None:
+        """One round of health checks; redemptions are refused early (UNAVAILABLE) while Redis is not usable."""
+        reasons = await self.component_health.check_once()
+        reason = reasons.get("redis") or reasons.get("redis_hot") or ""
         if reason and reason != self.readiness.reason:
             log.warning("not serving: %s", reason)
         self.readiness.ready, self.readiness.reason = not reason, reason
-        status = NOT_SERVING if reason else SERVING
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, status)
 
     async def _watch_health(self) -> None:
         while True:
@@ -247,6 +285,7 @@ async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully (and the in-process writer, if configured)."""
     gateway = Gateway(settings=settings, keyring=settings.keyring())
     port = await gateway.start()
+    set_build_info()
     if settings.metrics_addr:
         start_metrics_server(settings.metrics_addr)
     log.info("serving redemption.v1 on %s (port %d)", settings.grpc_addr, port)

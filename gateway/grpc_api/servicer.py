@@ -10,6 +10,7 @@ from google.protobuf import timestamp_pb2
 from gateway.domain import CodeState, ItemFailure, Location, Outcome, RedeemInput, RedeemResult
 from gateway.grpc_api.auth import current_caller
 from gateway.grpc_api.errors import fault_for, request_id_of, rpc_boundary, status_for
+from gateway.grpc_api.observe import item_failed, note
 from gateway.grpc_api.stream_replies import item_error, retry_after_ms
 from gateway.pb.redemption.v1 import redemption_pb2 as pb
 from gateway.pb.redemption.v1 import redemption_pb2_grpc as pb_grpc
@@ -30,10 +31,15 @@ ANSWERS: dict[Outcome, tuple[pb.Outcome.ValueType, str]] = {
 }
 
 
-def answer(result: RedeemResult) -> tuple[pb.Outcome.ValueType, str]:
-    """The proto outcome and the machine reason of a result."""
+_LABELS = {outcome: outcome.value.lower() for outcome in Outcome}
+
+
+def answer(result: RedeemResult, method: str) -> tuple[pb.Outcome.ValueType, str]:
+    """The proto outcome and the machine reason of a result (counted and noted for the access log)."""
     outcome, reason = ANSWERS[result.outcome]
-    return outcome, reason or result.risk_reason
+    reason = reason or result.risk_reason
+    note(method, _LABELS[result.outcome], reason)
+    return outcome, reason
 
 
 def _timestamp(ms: int) -> timestamp_pb2.Timestamp:
@@ -61,9 +67,9 @@ def redeem_input(request: pb.RedeemRequest) -> RedeemInput:
     )
 
 
-def redeem_response(result: RedeemResult) -> pb.RedeemResponse:
+def redeem_response(result: RedeemResult, method: str = "Redeem") -> pb.RedeemResponse:
     """The RedeemResponse for a domain result."""
-    outcome, reason = answer(result)
+    outcome, reason = answer(result, method)
     response = pb.RedeemResponse(
         outcome=outcome,
         reason=reason,
@@ -112,7 +118,7 @@ class RedemptionServicer(pb_grpc.RedemptionServiceServicer):
             location=_location(request),
         )
         result = await self._service.validate(query, current_caller())
-        outcome, reason = answer(result)
+        outcome, reason = answer(result, "Validate")
         response = pb.ValidateResponse(
             outcome=outcome,
             reason=reason,
@@ -159,5 +165,7 @@ class RedemptionServicer(pb_grpc.RedemptionServiceServicer):
     @staticmethod
     def _stream_result(outcome: RedeemResult | ItemFailure, request_id: Callable[[], str]) -> pb.RedeemStreamResult:
         if isinstance(outcome, ItemFailure):
-            return pb.RedeemStreamResult(error=item_error(fault_for(outcome.error, request_id)))
-        return pb.RedeemStreamResult(response=redeem_response(outcome))
+            error = item_error(fault_for(outcome.error, request_id))
+            item_failed(error.code)
+            return pb.RedeemStreamResult(error=error)
+        return pb.RedeemStreamResult(response=redeem_response(outcome, "RedeemStream"))

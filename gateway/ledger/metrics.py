@@ -15,6 +15,10 @@ DOUBLE_SPENDS = Counter(
 DEAD_LETTERS = Counter("rgw_ledger_dead_letters_total", "Outbox entries moved to a dead-letter stream")
 WRITE_RETRIES = Counter("rgw_ledger_write_retries_total", "Batches retried because Postgres failed")
 RECLAIMED = Counter("rgw_ledger_reclaimed_entries_total", "Entries reclaimed from consumers that stopped")
+LAST_PROGRESS = Gauge(
+    "rgw_ledger_last_progress_timestamp_seconds",
+    "Unix time of the writer's last completed round (a written batch or an empty poll); stops moving when stuck",
+)
 POSTGRES_UP = Gauge("rgw_ledger_postgres_up", "1 while the writer's last Postgres write succeeded")
 BATCH_ROWS = Histogram(
     "rgw_ledger_batch_rows", "Entries per written batch", buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
+from collections.abc import AsyncIterator
 from functools import partial
 
 import asyncpg
+from redis.asyncio import Redis
 
-from gateway.gateway_metrics import start_metrics_server
+from gateway.gateway_metrics import set_build_info, start_metrics_server
 from gateway.ledger.outbox import Outbox
 from gateway.ledger.writer import LedgerWriter, WriterConfig
 from gateway.redis_store import connect
@@ -33,20 +36,42 @@ def consumer_name(settings: Settings) -> str:
 
 
 async def run_writer(settings: Settings, stop: asyncio.Event, *, serve_metrics: bool = True) -> None:
-    """Run one writer until `stop` is set."""
+    """Run one writer until `stop` is set (with its metrics and health endpoints unless inside `rgw serve`)."""
     if serve_metrics and settings.writer_metrics_addr:
+        set_build_info()
         start_metrics_server(settings.writer_metrics_addr)
-    urls = [settings.redis_url]
+    urls = {"redis": settings.redis_url}
     if settings.risk_redis_url and settings.risk_redis_url != settings.redis_url:
-        urls.append(settings.risk_redis_url)  # the risk-event streams live there (RGW_RISK_REDIS_URL)
-    await asyncio.gather(*(_run_one(settings, url, stop) for url in urls))
+        urls["risk_redis"] = settings.risk_redis_url  # the risk-event streams live there (RGW_RISK_REDIS_URL)
+    clients = {
+        name: connect(url, pool_size=4, timeout_s=max(settings.redis_timeout_seconds, 5)) for name, url in urls.items()
+    }
+    try:
+        async with _health(settings, clients, enabled=serve_metrics):
+            await asyncio.gather(*(_run_one(settings, redis, stop) for redis in clients.values()))
+    finally:
+        for redis in clients.values():
+            await redis.aclose()
 
 
-async def _run_one(settings: Settings, url: str, stop: asyncio.Event) -> None:
-    redis = connect(url, pool_size=4, timeout_s=max(settings.redis_timeout_seconds, 5))
+async def _run_one(settings: Settings, redis: Redis, stop: asyncio.Event) -> None:
     connect_pg = partial(asyncpg.connect, settings.database_url, timeout=10, command_timeout=60)
     writer = LedgerWriter(Outbox(redis, consumer=consumer_name(settings)), connect_pg, writer_config(settings))
+    await writer.run(stop)
+
+
+@contextlib.asynccontextmanager
+async def _health(settings: Settings, clients: dict[str, Redis], *, enabled: bool) -> AsyncIterator[None]:
+    """The writer's gRPC health service (RGW_WRITER_HEALTH_ADDR): its Redis servers and Postgres, checked every
+    RGW_HEALTH_INTERVAL_SECONDS."""
+    if not (enabled and settings.writer_health_addr):
+        yield
+        return
+    from gateway.ledger.health_server import WriterHealth  # grpc only where it is served
+
+    health = WriterHealth(settings, clients)
+    await health.start()
     try:
-        await writer.run(stop)
+        yield
     finally:
-        await redis.aclose()
+        await health.stop()

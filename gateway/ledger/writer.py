@@ -73,6 +73,7 @@ class LedgerWriter:
                 try:
                     handled = await self.run_once(stop)
                     failures = 0
+                    metrics.LAST_PROGRESS.set(time.time())
                 except redis_errors.RedisError as exc:
                     # Redis down: nothing is lost (unacknowledged entries are delivered again); wait and retry.
                     self.outbox.reread_pending()

@@ -1,0 +1,255 @@
+"""The outermost interceptor: gRPC RED metrics with go-grpc-middleware's names and labels, the request id, and one
+access-log line per RPC.
+
+Nothing here awaits: counters and the histogram are in-process, the log record goes to a queue that a thread
+writes out (gateway/logs.py). Everything per method (label children, names) is built once, on its first call.
+What the handler decided (outcome and reason, or a stream's item count) reaches the access log through `note`,
+which the servicer calls where it builds the answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextvars import ContextVar
+from typing import Any
+
+import grpc
+
+from gateway import gateway_metrics as m
+from gateway.grpc_api.auth import current_caller_or_none
+from gateway.grpc_api.errors import bind_request_id
+from gateway.grpc_api.interceptors import Continuation
+
+access_log = logging.getLogger("rgw.access")
+
+# Go's names of the status codes (grpc.StatusCode.NOT_FOUND -> "NotFound"), as go-grpc-middleware labels them.
+GO_CODE_NAMES: dict[grpc.StatusCode | None, str] = {
+    code: "".join(part.title() for part in code.name.split("_")) for code in grpc.StatusCode
+}
+GO_CODE_NAMES[grpc.StatusCode.OK] = GO_CODE_NAMES[None] = "OK"
+GO_CODE_NAMES[grpc.StatusCode.CANCELLED] = "Canceled"
+
+_BY_NUMBER: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
+
+_KINDS = {
+    (False, False): ("unary_unary", "unary"),
+    (False, True): ("unary_stream", "server_stream"),
+    (True, False): ("stream_unary", "client_stream"),
+    (True, True): ("stream_stream", "bidi_stream"),
+}
+
+
+class CallNote:
+    """What one call decided, for its access-log line: the last answer's outcome and reason, and how many."""
+
+    __slots__ = ("answers", "outcome", "reason")
+
+    def __init__(self) -> None:
+        self.outcome = self.reason = ""
+        self.answers = 0
+
+
+_NOTE: ContextVar[CallNote | None] = ContextVar("rgw_call_note", default=None)
+_OUTCOMES: dict[tuple[str, str, str], Callable[[], None]] = {}
+
+
+def note(method: str, outcome: str, reason: str) -> None:
+    """Count one answer (rgw_redemption_outcomes_total) and remember it for the call's access-log line."""
+    key = (method, outcome, reason)
+    inc = _OUTCOMES.get(key)
+    if inc is None:
+        inc = _OUTCOMES[key] = m.REDEMPTION_OUTCOMES.labels(method, outcome, reason).inc
+    inc()
+    call = _NOTE.get()
+    if call is not None:
+        call.outcome, call.reason = outcome, reason
+        call.answers += 1
+
+
+_ITEM_ERRORS: dict[int, Callable[[], None]] = {}
+
+
+def item_failed(code: int) -> None:
+    """Count one stream item answered with an ItemError (its google.rpc code)."""
+    inc = _ITEM_ERRORS.get(code)
+    if inc is None:
+        name = GO_CODE_NAMES.get(_BY_NUMBER.get(code), "Unknown")
+        inc = _ITEM_ERRORS[code] = m.STREAM_ITEM_ERRORS.labels(name).inc
+    inc()
+
+
+class _Method:
+    """One method's label children, looked up once."""
+
+    __slots__ = ("_labels", "handled", "name", "received", "seconds", "sent", "service", "started")
+
+    def __init__(self, full_method: str, grpc_type: str) -> None:
+        self.service, _, self.name = full_method.lstrip("/").rpartition("/")
+        self._labels = (grpc_type, self.service, self.name)
+        self.started = m.GRPC_STARTED.labels(*self._labels).inc
+        self.received = m.GRPC_RECEIVED.labels(*self._labels).inc
+        self.sent = m.GRPC_SENT.labels(*self._labels).inc
+        self.seconds = m.GRPC_SECONDS.labels(*self._labels).observe
+        self.handled: dict[str, Callable[[], None]] = {}
+
+    def finish(self, code: str, started: float, call: CallNote, rid: str, access: bool) -> None:
+        elapsed = time.perf_counter() - started
+        self.seconds(elapsed)
+        inc = self.handled.get(code)
+        if inc is None:
+            inc = self.handled[code] = m.GRPC_HANDLED.labels(*self._labels, code).inc
+        inc()
+        if access and access_log.isEnabledFor(logging.INFO):
+            self._log(code, elapsed, call, rid)
+
+    def _log(self, code: str, elapsed: float, call: CallNote, rid: str) -> None:
+        caller = current_caller_or_none()
+        fields = {
+            "service": self.service,
+            "method": self.name,
+            "code": code,
+            "outcome": call.outcome,
+            "reason": call.reason,
+            "answers": call.answers,
+            "duration_ms": round(elapsed * 1000, 3),
+            "brand": caller.brand_id if caller is not None else None,
+            "client": caller.client_id if caller is not None else None,
+            "request_id": rid,
+        }
+        access_log.info("%s %s", self.name, code, extra={"fields": fields})
+
+
+def _code(context: grpc.aio.ServicerContext) -> str:
+    return GO_CODE_NAMES.get(context.code(), "Unknown")
+
+
+def _failed(exc: BaseException, context: grpc.aio.ServicerContext) -> str:
+    if isinstance(exc, grpc.aio.AbortError):
+        return _code(context)
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):  # the caller went away mid-call or mid-stream
+        return "Canceled"
+    return "Unknown"  # grpc.aio answers an exception that escapes a handler with UNKNOWN
+
+
+def _begin(method: _Method, context: grpc.aio.ServicerContext) -> tuple[float, CallNote, str]:
+    method.started()
+    call = CallNote()
+    _NOTE.set(call)  # each RPC runs in a task of its own: the note is this call's alone
+    return time.perf_counter(), call, bind_request_id(context)
+
+
+def _observe_unary_in(method: _Method, behaviour: Callable[..., Any], streaming_out: bool, access: bool) -> Any:
+    if streaming_out and inspect.isasyncgenfunction(behaviour):
+
+        async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            started, call, rid = _begin(method, context)
+            method.received()
+            code = "OK"
+            try:
+                async for response in behaviour(request, context):
+                    method.sent()
+                    yield response
+                code = _code(context)
+            except BaseException as exc:
+                code = _failed(exc, context)
+                raise
+            finally:
+                method.finish(code, started, call, rid, access)
+
+        return unary_stream
+
+    async def unary_in(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        started, call, rid = _begin(method, context)
+        method.received()
+        code = "OK"
+        try:
+            response = await behaviour(request, context)
+            if not streaming_out:
+                method.sent()
+            code = _code(context)
+            return response
+        except BaseException as exc:
+            code = _failed(exc, context)
+            raise
+        finally:
+            method.finish(code, started, call, rid, access)
+
+    return unary_in
+
+
+async def _counted(requests: AsyncIterator[Any], method: _Method) -> AsyncIterator[Any]:
+    async for request in requests:
+        method.received()
+        yield request
+
+
+def _observe_stream_in(method: _Method, behaviour: Callable[..., Any], streaming_out: bool, access: bool) -> Any:
+    if streaming_out and inspect.isasyncgenfunction(behaviour):
+
+        async def stream_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            started, call, rid = _begin(method, context)
+            code = "OK"
+            try:
+                async for response in behaviour(_counted(requests, method), context):
+                    method.sent()
+                    yield response
+                code = _code(context)
+            except BaseException as exc:
+                code = _failed(exc, context)
+                raise
+            finally:
+                method.finish(code, started, call, rid, access)
+
+        return stream_stream
+
+    async def stream_in(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+        started, call, rid = _begin(method, context)
+        code = "OK"
+        try:
+            response = await behaviour(_counted(requests, method), context)
+            if not streaming_out:
+                method.sent()
+            code = _code(context)
+            return response
+        except BaseException as exc:
+            code = _failed(exc, context)
+            raise
+        finally:
+            method.finish(code, started, call, rid, access)
+
+    return stream_in
+
+
+def observed(handler: grpc.RpcMethodHandler, full_method: str, *, access: bool) -> grpc.RpcMethodHandler:
+    """The same handler, measured and logged."""
+    kind, grpc_type = _KINDS[(handler.request_streaming, handler.response_streaming)]
+    method = _Method(full_method, grpc_type)
+    wrap = _observe_stream_in if handler.request_streaming else _observe_unary_in
+    return handler._replace(**{kind: wrap(method, getattr(handler, kind), handler.response_streaming, access)})
+
+
+class Observe(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """RED metrics, request id and access log for every call (health and reflection included: a probe storm is
+    worth seeing). Outermost, so refusals by the interceptors after it are measured and logged too."""
+
+    def __init__(self, *, access_log: bool = True) -> None:
+        self._access = access_log
+        self._cache: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        full_method = handler_call_details.method
+        cached = self._cache.get(full_method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = observed(handler, full_method, access=self._access)
+        self._cache[full_method] = (handler, wrapped)
+        return wrapped
