@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import re
 import signal
 import sys
@@ -16,7 +15,7 @@ import asyncpg
 import uvloop
 from redis.asyncio import Redis
 
-from gateway import issuance
+from gateway import issuance, logs
 from gateway.admin_cli import add_registry_commands
 from gateway.client_cli import add_client_commands
 from gateway.db.migrate import MigrationError, migrate
@@ -165,6 +164,17 @@ def _positive(text: str) -> int:
     return value
 
 
+async def _campaign_status(args: argparse.Namespace, settings: Settings) -> int:
+    from gateway.campaign_status import show
+    from gateway.clock import SystemClock
+
+    async def run(conn: asyncpg.Connection, redis: Redis) -> int:
+        print(await show(conn, redis, args.campaign, now_ms=SystemClock().now_ms(), as_json=args.json))
+        return 0
+
+    return await _with_stores(settings, run, needs_initialised=False)
+
+
 def _add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sub.add_parser("serve", help="serve the gRPC API").set_defaults(run=_serve)
     sub.add_parser("migrate", help="apply pending database migrations").set_defaults(run=_migrate)
@@ -180,6 +190,10 @@ def _add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     create.add_argument("--shards", type=_positive, default=1, help="campaign shards (Redis hash tags)")
     create.add_argument("--brand", type=_positive, default=1, help="the brand's id (default: the default brand, 1)")
     create.set_defaults(run=_campaign_create)
+    status = campaign.add_parser("status", help="a launch's figures: budget, rate, declines, risk denials, outbox lag")
+    status.add_argument("campaign", type=_positive, help="the campaign's id")
+    status.add_argument("--json", action="store_true", help="machine output: one JSON object")
+    status.set_defaults(run=_campaign_status)
     code_cmds = sub.add_parser("codes", help="codes").add_subparsers(dest="action", required=True)
     gen = code_cmds.add_parser("generate", help="issue new codes; plaintext goes only to --out")
     gen.add_argument("--campaign", type=_positive, required=True)
@@ -218,9 +232,14 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"rgw: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr
-    )
+    stop_logging = logs.configure(settings.log_level, settings.log_format)
+    try:
+        return _run(args, settings)
+    finally:
+        stop_logging()
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.run is _serve and settings.workers > 1:
         from gateway.supervisor import supervise
 

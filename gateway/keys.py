@@ -11,6 +11,13 @@ call can do the whole redemption, on a single Redis and unchanged on Redis Clust
     rgw:{c42.0}:deadletter         stream outbox entries the writer could not record after retries
     rgw:{c42.0}:dev:<device>       string uses of the campaign shard's codes by one customer device (the risk
                                           engine's DEVICE_LIMIT, counted inside the redeem script)
+    rgw:{c42.0}:stats:<minute>     hash   Redeem's decided attempts in one minute (<minute> = unix ms of the
+                                          script's "now" // 60000, the injected clock's) by reason: REDEEMED,
+                                          NO_USES_LEFT, CODE_EXPIRED, CODE_NOT_YET_VALID. Counted inside the
+                                          redeem script (no extra round trip); never a replay, a Validate, an
+                                          unknown code (CODE_NOT_FOUND: the campaign is only what the guessed
+                                          code's text claims) or a risk denial (risk_events has those). Expires
+                                          STATS_TTL_MS after its first write. Read by `rgw campaign status`.
 
 Outside any campaign shard:
     rgw:outboxes                   set    every outbox stream's key: the writer's directory of streams (the
@@ -53,6 +60,22 @@ def deadletter_key(campaign_id: int, shard: int) -> str:
 def device_key(campaign_id: int, shard: int, device_id: str) -> str:
     """Uses of this campaign shard's codes by one customer device."""
     return f"{PREFIX}:{shard_tag(campaign_id, shard)}:dev:{device_id}"
+
+
+# The decision counters' minute and lifetime (lua/redeem.lua sets the expiry: its STATS_TTL_MS is this value, a
+# test holds them together). Two hours: `rgw campaign status` reads the last 60 minutes and the one before.
+STATS_MINUTE_MS = 60_000
+STATS_TTL_MS = 2 * 3600 * 1000
+
+
+def stats_minute(now_ms: int) -> int:
+    """The minute (since the Unix epoch) a decision made at `now_ms` is counted in."""
+    return now_ms // STATS_MINUTE_MS
+
+
+def stats_key(campaign_id: int, shard: int, minute: int) -> str:
+    """Redeem's decided attempts of this campaign shard in one minute (`stats_minute`), by reason."""
+    return f"{PREFIX}:{shard_tag(campaign_id, shard)}:stats:{minute}"
 
 
 OUTBOXES = f"{PREFIX}:outboxes"

@@ -28,9 +28,9 @@ end
 return 1"""
 
 
-def script_args() -> list[str]:
+def script_args(now_ms: int) -> list[str]:
     """One redemption's ARGV in the layout gateway/redis_store.py defines (random parts filled by redis-benchmark)."""
-    scalar = {"mode": "redeem", "now_ms": str(int(time.time() * 1000)), "candidates": "1",
+    scalar = {"mode": "redeem", "now_ms": str(now_ms), "candidates": "1",
               "campaign": str(CAMPAIGN), "shard": "0", "brand": "1"}  # fmt: skip
     item = {"idem": "i:__rand_int__", "legacy_idem": "i:none", "fp": "fp", "rid": "rid-__rand_int__",
             "caller": "cl/t", "client": "cl", "store": "s", "term": "t", "dev": "d", "lat": "31.2", "lon": "121.4",
@@ -40,10 +40,12 @@ def script_args() -> list[str]:
 
 def _run(port: int, sha: str, requests: int, pipeline: int) -> dict[str, Any]:
     code_prefix = keys.code_key(CAMPAIGN, 0, "")
+    now_ms = int(time.time() * 1000)
+    stats = keys.stats_key(CAMPAIGN, 0, keys.stats_minute(now_ms))  # KEYS: meta, outbox, counters, the code
     command = [
         "redis-benchmark", "-p", str(port), "-n", str(requests), "-c", "50", "-P", str(pipeline), "-r", str(KEYSPACE),
-        "--csv", "EVALSHA", sha, "3", keys.meta_key(CAMPAIGN, 0), keys.outbox_key(CAMPAIGN, 0),
-        code_prefix + "__rand_int__", *script_args(),
+        "--csv", "EVALSHA", sha, "4", keys.meta_key(CAMPAIGN, 0), keys.outbox_key(CAMPAIGN, 0), stats,
+        code_prefix + "__rand_int__", *script_args(now_ms),
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=True)  # noqa: S603
     rows = [line for line in done.stdout.splitlines() if line.startswith('"EVALSHA')]

@@ -6,7 +6,9 @@ in one atomic script call (no read-then-write across round trips), on one Redis 
 KEYS[1]          rgw:{c.s}:meta     campaign rules for this shard: vf, vu (validity window, ms since epoch), brand
 KEYS[2]          rgw:{c.s}:outbox   stream the redemption event is appended to (the ledger writer's input): one
                  field v2 = "rid|ref|kid|cid|shard|use|at|fp|caller|store|term|dev|lat|lon|acc|idem|client|brand"
-KEYS[3 ..]       code hashes, NK candidates per item (the code_ref under each HMAC key id), item by item
+KEYS[3]          rgw:{c.s}:stats:<minute>   Redeem's decided attempts in the minute of ARGV[2] (now // 60000), by
+                 reason - see "Decision counters" below
+KEYS[4 ..]       code hashes, NK candidates per item (the code_ref under each HMAC key id), item by item
 
 ARGV[1]  mode: "redeem" changes state; "validate" runs the same checks and changes nothing
 ARGV[2]  now, ms since epoch, from the gateway's injected clock (the script never reads the server clock)
@@ -46,6 +48,15 @@ event carries, so reconciliation can re-enqueue a use the ledger is missing; i:<
 <use number>|<uses left>" (first answer to that idempotency key; only redemptions are recorded - a decline
 changed nothing, so a retry is simply decided again).
 
+Decision counters (KEYS[3], for `rgw campaign status`; gateway/keys.py stats_key): in mode "redeem" only, each
+item's decided answer adds 1 to the field of its reason - REDEEMED, NO_USES_LEFT, CODE_EXPIRED, CODE_NOT_YET_VALID.
+Not counted: a replay (the first call was), IDEMPOTENCY_MISMATCH (a fault, not a decision), NOT_FOUND (an unknown
+code names only the campaign its text claims, and another brand's code must change nothing), RISK_DENIED and
+THROTTLED (recorded as risk events). A decline is not recorded for replay, so its retry is counted again: it was
+decided again. Items are tallied in Lua and written once per reason per call (a 64-item batch: at most four
+HINCRBY); the key gets its expiry (STATS_TTL_MS, relative - never from the injected clock, which need not agree
+with Redis') once, when a write finds it without one.
+
 Reply: one array per item {status, uses_left, redemption_id, at_ms, use_number, replayed, rule, reason, scope,
 retry_ms, shadow}; status is one of REDEEMED, REDEEMABLE, ALREADY_REDEEMED, NOT_FOUND, EXPIRED, NOT_YET_VALID,
 IDEMPOTENCY_MISMATCH, RISK_DENIED (a decline by rule/reason) or THROTTLED (a caller quota, scope named);
@@ -54,6 +65,8 @@ shadow = "rule:reason,..." of the shadow hits.
 
 local NF = 13
 local GLOBAL = 6
+local HEAD = 3 -- KEYS before the code keys: meta, outbox, decision counters
+local STATS_TTL_MS = 7200000 -- gateway/keys.py STATS_TTL_MS
 local DEFAULT_BRAND = '1' -- metas written before brands existed: the campaigns migration 0003 gave brand 1
 local mode = ARGV[1]
 local now = tonumber(ARGV[2])
@@ -70,7 +83,7 @@ local visible = meta[1] and (meta[3] or DEFAULT_BRAND) == brand
 -- the fewer commands per item, the more redemptions one Redis core (and one AOF fsync) carries.
 local function find_code(item, idem_field, legacy_field)
   for j = 1, nk do
-    local key = KEYS[2 + item * nk + j]
+    local key = KEYS[HEAD + item * nk + j]
     local c = redis.call('HMGET', key, 'uses', 'used', 'vf', 'vu', 'seq', 'kid', idem_field, legacy_field, 'dev')
     if c[1] then return key, c end
   end
@@ -193,6 +206,35 @@ local function decide(item)
   return decide_risky(item, a, cjson.decode(plan))
 end
 
+-- Decision counters ----------------------------------------------------------------------------------------
+
+local COUNTED = {'REDEEMED', 'ALREADY_REDEEMED', 'EXPIRED', 'NOT_YET_VALID'} -- statuses, in a fixed order
+local REASON = {REDEEMED = 'REDEEMED', ALREADY_REDEEMED = 'NO_USES_LEFT', EXPIRED = 'CODE_EXPIRED',
+  NOT_YET_VALID = 'CODE_NOT_YET_VALID'}
+local tally = {}
+
+local function tally_decision(reply)
+  if mode ~= 'redeem' or reply[6] == 1 then return end -- Validate counts nothing; a replay was counted before
+  if REASON[reply[1]] then tally[reply[1]] = (tally[reply[1]] or 0) + 1 end
+end
+
+local function write_tally()
+  local written = false
+  for _, status in ipairs(COUNTED) do
+    if tally[status] then
+      redis.call('HINCRBY', KEYS[3], REASON[status], tally[status])
+      written = true
+    end
+  end
+  -- PTTL is a read (nothing for the AOF): the expiry is written once per key, when a write finds it without one.
+  if written and redis.call('PTTL', KEYS[3]) == -1 then redis.call('PEXPIRE', KEYS[3], STATS_TTL_MS) end
+end
+
 local replies = {}
-for item = 0, items - 1 do replies[#replies + 1] = decide(item) end
+for item = 0, items - 1 do
+  local reply = decide(item)
+  tally_decision(reply)
+  replies[#replies + 1] = reply
+end
+write_tally()
 return replies

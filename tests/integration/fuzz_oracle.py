@@ -30,7 +30,7 @@ from tests.integration.fuzz_strategies import (
     code_is_bad,
     normalised,
 )
-from tests.integration.grpc_helpers import redis_snapshot
+from tests.integration.grpc_helpers import decision_counts, redis_snapshot, without_decision_counts
 
 SERVICE = "redemption.v1.RedemptionService"
 OK, INVALID, NOT_FOUND = grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
@@ -286,8 +286,31 @@ def outboxes(snapshot: dict[str, object]) -> list[str]:
     return [key for key in snapshot if key.endswith(":outbox")]
 
 
-def state_changes(before: dict[str, object], after: dict[str, object], fresh: int) -> list[str]:
-    """Redis must be unchanged, but for one outbox event (and the code's state) per new redemption."""
+# What a Redeem answer adds to its campaign's decision counters (lua/redeem.lua "Decision counters"): one decided
+# attempt under its reason - never a replay, an unknown code (not attributable to a campaign) or an error.
+COUNTED_REASONS = frozenset({"REDEEMED", "NO_USES_LEFT", "CODE_EXPIRED", "CODE_NOT_YET_VALID"})
+
+
+def decided(observed: Observed) -> Counter[str]:
+    """The decision a Redeem answer (or stream item) must have counted."""
+    reply = observed.reply
+    if observed.status != OK or reply is None or reply.replayed or reply.reason not in COUNTED_REASONS:
+        return Counter()
+    return Counter({reply.reason: 1})
+
+
+def state_changes(before: dict[str, object], after: dict[str, object], fresh: int, counted: Counter[str]) -> list[str]:
+    """Redis must be unchanged, but for one outbox event (and the code's state) per new redemption and the
+    decision counters by exactly the decided Redeem answers (`counted`; none for invalid input, Validate,
+    GetCode or health)."""
+    moved = decision_counts(after)
+    moved.subtract(decision_counts(before))
+    moved_by = {reason: n for reason, n in moved.items() if n}
+    problems = [] if moved_by == dict(counted) else [f"decision counters moved by {moved_by}, expected {dict(counted)}"]
+    return problems + _other_changes(without_decision_counts(before), without_decision_counts(after), fresh)
+
+
+def _other_changes(before: dict[str, object], after: dict[str, object], fresh: int) -> list[str]:
     if fresh == 0:
         changed = sorted(key for key in before.keys() | after.keys() if before.get(key) != after.get(key))
         return [f"Redis changed: {changed}"] if changed else []
@@ -333,7 +356,8 @@ class Fuzz:
         if request is not None:
             rpc.observe(self.model, request, observed)
         problems, fresh = judge(expected, observed)
-        problems += state_changes(before, await redis_snapshot(self.redis), int(fresh))
+        counted = decided(observed) if rpc_name == "Redeem" else Counter[str]()
+        problems += state_changes(before, await redis_snapshot(self.redis), int(fresh), counted)
         return [f"{rpc_name}: {problem}" for problem in problems]
 
     def stream(self) -> Conversation:
@@ -374,13 +398,17 @@ class Conversation:
         refusal, message = refusal_of(payload)
         before = await redis_snapshot(self.fuzz.redis)
         step = await self.send(payload)
+        counted: Counter[str] = Counter()
         if refusal is not None:
             problems, fresh = mismatches(refusal, step if isinstance(step, Observed) else Observed(OK)), 0
         else:
             assert message is not None
             problems, fresh = check_reply(self.fuzz.model, message, step)
+            if not isinstance(step, Observed):
+                for result in step.results:
+                    counted += decided(observed_item(result))
         event(f"stream message: {describe(step)}")
-        problems += state_changes(before, await redis_snapshot(self.fuzz.redis), fresh)
+        problems += state_changes(before, await redis_snapshot(self.fuzz.redis), fresh, counted)
         return problems, not isinstance(step, Observed)
 
 

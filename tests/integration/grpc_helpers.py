@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any, cast
 
 import grpc
 from google.rpc import error_details_pb2
@@ -42,7 +44,9 @@ DIRECTORY = "rgw:outboxes"
 async def redis_snapshot(redis: Redis, *, with_risk: bool = False) -> dict[str, object]:
     """Every key's logical content (DUMP is not stable: a hash may be re-ordered by rehashing on reads). The risk
     engine's counters (risk/keys.py) only with `with_risk`: every attempt counts there by design (its own tests
-    assert what), while the codes' state must not change. Never the outbox directory (see DIRECTORY)."""
+    assert what), while the codes' state must not change. Never the outbox directory (see DIRECTORY). The
+    campaigns' decision counters (keys.stats_key) are in: a decided Redeem counts there, so a test that expects
+    declines compares them with `decision_counts` and the rest with `without_decision_counts`."""
     state: dict[str, object] = {}
     for raw in await redis.keys("*"):
         key = str(raw)
@@ -56,6 +60,23 @@ async def redis_snapshot(redis: Redis, *, with_risk: bool = False) -> dict[str, 
         else:
             state[key] = await redis.dump(key)
     return state
+
+
+STATS = ":stats:"  # gateway/keys.py stats_key
+
+
+def decision_counts(snapshot: Mapping[str, object]) -> Counter[str]:
+    """The decision counters of a snapshot, summed over campaign shards and minutes: reason -> count."""
+    total: Counter[str] = Counter()
+    for key, fields in snapshot.items():
+        if STATS in key:
+            total.update({reason: int(n) for reason, n in cast(dict[str, str], fields).items()})
+    return total
+
+
+def without_decision_counts(snapshot: Mapping[str, object]) -> dict[str, object]:
+    """A snapshot without the decision counters."""
+    return {key: value for key, value in snapshot.items() if STATS not in key}
 
 
 async def outbox_events(redis: Redis, campaign_id: int, shard: int = 0) -> list[dict[str, str]]:

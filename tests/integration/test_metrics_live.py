@@ -33,7 +33,7 @@ from gateway.pb.redemption.v1 import redemption_pb2 as pb
 from gateway.pb.redemption.v1 import redemption_pb2_grpc as pb_grpc
 from tests.conftest import gateway_environ
 from tests.deploy.metric_names import alert_metric_names, dashboard_metric_names
-from tests.integration.conftest import Tenants, issue_into
+from tests.integration.conftest import DAY_MS, Tenants, issue_campaign
 from tests.integration.grpc_helpers import redeem_request
 
 pytestmark = pytest.mark.slow
@@ -129,15 +129,23 @@ async def test_two_workers_and_a_writer_export_what_operations_rely_on(
     stack: Stack, db: asyncpg.Connection, redis: Redis, keyring: KeyRing, tmp_path: Path, tenants: Tenants
 ) -> None:
     now_ms = time.time_ns() // 1_000_000
-    issued = await issue_into(db, redis, keyring, tmp_path, count=24, valid_from_ms=now_ms - 60_000)
+    issued = await issue_campaign(
+        db,
+        redis,
+        keyring,
+        tmp_path / "live.txt",
+        count=24,
+        valid_from_ms=now_ms - DAY_MS,
+        valid_until_ms=now_ms + DAY_MS,
+    )
     key = tenants.keys["internal"]
     await _until(lambda: _all_up(stack), "both workers' metrics and the writer's health")
     await _until(lambda: _serving(stack.target), "the gateway to serve")
 
-    async def redeem(code: str, idempotency_key: str, **extra: object) -> None:
+    async def redeem(code: str, idempotency_key: str, store: str = "store-1") -> None:
         # a channel per call: a new connection, which the kernel spreads over the workers (SO_REUSEPORT)
         async with authenticated_channel(stack.target, key) as channel:
-            await pb_grpc.RedemptionServiceStub(channel).Redeem(redeem_request(code, idempotency_key, **extra))
+            await pb_grpc.RedemptionServiceStub(channel).Redeem(redeem_request(code, idempotency_key, store=store))
 
     for i, code in enumerate(issued.codes[:20]):
         await redeem(code, f"first-{i}")
@@ -181,11 +189,11 @@ async def test_two_workers_and_a_writer_export_what_operations_rely_on(
 async def _all_up(stack: Stack) -> bool:
     for port in (*stack.gateway_metrics, stack.writer_metrics):
         scrape(port)
-    return await _status(f"{HOST}:{stack.writer_health}", "") == SERVING
+    return bool(await _status(f"{HOST}:{stack.writer_health}", "") == SERVING)
 
 
 async def _serving(target: str) -> bool:
-    return await _status(target, "redemption.v1.RedemptionService") == SERVING
+    return bool(await _status(target, "redemption.v1.RedemptionService") == SERVING)
 
 
 async def _faults(target: str, key: str, code: str) -> None:
