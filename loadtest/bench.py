@@ -2,9 +2,13 @@
 most voucher systems use, in one run on this machine. Writes loadtest/results/bench.json, a PNG chart and the
 `bench` section of BENCHMARKS.md.
 
-Variants (all behind the same gRPC server stack, same worker processes, same requests):
+Variants (all behind the same gRPC server stack - its interceptors, its logging, same worker processes - and the
+same requests):
   ceiling      a bench-only servicer with Redeem's types and a handler that does no work
   ceiling-bare the same without the server interceptors (alternating CPU runs only): what they cost
+  ceiling-unobserved, redeem-unobserved  the ceiling and redeem without the outermost interceptor, Observe (RED
+               metrics, request id, one access-log line per call) and with RGW_ACCESS_LOG=false (alternating CPU
+               runs only): what metrics and access log cost
   redeem       the real Redeem on fresh codes (Redis AOF appendfsync always), the risk engine on with the shipped
                default rules and raised limits (loadtest/bench_risk.py)
   redeem-risk-off  Redeem on fresh codes of the risk brand with RGW_RISK_ENGINE=false
@@ -18,14 +22,23 @@ Variants (all behind the same gRPC server stack, same worker processes, same req
   peer-hot     the peer on the same few multi-use codes
   redis        redis-benchmark EVALSHA of the redeem script, unpipelined and pipelined
 
+Every server process logs as production does (gateway/logs.py: INFO, JSON lines, the access log on) to a file of
+its own in the bench's workdir (loadtest/stack.py), not to the terminal.
+
 Two measurements per variant: CPU per call at one open-loop rate below saturation (from /proc, every process),
 and a ramp of open-loop rates for throughput and p50/p99/p999 latency, with the CPU of every process. Besides:
 `interleaved` (CPU of ceiling-bare, ceiling and redeem measured alternately), `interleaved-risk` (the same for
-redeem-risk-off and redeem-risk, with their p99) and `burst` (the limiter's accuracy, loadtest/bench_risk.py).
+redeem-risk-off and redeem-risk, with their p99), `interleaved-observe` (ceiling-unobserved, ceiling,
+redeem-unobserved and redeem, with their p99: what metrics and access log add per call) and `burst` (the
+limiter's accuracy, loadtest/bench_risk.py).
 
 Usage: python -m loadtest.bench [--smoke] [--workers N] [--out DIR] [--no-markdown] [--only a,b,...]
-Exit status 1 when a fresh-code variant of the gateway saw a denial (its figures are then not like for like) or
-the burst admitted other than exactly its limit.
+A run with --only updates its own parts of OUT/bench.json and of BENCHMARKS.md and keeps the others (when
+bench.json is of the same profile and worker count; otherwise it replaces them). --smoke writes to a temporary
+directory unless --out says otherwise, never over the measured figures, and never to BENCHMARKS.md.
+Exit status 1 when a fresh-code variant of the gateway saw a denial (its figures are then not like for like), the
+burst admitted other than exactly its limit, or a server that should write the access log did not log every call
+(or one that should not, did).
 """
 
 from __future__ import annotations
@@ -48,7 +61,7 @@ import uvloop
 from loadtest import bench_risk
 from loadtest import frames as fr
 from loadtest.bench_redis import redis_ceiling
-from loadtest.bench_report import write_outputs
+from loadtest.bench_report import merge_partial, write_outputs
 from loadtest.procstat import CpuMeter
 from loadtest.stack import SAME_REDIS, Stack, start_stack
 
@@ -58,6 +71,8 @@ STREAM_PATH = "/redemption.v1.RedemptionService/RedeemStream"
 REDEEMED, ALREADY = "1", "2"
 RESOURCE_EXHAUSTED = "8"  # a gRPC status: a caller quota declined the call
 RISK_TARGET = 1.25  # issue 9: CPU per call with every rule enforced vs the engine off
+SERVER_LOGGING = "as in production (gateway/logs.py): INFO, JSON lines, the access log on, to a file per process"
+SMOKE_OUT = Path(tempfile.gettempdir()) / "rgw-bench-smoke"  # smoke figures never overwrite the measured ones
 
 
 @dataclass(frozen=True)
@@ -102,9 +117,15 @@ class Variant:
     results: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def fresh_gateway(self) -> bool:
-        """The gateway on fresh codes: every call must be REDEEMED, or the variant measured something else."""
-        return self.server == "redeem" and self.codes == "fresh"
+    def observed(self) -> bool:
+        """Its servers run Observe with the access log on: every call must leave an access-log line."""
+        return (self.server != "ceiling-bare" and not self.server.endswith("-unobserved")
+                and self.env.get("RGW_ACCESS_LOG", "true") != "false")  # fmt: skip
+
+
+def fresh_gateway(server: str, codes: str) -> bool:
+    """The gateway on fresh codes: every call must be REDEEMED, or the variant measured something else."""
+    return server.startswith("redeem") and codes == "fresh"
 
 
 VARIANTS = [
@@ -218,7 +239,15 @@ class Bench:
         return steps
 
 
+# Measured only in the alternating runs, as the baselines of the variants above.
 CEILING_BARE = Variant("ceiling-bare", "ceiling-bare", REDEEM_PATH, "unary", "any")
+CEILING_UNOBSERVED = Variant("ceiling-unobserved", "ceiling-unobserved", REDEEM_PATH, "unary", "any",
+                             env={"RGW_ACCESS_LOG": "false"})  # fmt: skip
+REDEEM_UNOBSERVED = Variant("redeem-unobserved", "redeem-unobserved", REDEEM_PATH, "unary", "fresh",
+                            env={"RGW_ACCESS_LOG": "false"})  # fmt: skip
+BY_NAME = {v.name: v for v in [*VARIANTS, CEILING_BARE, CEILING_UNOBSERVED, REDEEM_UNOBSERVED]}
+# With Observe / without: the same servicer, the same other interceptors.
+OBSERVE_PAIRS = (("ceiling", "ceiling-unobserved"), ("redeem", "redeem-unobserved"))
 
 
 def denials(result: dict[str, Any]) -> int:
@@ -229,15 +258,17 @@ def denials(result: dict[str, Any]) -> int:
 
 async def alternating(bench: Bench, names: tuple[str, ...], rounds: int) -> dict[str, Any]:
     """Server CPU per call (and p99) of several variants measured alternately at the same rate with every server
-    set up: the ratios of medians do not depend on which drew a noisy minute."""
-    by_name = {v.name: v for v in [*VARIANTS, CEILING_BARE]}
+    set up: the ratios of medians do not depend on which drew a noisy minute. Also the calls each answered and
+    the access-log lines its servers wrote for them (counted once they stopped)."""
     rate = bench.profile.unary_cpu_rate
-    sides = [(by_name[name], *bench.stack.start_servers(by_name[name].server, bench.workers, env=by_name[name].env))
+    started = time.monotonic()
+    sides = [(BY_NAME[name], *bench.stack.start_servers(BY_NAME[name].server, bench.workers, env=BY_NAME[name].env))
              for name in names]  # fmt: skip
     samples: dict[str, list[float]] = {name: [] for name in names}
     redis: dict[str, list[float]] = {name: [] for name in names}
     p99: dict[str, list[float]] = {name: [] for name in names}
     denied = dict.fromkeys(names, 0)
+    calls = dict.fromkeys(names, 0)
     try:
         for n in range(rounds):
             for variant, target, pids in sides:
@@ -246,12 +277,16 @@ async def alternating(bench: Bench, names: tuple[str, ...], rounds: int) -> dict
                 redis[variant.name].append(result["cpu_us_per_call"]["redis"])
                 p99[variant.name].append(round(result["latency_ms"]["p99"] or 0, 2))
                 denied[variant.name] += result["denied"]
+                calls[variant.name] += result["completed"]
     finally:
         bench.stack.stop_servers()
+    lines = {v.name: bench.stack.access_lines(pids, v.path.rsplit("/", 1)[1]) for v, _, pids in sides}
     both = {name: [a + b for a, b in zip(samples[name], redis[name], strict=True)] for name in names}
+    print(f"alternating {', '.join(names)}: {rounds} rounds in {time.monotonic() - started:.0f} s", flush=True)
     return {"rate": rate, "samples_us": samples, "median_us": _medians(samples), "redis_samples_us": redis,
             "redis_median_us": _medians(redis), "server_and_redis_median_us": _medians(both), "p99_ms": p99,
-            "median_p99_ms": _medians(p99), "denied": denied}  # fmt: skip
+            "median_p99_ms": _medians(p99), "denied": denied, "calls": calls,
+            "access_log_lines": lines}  # fmt: skip
 
 
 def _medians(samples: dict[str, list[float]]) -> dict[str, float]:
@@ -280,6 +315,20 @@ async def interleaved_risk(bench: Bench, rounds: int) -> dict[str, Any]:
             "two_calls_ratio": _over(cpu["server_and_redis_median_us"], "redeem-risk-2calls", "redeem-risk-off"),
             "two_calls_server_ratio": _over(cpu["median_us"], "redeem-risk-2calls", "redeem-risk-off"),
             "target": RISK_TARGET, "meets_target": ratio is not None and ratio <= RISK_TARGET}  # fmt: skip
+
+
+async def interleaved_observe(bench: Bench, rounds: int) -> dict[str, Any]:
+    """The ceiling and redeem without and with Observe (RED metrics, request id, one JSON access-log line per call
+    written out by the logging thread), alternately: what metrics and access log add to a call's server CPU."""
+    cpu = await alternating(bench, ("ceiling-unobserved", "ceiling", "redeem-unobserved", "redeem"), rounds)
+    samples, medians = cpu["samples_us"], cpu["median_us"]
+    observe = {}
+    for on, off in OBSERVE_PAIRS:
+        paired = [a - b for a, b in zip(samples[on], samples[off], strict=True)]
+        observe[on] = {"ratio": _over(medians, on, off, 3),
+                       "added_us": round(medians[on] - medians[off], 1) if on in medians and off in medians else None,
+                       "added_us_paired": round(statistics.median(paired), 1) if paired else None}  # fmt: skip
+    return {**cpu, "observe": observe}
 
 
 async def limiter_burst(bench: Bench) -> dict[str, Any]:
@@ -331,6 +380,7 @@ async def run(profile: Profile, workers: int, workdir: Path, only: set[str] | No
         bench = Bench(stack, profile, workers)
         cpu = await interleaved_cpu(bench, profile.cpu_rounds) if chosen("interleaved") else {}
         risk = await interleaved_risk(bench, profile.cpu_rounds) if chosen("interleaved-risk") else {}
+        observe = await interleaved_observe(bench, profile.cpu_rounds) if chosen("interleaved-observe") else {}
         burst = await limiter_burst(bench) if chosen("burst") else {}
         for variant in VARIANTS:
             if chosen(variant.name):
@@ -340,29 +390,40 @@ async def run(profile: Profile, workers: int, workdir: Path, only: set[str] | No
         stack.stop_servers()
         stack.redis.stop()
         stack.postgres.stop()
-    return {
+    report = {
         "profile": asdict(profile),
         "workers": workers,
+        "server_logging": SERVER_LOGGING,
         "variants": {v.name: {**asdict(v), "results": v.results} for v in VARIANTS if v.results},
         "redis": redis,
         "interleaved_cpu": cpu,
         "interleaved_risk": risk,
+        "interleaved_observe": observe,
         "burst": burst,
-        "problems": problems(cpu, risk, burst),
     }
+    report["problems"] = problems(report)
+    return report
 
 
-def problems(cpu: dict[str, Any], risk: dict[str, Any], burst: dict[str, Any]) -> list[str]:
-    """What makes this run's comparisons wrong: a denial on fresh codes, a burst not admitting exactly N."""
+ALTERNATING = ("interleaved_cpu", "interleaved_risk", "interleaved_observe")
+
+
+def problems(report: dict[str, Any]) -> list[str]:
+    """What makes a report's comparisons wrong: a denial on fresh codes, a burst not admitting exactly N, an access
+    log not written for every call where it is on (or written where it is off)."""
     found = []
-    for variant in VARIANTS:
-        steps = [variant.results[k] for k in ("cpu", "half") if k in variant.results] + variant.results.get("ramp", [])
+    for name, variant in report["variants"].items():
+        res = variant["results"]
+        steps = [res[k] for k in ("cpu", "half") if k in res] + res.get("ramp", [])
         denied = sum(step["denied"] for step in steps)
-        if variant.fresh_gateway and denied:
-            found.append(f"{variant.name}: {denied} call(s) denied on fresh codes")
-    for name, denied in [*cpu.get("denied", {}).items(), *risk.get("denied", {}).items()]:
-        if denied and name != "ceiling-bare" and name != "ceiling":
-            found.append(f"alternating runs of {name}: {denied} call(s) denied on fresh codes")
+        if fresh_gateway(variant["server"], variant["codes"]) and denied:
+            found.append(f"{name}: {denied} call(s) denied on fresh codes")
+    for group in (report.get(key) or {} for key in ALTERNATING):
+        for name, denied in group.get("denied", {}).items():
+            if denied and BY_NAME[name].codes != "any":
+                found.append(f"alternating runs of {name}: {denied} call(s) denied on fresh codes")
+        found += _access_log_problems(group)
+    burst = report.get("burst") or {}
     if burst and not burst["exact"]:
         found.append(f"burst: {burst['answers']} at a limit of {burst['limit']}, not exactly the limit admitted")
     if burst and not burst["controls"]["ok"]:
@@ -370,27 +431,54 @@ def problems(cpu: dict[str, Any], risk: dict[str, Any], burst: dict[str, Any]) -
     return found
 
 
+def _access_log_problems(group: dict[str, Any]) -> list[str]:
+    found = []
+    for name, lines in group.get("access_log_lines", {}).items():
+        calls = group["calls"][name]
+        if BY_NAME[name].observed and lines < calls:
+            found.append(f"alternating runs of {name}: {lines} access-log lines for {calls} calls (records dropped, "
+                         "or the access log is off: the figures do not include writing it)")  # fmt: skip
+        elif not BY_NAME[name].observed and lines:
+            found.append(f"alternating runs of {name}: {lines} access-log lines, where the access log is off")
+    return found
+
+
+PARTS = {v.name for v in VARIANTS} | {"interleaved", "interleaved-risk", "interleaved-observe", "burst", "redis"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="side-by-side benchmark of the redemption gateway")
     parser.add_argument("--smoke", action="store_true", help="seconds, to prove the harness works (not for figures)")
     parser.add_argument("--workers", type=int, default=2, help="server processes per variant (SO_REUSEPORT)")
-    parser.add_argument("--out", type=Path, default=Path("loadtest/results"))
-    parser.add_argument("--only", default="", help="comma-separated variants; `interleaved` and `interleaved-risk` "
-                        "for the alternating CPU runs, `burst` for the limiter's accuracy (default: all)")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"default: loadtest/results; with --smoke: {SMOKE_OUT}")  # fmt: skip
+    parser.add_argument("--only", default="", help="comma-separated parts: variants; `interleaved`, "
+                        "`interleaved-risk` and `interleaved-observe` for the alternating CPU runs, `burst` for the "
+                        "limiter's accuracy, `redis` (default: all)")  # fmt: skip
     parser.add_argument("--no-markdown", action="store_true", help="do not update BENCHMARKS.md")
     args = parser.parse_args()
     profile = SMOKE if args.smoke else FULL
-    only = set(args.only.split(",")) if args.only else None
+    only = {part for part in args.only.split(",") if part} or None
+    if only is not None and only - PARTS:
+        parser.error(f"unknown parts: {', '.join(sorted(only - PARTS))} (known: {', '.join(sorted(PARTS))})")
+    out = args.out or (SMOKE_OUT if args.smoke else Path("loadtest/results"))
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="rgw-bench-") as tmp:
         report = uvloop.run(run(profile, args.workers, Path(tmp), only))
+    argv = " ".join(sys.argv[1:])
     report.update(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), seconds=round(time.time() - started),
                   machine=f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
-                  command="make bench" + (" (smoke)" if args.smoke else ""))  # fmt: skip
-    write_outputs(report, args.out, markdown_too=not args.no_markdown and not args.smoke)
-    for problem in report["problems"]:
+                  command="make bench" + (f' BENCH_ARGS="{argv}"' if argv else ""))  # fmt: skip
+    failed = report["problems"]  # this run's own
+    measured_variants = bool(report["variants"])
+    if only is not None:  # a partial run: its parts replace theirs, the others stay
+        report = merge_partial(out / "bench.json", report)
+        report["problems"] = problems(report)
+    write_outputs(report, out, markdown_too=not args.no_markdown and not args.smoke, chart_too=measured_variants)
+    print(f"bench: wrote {out / 'bench.json'}", flush=True)
+    for problem in failed:
         print(f"bench: NOT LIKE FOR LIKE - {problem}", file=sys.stderr)
-    if report["problems"]:
+    if failed:
         sys.exit(1)
 
 

@@ -1,9 +1,11 @@
 """The benchmark's outputs: JSON, a PNG chart (throughput and p99 against offered load) and the `bench` section
-of BENCHMARKS.md with the ratios the targets are about."""
+of BENCHMARKS.md with the ratios the targets are about. A partial run (`--only`) is merged into the previous
+bench.json of the same profile: its parts replace theirs, and the section says which parts were measured when."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,39 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def _ms(value: float | None) -> float | None:
     return round(value, 1) if value is not None else None
+
+
+# The report's parts other than the variants, by their `--only` name.
+SECTIONS = {"interleaved_cpu": "interleaved", "interleaved_risk": "interleaved-risk",
+            "interleaved_observe": "interleaved-observe", "burst": "burst", "redis": "redis"}  # fmt: skip
+
+
+def parts(report: dict[str, Any]) -> list[str]:
+    """What a report measured, by `--only` name."""
+    return [*report["variants"], *(name for key, name in SECTIONS.items() if report.get(key))]
+
+
+def merge_partial(previous_path: Path, report: dict[str, Any]) -> dict[str, Any]:
+    """The previous report with this partial run's parts in place of its own, when both are of the same profile
+    and worker count (otherwise this run alone: figures of different profiles are not compared in one table)."""
+    if not previous_path.exists():
+        return report
+    previous: dict[str, Any] = json.loads(previous_path.read_text())
+    profile = json.loads(json.dumps(report["profile"]))  # as saved: tuples are lists there
+    if previous.get("profile") != profile or previous.get("workers") != report["workers"]:
+        print(f"bench: {previous_path} is of another profile or worker count: this partial run replaces it",
+              file=sys.stderr)  # fmt: skip
+        return report
+    measured = parts(report)
+    merged = {**previous, "variants": {**previous["variants"], **report["variants"]}}
+    for key in SECTIONS:
+        if report.get(key):
+            merged[key] = report[key]
+    earlier = [{**update, "parts": [p for p in update["parts"] if p not in measured]}
+               for update in previous.get("updates", [])]  # fmt: skip
+    this = {k: report[k] for k in ("date", "seconds", "machine", "command")}
+    merged["updates"] = [update for update in earlier if update["parts"]] + [{**this, "parts": measured}]
+    return merged
 
 
 def ratios(report: dict[str, Any]) -> dict[str, float | None]:
@@ -40,8 +75,13 @@ def ratios(report: dict[str, Any]) -> dict[str, float | None]:
         return float(value) if value is not None else None
 
     interleaved = report.get("interleaved_cpu", {}).get("ratio")
+    observe = (report.get("interleaved_observe") or {}).get("observe", {})
     return {
         "ceiling_cpu_with_vs_without_interceptors": report.get("interleaved_cpu", {}).get("interceptors_ratio"),
+        "ceiling_cpu_with_vs_without_observe": observe.get("ceiling", {}).get("ratio"),
+        "redeem_cpu_with_vs_without_observe": observe.get("redeem", {}).get("ratio"),
+        "ceiling_us_per_call_added_by_observe": observe.get("ceiling", {}).get("added_us"),
+        "redeem_us_per_call_added_by_observe": observe.get("redeem", {}).get("added_us"),
         "redeem_cpu_per_call_vs_ceiling": interleaved or _ratio(cpu("redeem"), cpu("ceiling")),
         "redeem_cpu_per_call_vs_ceiling_single_runs": _ratio(cpu("redeem"), cpu("ceiling")),
         "stream_vs_unary_redeem": _ratio(redemptions("stream"), redemptions("redeem")),
@@ -110,6 +150,45 @@ and code velocity; `redeem-risk-off` sends the same requests of the same brand t
 RGW_RISK_ENGINE=false."""
 
 
+def _observe(report: dict[str, Any]) -> list[str]:
+    """What metrics and access log cost: the ceiling and redeem with and without Observe, alternately."""
+    group = report.get("interleaved_observe") or {}
+    if not group:
+        return []
+    med, p99, lines, calls = group["median_us"], group["median_p99_ms"], group["access_log_lines"], group["calls"]
+    rounds = len(group["samples_us"]["ceiling"])
+    out = [
+        "",
+        "**Metrics and access log.** The outermost interceptor, `Observe` (RED metrics, request id, one JSON "
+        "access-log line per call through gateway/logs.py's queue and writer thread to a file per process, as "
+        f"`rgw serve` logs), on and off; alternating runs at {group['rate']} calls/s ({rounds} rounds), server CPU "
+        "per call, medians:",
+        "",
+        "| variant | without Observe (µs) | with (µs) | ratio | added µs per call: difference of the medians "
+        "(median of the rounds' differences) | p99 without / with (ms) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for on, figures in group["observe"].items():
+        off = f"{on}-unobserved"
+        out.append(f"| {on} | {med[off]:.0f} | {med[on]:.0f} | {figures['ratio']} | {figures['added_us']} "
+                   f"({figures['added_us_paired']}) | {p99[off]} / {p99[on]} |")  # fmt: skip
+    runs = "; ".join(f"{name} {values}" for name, values in group["samples_us"].items())
+    written = ", ".join(f"{name} {lines[name]:,} for {calls[name]:,} calls" for name in group["observe"])
+    out += ["", f"Rounds, server µs per call: {runs}. Access-log lines written: {written}; without Observe: "
+            f"{sum(lines[f'{name}-unobserved'] for name in group['observe'])}."]  # fmt: skip
+    return out
+
+
+def _updates(report: dict[str, Any]) -> list[str]:
+    """Which parts a later partial run measured again (the rest is from the run above)."""
+    lines = []
+    for u in report.get("updates", []):
+        machine = f", {u['machine']}" if u["machine"] != report["machine"] else ""
+        lines.append(f"Measured again {u['date']} by `{u['command']}` ({u['seconds']} s{machine}), the rest kept "
+                     f"from the run above: {', '.join(u['parts'])}.")  # fmt: skip
+    return lines
+
+
 def _side_by_side(report: dict[str, Any]) -> list[str]:
     """p99 of redeem-risk-off and redeem-risk at each offered rate of their ramps."""
     variants = report["variants"]
@@ -175,11 +254,17 @@ def markdown(report: dict[str, Any]) -> str:
         "Postgres: fsync on, synchronous_commit on. Generator: `loadtest/h2gen.mjs` (Node http2, open loop, latency",
         "from each request's scheduled send time); redis: `redis-benchmark`. CPU columns: server / redis / postgres /",
         "generator. The machine is shared and noisy: compare ratios within this run, not absolute numbers across runs.",
+        *([f"Server logging: {report['server_logging']}."] if report.get("server_logging") else []),
+        *_updates(report),
         "",
         "| target | measured |",
         "|---|---:|",
         f"| the ceiling's CPU per call with vs without the server interceptors (target <= 1.10) | "
         f"{r['ceiling_cpu_with_vs_without_interceptors']} |",
+        f"| the ceiling's CPU per call with vs without metrics and access log (Observe; median of alternating runs) | "
+        f"{r['ceiling_cpu_with_vs_without_observe']} |",
+        f"| redeem's CPU per call with vs without metrics and access log (the same) | "
+        f"{r['redeem_cpu_with_vs_without_observe']} |",
         f"| redeem CPU per call vs the ceiling's (target <= 1.5; median of alternating runs) | "
         f"{r['redeem_cpu_per_call_vs_ceiling']} |",
         f"| the same from the single CPU runs of the variant table below | "
@@ -200,6 +285,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"{r['burst_admitted_exactly_the_limit']} |",
         "",
         _interleaved(report),
+        *_observe(report),
         *_risk(report),
         "",
         "CPU per call at one open-loop rate below saturation (µs of CPU per call; streams: per message):",
@@ -240,12 +326,15 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(report: dict[str, Any], out: Path, *, markdown_too: bool = True, **_: Any) -> None:
-    """JSON, PNG and (unless disabled) BENCHMARKS.md."""
+def write_outputs(
+    report: dict[str, Any], out: Path, *, markdown_too: bool = True, chart_too: bool = True, **_: Any
+) -> None:
+    """JSON, PNG (unless disabled: a partial run without variants leaves the chart as it is) and (unless disabled)
+    BENCHMARKS.md."""
     out.mkdir(parents=True, exist_ok=True)
     report["ratios"] = ratios(report)
     (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
-    if report["variants"]:
+    if report["variants"] and chart_too:
         chart(report, out / "bench.png")
     if markdown_too:
         update_section(Path("BENCHMARKS.md"), "bench", markdown(report))

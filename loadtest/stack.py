@@ -1,6 +1,8 @@
 """The benchmark's stack: its own Redis (AOF, appendfsync always) and Postgres (fsync, synchronous_commit on),
 codes issued through the real issuance path, two brands (the default one and the risk variants', see
-loadtest/bench_risk.py), and the server processes of one variant."""
+loadtest/bench_risk.py), and the server processes of one variant. Each server process logs as production does
+(INFO, JSON lines, an access-log line per call) to a file of its own in the workdir, as a container runtime keeps a
+container's stderr: not to the bench's terminal."""
 
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ class Stack:
     workdir: Path
     issued: int = 0
     servers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    logs: dict[int, Path] = field(default_factory=dict)  # each server process's stdout and stderr, by pid
     # The benchmark authenticates like a real internal client (Redeem and RedeemStream), one per brand.
     api_key: str = field(default="", repr=False)
     risk_brand_id: int = 0
@@ -58,7 +61,9 @@ class Stack:
             "RGW_WRITER_METRICS_ADDR": "",
             "RGW_MAX_CONCURRENT_RPCS": "20000",
             "RGW_REDIS_POOL_SIZE": "64",
-            "RGW_LOG_LEVEL": "WARNING",
+            # production's level and format: INFO is what lets the access log (rgw.access, INFO) be written
+            "RGW_LOG_LEVEL": "INFO",
+            "RGW_LOG_FORMAT": "json",
         }
 
     async def prepare(self) -> None:
@@ -138,14 +143,30 @@ class Stack:
         env = {**os.environ, **self.env, "RGW_GRPC_ADDR": f"127.0.0.1:{port}", "RGW_REDIS_DURABILITY": durability,
                **extra}  # fmt: skip
         command = [sys.executable, "-m", "loadtest.bench_server", variant]
-        started = [subprocess.Popen(command, env=env) for _ in range(workers)]  # noqa: S603 - fixed command
+        (self.workdir / "logs").mkdir(exist_ok=True)
+        started = []
+        for n in range(workers):
+            path = self.workdir / "logs" / f"{variant}-{port}-{n}.log"
+            with path.open("wb") as log:  # the child keeps its own descriptor
+                proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)  # noqa: S603
+            self.logs[proc.pid] = path
+            started.append(proc)
         self.servers += started
         target = f"127.0.0.1:{port}"
-        _wait_serving(target, started)
+        _wait_serving(target, started, self.logs)
         return target, [p.pid for p in started]
+
+    def access_lines(self, pids: list[int], method: str) -> int:
+        """Access-log lines (logger rgw.access, JSON) the processes wrote for calls of a method: read once they
+        stopped, their log queues flushed."""
+        needles = (b'"logger": "rgw.access"', f'"method": "{method}"'.encode())
+        return sum(_count(self.logs[pid], needles) for pid in pids)
 
     def stop_servers(self) -> None:
         for proc in self.servers:
+            if proc.poll() is not None:  # died during the variant: say why, its log goes with the workdir
+                print(f"bench: server {proc.pid} had exited (status {proc.returncode}); the end of its log:\n"
+                      f"{tail(self.logs[proc.pid])}", file=sys.stderr, flush=True)  # fmt: skip
             proc.terminate()
         for proc in self.servers:
             try:
@@ -160,13 +181,27 @@ class Stack:
 SAME_REDIS = "@stack-redis"
 
 
-def _wait_serving(target: str, procs: list[subprocess.Popen[bytes]]) -> None:
+def _count(path: Path, needles: tuple[bytes, ...]) -> int:
+    with path.open("rb") as lines:
+        return sum(1 for line in lines if all(needle in line for needle in needles))
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    """The last lines of a server's log (what it said before it died)."""
+    with path.open("rb") as log:
+        log.seek(max(0, path.stat().st_size - 64 * 1024))
+        return b"\n".join(log.read().splitlines()[-lines:]).decode(errors="replace")
+
+
+def _wait_serving(target: str, procs: list[subprocess.Popen[bytes]], logs: dict[int, Path]) -> None:
     deadline = time.monotonic() + 30
     with grpc.insecure_channel(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
-            if any(p.poll() is not None for p in procs):
-                raise RuntimeError(f"a {target} server exited at start")
+            dead = next((p for p in procs if p.poll() is not None), None)
+            if dead is not None:
+                raise RuntimeError(f"a {target} server exited at start (status {dead.returncode}); the end of "
+                                   f"{logs[dead.pid]}:\n{tail(logs[dead.pid])}")  # fmt: skip
             try:
                 if (
                     stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
@@ -177,7 +212,8 @@ def _wait_serving(target: str, procs: list[subprocess.Popen[bytes]]) -> None:
             except grpc.RpcError:
                 pass
             time.sleep(0.1)
-    raise RuntimeError(f"{target} did not become SERVING")
+    ends = "\n".join(f"{logs[p.pid]}:\n{tail(logs[p.pid])}" for p in procs)
+    raise RuntimeError(f"{target} did not become SERVING; the end of its logs:\n{ends}")
 
 
 def start_stack(workdir: Path) -> Stack:

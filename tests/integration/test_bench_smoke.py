@@ -11,19 +11,26 @@ from typing import Any
 
 import pytest
 
+from loadtest.bench_report import markdown
+
+
+def _bench(out: Path, only: str, timeout: float) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, "-m", "loadtest.bench", "--smoke", "--workers", "1", "--only", only, "--out", str(out),
+         "--no-markdown"],
+        capture_output=True, text=True, timeout=timeout, env={**os.environ},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report: dict[str, Any] = json.loads((out / "bench.json").read_text())
+    return report
+
 
 @pytest.mark.slow
-@pytest.mark.timeout(480)
+@pytest.mark.timeout(720)
 def test_bench_smoke_run_writes_results(tmp_path: Path) -> None:
     variants = "ceiling,redeem,stream,redeem-hot,peer,peer-stream,redeem-risk-off,redeem-risk,redeem-risk-2calls,redis"
     steps = "interleaved-risk,burst"
-    done = subprocess.run(
-        [sys.executable, "-m", "loadtest.bench", "--smoke", "--workers", "1", "--only", f"{variants},{steps}",
-         "--out", str(tmp_path), "--no-markdown"],
-        capture_output=True, text=True, timeout=460, env={**os.environ},
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads((tmp_path / "bench.json").read_text())
+    report = _bench(tmp_path, f"{variants},{steps}", timeout=460)
     assert (tmp_path / "bench.png").stat().st_size > 10_000
     assert report["problems"] == []
     results = report["variants"]
@@ -44,6 +51,30 @@ def test_bench_smoke_run_writes_results(tmp_path: Path) -> None:
     assert report["redis"]["runs"][0]["rps"] > 0
     assert report["ratios"]["redeem_cpu_per_call_vs_ceiling"] is not None
     _assert_risk_figures(report)
+    _assert_partial_run_keeps_the_rest(tmp_path, report)
+
+
+def _assert_partial_run_keeps_the_rest(out: Path, first: dict[str, Any]) -> None:
+    """A run of one part (here the metrics-and-access-log comparison) into the same results replaces that part
+    only: the other figures, the chart and the markdown built from them stay."""
+    chart = (out / "bench.png").stat().st_mtime_ns
+    report = _bench(out, "interleaved-observe", timeout=200)
+    assert report["variants"] == first["variants"] and report["burst"] == first["burst"]
+    assert report["interleaved_risk"] == first["interleaved_risk"] and report["redis"] == first["redis"]
+    assert [update["parts"] for update in report["updates"]] == [["interleaved-observe"]]
+    assert report["problems"] == []
+    assert (out / "bench.png").stat().st_mtime_ns == chart
+    observe = report["interleaved_observe"]
+    assert observe["denied"] == dict.fromkeys(("ceiling-unobserved", "ceiling", "redeem-unobserved", "redeem"), 0)
+    lines, calls = observe["access_log_lines"], observe["calls"]
+    assert lines["ceiling"] == calls["ceiling"] > 0 and lines["redeem"] == calls["redeem"] > 0  # one line per call
+    assert lines["ceiling-unobserved"] == lines["redeem-unobserved"] == 0
+    assert all(observe["median_us"][name] > 0 for name in lines), observe["median_us"]
+    assert report["ratios"]["ceiling_cpu_with_vs_without_observe"] == observe["observe"]["ceiling"]["ratio"]
+    assert report["ratios"]["redeem_cpu_with_vs_without_observe"] is not None
+    text = markdown(report)
+    assert "**Metrics and access log.**" in text and "**Risk engine.**" in text and "Limiter burst:" in text
+    assert "| redeem-hot |" in text and "Measured again" in text
 
 
 def _assert_risk_figures(report: dict[str, Any]) -> None:
