@@ -55,10 +55,14 @@ bench-writer: setup
 loadtest: setup
 	$(BIN)/python -m loadtest.run_loadtest $(LOADTEST_ARGS)
 
-# Regenerate the lock file after changing dependencies in pyproject.toml (needs network access to PyPI).
+# Regenerate the lock files after changing dependencies in pyproject.toml (needs network access to PyPI):
+# requirements.lock (runtime + dev group: the venv `make setup` builds) and requirements-runtime.lock (the runtime
+# dependencies only, at the very versions of requirements.lock: what the container image installs).
 lock:
 	test -x $(BIN)/uv || $(BIN)/python -m pip install --quiet uv==0.13.8
 	$(BIN)/uv pip compile pyproject.toml --group dev --generate-hashes --python-version 3.11 --no-header -o requirements.lock
+	$(BIN)/uv pip compile pyproject.toml -c requirements.lock --generate-hashes --python-version 3.11 \
+		--python-platform x86_64-manylinux_2_28 --no-header -o requirements-runtime.lock
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

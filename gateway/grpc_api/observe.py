@@ -25,6 +25,7 @@ from gateway.grpc_api.errors import bind_request_id
 from gateway.grpc_api.interceptors import Continuation
 
 access_log = logging.getLogger("rgw.access")
+_HEALTH = "/grpc.health.v1.Health/"
 
 # Go's names of the status codes (grpc.StatusCode.NOT_FOUND -> "NotFound"), as go-grpc-middleware labels them.
 GO_CODE_NAMES: dict[grpc.StatusCode | None, str] = {
@@ -233,8 +234,9 @@ def observed(handler: grpc.RpcMethodHandler, full_method: str, *, access: bool) 
 
 
 class Observe(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """RED metrics, request id and access log for every call (health and reflection included: a probe storm is
-    worth seeing). Outermost, so refusals by the interceptors after it are measured and logged too."""
+    """RED metrics and a request id for every call (health and reflection included: a probe storm is worth
+    seeing), an access-log line for every call but health checks. Outermost, so refusals by the interceptors after
+    it are measured and logged too."""
 
     def __init__(self, *, access_log: bool = True) -> None:
         self._access = access_log
@@ -250,6 +252,8 @@ class Observe(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         cached = self._cache.get(full_method)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        wrapped = observed(handler, full_method, access=self._access)
+        # probes call Health every few seconds per pod: measured, but kept out of the access log
+        access = self._access and not full_method.startswith(_HEALTH)
+        wrapped = observed(handler, full_method, access=access)
         self._cache[full_method] = (handler, wrapped)
         return wrapped
