@@ -5,12 +5,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test setup system-deps protos check-protos lint typecheck pytest lock clean bench bench-writer loadtest
+.PHONY: run test setup system-deps test-deps protos check-protos lint typecheck pytest lock clean bench bench-writer loadtest
 
 run: setup
 	$(BIN)/python -m gateway.dev.run
 
-test: setup check-protos lint typecheck pytest
+test: setup test-deps check-protos lint typecheck pytest
 
 setup: $(STAMP) system-deps
 
@@ -23,6 +23,10 @@ $(STAMP): requirements.lock pyproject.toml
 
 system-deps:
 	@bash scripts/system_deps.sh
+
+# What only the tests need besides: promtool (alert rules) and kubectl (kustomize).
+test-deps:
+	@bash scripts/system_deps.sh --tests
 
 protos: $(STAMP)
 	$(BIN)/python scripts/gen_protos.py

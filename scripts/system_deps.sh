@@ -3,8 +3,11 @@
 # (tests, `make run`), Node.js (the benchmark's load generator), promtool (the alert rules' tests; Debian's
 # prometheus package) and kubectl (renders the Kubernetes manifests in the tests: `kubectl kustomize`). As root on
 # Debian/Ubuntu the missing ones are installed with apt-get, except kubectl, which Debian does not package;
-# otherwise this says what to install and fails.
+# otherwise this says what to install and fails. promtool and kubectl are checked only with --tests (`make test`):
+# `make run` needs neither.
 set -euo pipefail
+for_tests=false
+[ "${1:-}" = "--tests" ] && for_tests=true
 
 have_redis() { command -v redis-server >/dev/null 2>&1; }
 have_postgres() {
@@ -46,7 +49,7 @@ have_postgres || missing+=(postgresql)
 # Node.js runs loadtest/h2gen.mjs, the benchmark's load generator (its built-in http2; no npm packages).
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
 # promtool checks and unit-tests the Prometheus alert rules (deploy/prometheus-tests).
-command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+$for_tests && { command -v promtool >/dev/null 2>&1 || missing+=(prometheus); }
 
 no_kubectl() {
   echo "missing: kubectl (the tests render deploy/k8s with \`kubectl kustomize\`). Debian does not package it:" \
@@ -55,8 +58,10 @@ no_kubectl() {
   exit 1
 }
 
+need_kubectl() { $for_tests && ! command -v kubectl >/dev/null 2>&1; }
+
 if [ ${#missing[@]} -eq 0 ]; then
-  command -v kubectl >/dev/null 2>&1 || no_kubectl
+  need_kubectl && no_kubectl
   exit 0
 fi
 
@@ -70,10 +75,10 @@ if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
   # Debian starts the packaged Redis and Postgres; the project runs its own instances on other ports, so leave
   # those alone. The Prometheus server is not wanted at all (it would hold port 9090).
   case " ${missing[*]} " in *" prometheus "*) stop_packaged_prometheus ;; esac
-  command -v kubectl >/dev/null 2>&1 || no_kubectl
+  need_kubectl && no_kubectl
   exit 0
 fi
-command -v kubectl >/dev/null 2>&1 || echo "also missing: kubectl (https://kubernetes.io/docs/tasks/tools/)" >&2
+need_kubectl && echo "also missing: kubectl (https://kubernetes.io/docs/tasks/tools/)" >&2
 echo "missing: ${missing[*]}. Install them (Debian/Ubuntu: sudo apt-get install ${missing[*]};" \
      "macOS: brew install redis postgresql@15 node prometheus) or set RGW_REDIS_URL / RGW_DATABASE_URL (and" \
      "RGW_TEST_REDIS_URL / RGW_TEST_DATABASE_URL for the tests) to servers you already run." >&2
