@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"rgw: {exc}", file=sys.stderr)
         return 2
-    stop_logging = logs.configure(settings.log_level, settings.log_format)
+    stop_logging = logs.configure(settings.log_level, settings.log_format, access=settings.access_log)
     try:
         return _run(args, settings)
     finally:

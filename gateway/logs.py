@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from logging.handlers import QueueHandler, QueueListener
 from typing import Any, TextIO
 
+from gateway import access_log
 from gateway.gateway_metrics import LOG_RECORDS_DROPPED
 
 QUEUE_RECORDS = 10_000
@@ -95,8 +96,9 @@ def formatter(log_format: str) -> logging.Formatter:
     return JsonFormatter() if log_format == "json" else TextFormatter()
 
 
-def configure(level: str, log_format: str, stream: TextIO | None = None) -> Callable[[], None]:
-    """Route every logger through the queue to `stream` (stderr); returns the function that flushes and stops."""
+def configure(level: str, log_format: str, stream: TextIO | None = None, *, access: bool = True) -> Callable[[], None]:
+    """Route every logger through the queue to `stream` (stderr), and the access log (when on and INFO is logged)
+    through its own sink (gateway/access_log.py); returns the function that flushes and stops both."""
     target = logging.StreamHandler(sys.stderr if stream is None else stream)
     target.setFormatter(formatter(log_format))
     records: queue.Queue[logging.LogRecord] = queue.Queue(QUEUE_RECORDS)
@@ -107,4 +109,16 @@ def configure(level: str, log_format: str, stream: TextIO | None = None) -> Call
     root.addHandler(_QueueHandler(records))
     root.setLevel(level)
     listener.start()
-    return listener.stop
+    sink = None
+    if access and root.isEnabledFor(logging.INFO):
+        sink = access_log.AccessSink(target, log_format)
+        sink.start()
+    access_log.install(sink)
+
+    def stop() -> None:
+        if sink is not None:
+            access_log.install(None)
+            sink.stop()
+        listener.stop()
+
+    return stop

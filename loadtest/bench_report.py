@@ -160,7 +160,7 @@ def _observe(report: dict[str, Any]) -> list[str]:
     out = [
         "",
         "**Metrics and access log.** The outermost interceptor, `Observe` (RED metrics, request id, one JSON "
-        "access-log line per call through gateway/logs.py's queue and writer thread to a file per process, as "
+        "access-log line per call through gateway/access_log.py's deque and writer thread to a file per process, as "
         f"`rgw serve` logs), on and off; alternating runs at {group['rate']} calls/s ({rounds} rounds), server CPU "
         "per call, medians:",
         "",

@@ -66,7 +66,7 @@ def main() -> None:
     if variant not in SERVERS:
         raise SystemExit(f"variant must be one of {', '.join(SERVERS)}")
     settings = Settings.from_env()
-    stop_logging = logs.configure(settings.log_level, settings.log_format)  # as gateway/cli.py main does
+    stop_logging = logs.configure(settings.log_level, settings.log_format, access=settings.access_log)  # as rgw does
     try:
         uvloop.run(serve(variant, settings))
     finally:

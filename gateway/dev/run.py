@@ -162,7 +162,9 @@ def _banner(settings: Settings, demo: Demo) -> str:
 def main() -> int:
     """Entry point of `make run`."""
     environ = {"RGW_LOG_FORMAT": "text", **os.environ}  # readable lines on a developer's terminal
-    stop_logging = logs.configure(environ.get("RGW_LOG_LEVEL", "INFO"), environ["RGW_LOG_FORMAT"])
+    stop_logging = logs.configure(
+        environ.get("RGW_LOG_LEVEL", "INFO"), environ["RGW_LOG_FORMAT"], access=environ.get("RGW_ACCESS_LOG") != "false"
+    )
     with local_servers(environ) as env:
         settings = Settings.from_env(env)
         demo = uvloop.run(prepare_demo(settings))

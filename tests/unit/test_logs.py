@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client import REGISTRY
 
-from gateway import logs
+from gateway import access_log, logs
 
 
 class StuckStream(io.StringIO):
@@ -88,3 +88,58 @@ def test_a_stuck_stream_drops_and_counts_records_instead_of_blocking(restore_roo
         stream.release.set()
         stop()
     assert stream.getvalue().count("\n") >= logs.QUEUE_RECORDS
+
+
+def _line(**overrides: object) -> access_log.Line:
+    base: dict[str, object] = {
+        "ts": 1_780_272_000.5, "service": "redemption.v1.RedemptionService", "method": "Redeem", "code": "OK",
+        "outcome": "redeemed", "reason": "REDEEMED", "answers": 1, "duration_ms": 1.25, "brand": 1,
+        "client": 'cl_"quoted"', "request_id": "pos-42.till-1:7",
+    }  # fmt: skip
+    base.update(overrides)
+    return tuple(base.values())  # type: ignore[return-value]
+
+
+def test_the_access_sink_writes_json_lines_a_thread_formats(restore_root: None) -> None:
+    stream = io.StringIO()
+    stop = logs.configure("INFO", "json", stream=stream)
+    sink = access_log.current()
+    assert sink is not None
+    sink.add(_line())
+    sink.add(_line(brand=None, client=None, code="Unauthenticated", outcome="", reason=""))
+    stop()
+    assert access_log.current() is None
+    first, second = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert first["logger"] == "rgw.access" and first["msg"] == "Redeem OK" and first["ts"].startswith("2026-06-01T")
+    assert (first["client"], first["request_id"], first["brand"], first["duration_ms"]) == (
+        'cl_"quoted"',
+        "pos-42.till-1:7",
+        1,
+        1.25,
+    )
+    assert (second["brand"], second["client"], second["code"]) == (None, None, "Unauthenticated")
+
+
+def test_the_access_sink_writes_text_and_is_off_when_asked_or_above_info(restore_root: None) -> None:
+    stream = io.StringIO()
+    stop = logs.configure("INFO", "text", stream=stream)
+    sink = access_log.current()
+    assert sink is not None
+    sink.add(_line(outcome=""))
+    stop()
+    assert stream.getvalue().rstrip().endswith("rgw.access Redeem OK service=redemption.v1.RedemptionService "
+                                               'method=Redeem code=OK reason=REDEEMED answers=1 duration_ms=1.25 '
+                                               'brand=1 client=cl_"quoted" request_id=pos-42.till-1:7')  # fmt: skip
+    for level, access in (("INFO", False), ("WARNING", True)):
+        stop = logs.configure(level, "json", stream=io.StringIO(), access=access)
+        assert access_log.current() is None
+        stop()
+
+
+def test_the_access_sink_drops_and_counts_past_its_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(access_log, "MAX_PENDING", 3)
+    sink = access_log.AccessSink(logging.StreamHandler(io.StringIO()), "json")  # not started: nothing drains
+    dropped = REGISTRY.get_sample_value("rgw_log_records_dropped_total") or 0.0
+    for _ in range(5):
+        sink.add(_line())
+    assert (REGISTRY.get_sample_value("rgw_log_records_dropped_total") or 0.0) - dropped == 2
