@@ -19,7 +19,7 @@ import grpc
 from gateway.domain import Caller, PermissionDenied, RegistryNotReady, Unauthenticated
 from gateway.gateway_metrics import AUTH_FAILURES
 from gateway.grpc_api.errors import fault_for, request_id_of, status_for
-from gateway.grpc_api.interceptors import Continuation
+from gateway.grpc_api.interceptors import WrappingInterceptor
 from gateway.tenancy import api_keys
 from gateway.tenancy.model import Client, Role, Status
 from gateway.tenancy.snapshot import Registry
@@ -232,27 +232,18 @@ async def _refuse(exc: Exception, context: grpc.aio.ServicerContext) -> None:
     await context.abort_with_status(status_for(fault_for(exc, request_id_of(context))))
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class AuthInterceptor(WrappingInterceptor):
     """Authenticates and authorises every call but health and reflection, before the handler runs."""
 
     def __init__(self, authenticator: Authenticator, peer_identity: PeerIdentity | None = None) -> None:
+        super().__init__()
         self._authenticator = authenticator
         self._peer_identity = peer_identity
-        self._cache: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
-    async def intercept_service(
-        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or method in OPEN_METHODS:
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        if method in OPEN_METHODS:
             return handler
-        cached = self._cache.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(handler, method)
-        self._cache[method] = (handler, wrapped)
-        return wrapped
+        return self._wrap(handler, method)
 
     def _authenticate(self, method: str, context: grpc.aio.ServicerContext) -> Caller:
         peer = self._peer_identity(context) if self._peer_identity is not None else None

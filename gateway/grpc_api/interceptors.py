@@ -112,13 +112,16 @@ def guarded(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     return handler._replace(request_deserializer=tolerant(handler.request_deserializer), **{kind: behaviour})
 
 
-class DecodeGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Undecodable request bytes → INVALID_ARGUMENT (reason MALFORMED_REQUEST), before any handler logic.
-
-    Handlers are looked up per call but never change, so each guarded handler is built once and cached."""
+class WrappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """An interceptor that wraps each method's handler: handlers are looked up per call but never change, so each
+    wrapped handler is built once and cached (rebuilt only if the server hands out another handler)."""
 
     def __init__(self) -> None:
         self._cache: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        """The handler to use for `method` (the handler itself when there is nothing to add)."""
+        raise NotImplementedError
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -130,6 +133,13 @@ class DecodeGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         cached = self._cache.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        wrapped = guarded(handler)
+        wrapped = self.wrap(handler, method)
         self._cache[method] = (handler, wrapped)
         return wrapped
+
+
+class DecodeGuard(WrappingInterceptor):
+    """Undecodable request bytes → INVALID_ARGUMENT (reason MALFORMED_REQUEST), before any handler logic."""
+
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        return guarded(handler)

@@ -24,7 +24,7 @@ from gateway.access_log import FIELDS
 from gateway.access_log import current as access_sink
 from gateway.grpc_api.auth import current_caller_or_none
 from gateway.grpc_api.errors import bind_request_id
-from gateway.grpc_api.interceptors import Continuation
+from gateway.grpc_api.interceptors import WrappingInterceptor
 
 access_log = logging.getLogger("rgw.access")
 _HEALTH = "/grpc.health.v1.Health/"
@@ -143,59 +143,31 @@ def _begin(method: _Method, context: grpc.aio.ServicerContext) -> tuple[float, C
     return time.perf_counter(), call, bind_request_id(context)
 
 
-def _observe_unary_in(method: _Method, behaviour: Callable[..., Any], streaming_out: bool, access: bool) -> Any:
-    if streaming_out and inspect.isasyncgenfunction(behaviour):
-
-        async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            started, call, rid = _begin(method, context)
-            method.received()
-            code = "OK"
-            try:
-                async for response in behaviour(request, context):
-                    method.sent()
-                    yield response
-                code = _code(context)
-            except BaseException as exc:
-                code = _failed(exc, context)
-                raise
-            finally:
-                method.finish(code, started, call, rid, access)
-
-        return unary_stream
-
-    async def unary_in(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        started, call, rid = _begin(method, context)
-        method.received()
-        code = "OK"
-        try:
-            response = await behaviour(request, context)
-            if not streaming_out:
-                method.sent()
-            code = _code(context)
-            return response
-        except BaseException as exc:
-            code = _failed(exc, context)
-            raise
-        finally:
-            method.finish(code, started, call, rid, access)
-
-    return unary_in
-
-
 async def _counted(requests: AsyncIterator[Any], method: _Method) -> AsyncIterator[Any]:
     async for request in requests:
         method.received()
         yield request
 
 
-def _observe_stream_in(method: _Method, behaviour: Callable[..., Any], streaming_out: bool, access: bool) -> Any:
+def _observe(
+    method: _Method, behaviour: Callable[..., Any], *, stream_in: bool, streaming_out: bool, access: bool
+) -> Any:
+    """The behaviour, measured: of the same kind (grpc.aio tells an async generator from a coroutine that writes
+    with context.write(), like health's Watch, by its function type)."""
+
+    def arrive(request: Any) -> Any:  # the request as the behaviour takes it, counting what arrives
+        if stream_in:
+            return _counted(request, method)
+        method.received()
+        return request
+
     if streaming_out and inspect.isasyncgenfunction(behaviour):
 
-        async def stream_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             started, call, rid = _begin(method, context)
             code = "OK"
             try:
-                async for response in behaviour(_counted(requests, method), context):
+                async for response in behaviour(arrive(request), context):
                     method.sent()
                     yield response
                 code = _code(context)
@@ -205,13 +177,13 @@ def _observe_stream_in(method: _Method, behaviour: Callable[..., Any], streaming
             finally:
                 method.finish(code, started, call, rid, access)
 
-        return stream_stream
+        return streaming
 
-    async def stream_in(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+    async def single(request: Any, context: grpc.aio.ServicerContext) -> Any:
         started, call, rid = _begin(method, context)
         code = "OK"
         try:
-            response = await behaviour(_counted(requests, method), context)
+            response = await behaviour(arrive(request), context)
             if not streaming_out:
                 method.sent()
             code = _code(context)
@@ -222,38 +194,32 @@ def _observe_stream_in(method: _Method, behaviour: Callable[..., Any], streaming
         finally:
             method.finish(code, started, call, rid, access)
 
-    return stream_in
+    return single
 
 
 def observed(handler: grpc.RpcMethodHandler, full_method: str, *, access: bool) -> grpc.RpcMethodHandler:
     """The same handler, measured and logged."""
     kind, grpc_type = _KINDS[(handler.request_streaming, handler.response_streaming)]
     method = _Method(full_method, grpc_type)
-    wrap = _observe_stream_in if handler.request_streaming else _observe_unary_in
-    return handler._replace(**{kind: wrap(method, getattr(handler, kind), handler.response_streaming, access)})
+    behaviour = _observe(
+        method,
+        getattr(handler, kind),
+        stream_in=handler.request_streaming,
+        streaming_out=handler.response_streaming,
+        access=access,
+    )
+    return handler._replace(**{kind: behaviour})
 
 
-class Observe(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class Observe(WrappingInterceptor):
     """RED metrics and a request id for every call (health and reflection included: a probe storm is worth
     seeing), an access-log line for every call but health checks. Outermost, so refusals by the interceptors after
     it are measured and logged too."""
 
     def __init__(self, *, access_log: bool = True) -> None:
+        super().__init__()
         self._access = access_log
-        self._cache: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
-    async def intercept_service(
-        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        full_method = handler_call_details.method
-        cached = self._cache.get(full_method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         # probes call Health every few seconds per pod: measured, but kept out of the access log
-        access = self._access and not full_method.startswith(_HEALTH)
-        wrapped = observed(handler, full_method, access=access)
-        self._cache[full_method] = (handler, wrapped)
-        return wrapped
+        return observed(handler, method, access=self._access and not method.startswith(_HEALTH))

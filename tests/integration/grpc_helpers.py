@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any, cast
 
 import grpc
+import pytest
 from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 from redis.asyncio import Redis
 
@@ -83,3 +86,18 @@ async def outbox_events(redis: Redis, campaign_id: int, shard: int = 0) -> list[
     """The events in a campaign shard's outbox, oldest first, decoded."""
     entries: Any = await redis.xrange(keys.outbox_key(campaign_id, shard))
     return [decode_event(fields) for _, fields in entries]
+
+
+async def health_status(channel: grpc.aio.Channel, service: str = "") -> int:
+    """What the standard health service says of `service` ("" : the whole server)."""
+    reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service))
+    return int(reply.status)
+
+
+async def until_health(channel: grpc.aio.Channel, status: int, service: str = "") -> None:
+    """Wait (up to ~10 s) until `service` reports `status`."""
+    for _ in range(200):
+        if await health_status(channel, service) == status:
+            return
+        await asyncio.sleep(0.05)
+    pytest.fail(f"health of {service!r} never became {status}")

@@ -4,7 +4,6 @@ that is down (the live scrape of real processes is in test_metrics_live.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import re
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from prometheus_client import REGISTRY
 
 from gateway import codes
@@ -28,7 +27,7 @@ from gateway.redis_store import connect
 from gateway.settings import Settings
 from tests.conftest import gateway_environ
 from tests.integration.conftest import Issue, RunningGateway, Tenants
-from tests.integration.grpc_helpers import redeem_request
+from tests.integration.grpc_helpers import health_status, redeem_request, until_health
 
 SERVICE = "redemption.v1.RedemptionService"
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -196,19 +195,6 @@ async def test_one_access_log_line_per_rpc_without_codes_or_keys(
     assert gateway.tenants.keys["internal"] not in text
 
 
-async def _status(channel: grpc.aio.Channel, service: str) -> int:
-    reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service))
-    return int(reply.status)
-
-
-async def _until_status(channel: grpc.aio.Channel, service: str, status: int) -> None:
-    for _ in range(200):
-        if await _status(channel, service) == status:
-            return
-        await asyncio.sleep(0.05)
-    pytest.fail(f"{service!r} never became {status}")
-
-
 @pytest.mark.slow
 async def test_health_names_the_component_that_is_down_and_a_fault_is_counted(
     tmp_path: Path, migrated: str, clock: ManualClock, tenants: Tenants
@@ -224,14 +210,14 @@ async def test_health_names_the_component_that_is_down_and_a_fault_is_counted(
     channel = authenticated_channel(f"127.0.0.1:{port}", tenants.keys["internal"])
     try:
         for name in ("", SERVICE, "rgw.live", "rgw.redis", "rgw.redis_hot", "rgw.registry"):
-            assert await _status(channel, name) == SERVING, name
+            assert await health_status(channel, name) == SERVING, name
         assert value("rgw_dependency_up", dependency="redis") == 1
         server.kill()
-        await _until_status(channel, "rgw.redis", NOT_SERVING)
-        assert await _status(channel, "") == NOT_SERVING
-        assert await _status(channel, SERVICE) == NOT_SERVING
-        assert await _status(channel, "rgw.registry") == SERVING  # the registry is in memory: not what broke
-        assert await _status(channel, "rgw.live") == SERVING  # a liveness probe must not restart the pod for this
+        await until_health(channel, NOT_SERVING, "rgw.redis")
+        assert await health_status(channel, "") == NOT_SERVING
+        assert await health_status(channel, SERVICE) == NOT_SERVING
+        assert await health_status(channel, "rgw.registry") == SERVING  # the registry is in memory: not what broke
+        assert await health_status(channel, "rgw.live") == SERVING  # a liveness probe must not restart the pod for this
         assert value("rgw_dependency_up", dependency="redis") == 0
         fault = Deltas(handled("Redeem", "Unavailable"))
         with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -239,11 +225,11 @@ async def test_health_names_the_component_that_is_down_and_a_fault_is_counted(
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         assert fault.moved() == [1]
         server.restart()
-        await _until_status(channel, "rgw.redis", NOT_SERVING)  # back, but empty: not initialised from Postgres
+        await until_health(channel, NOT_SERVING, "rgw.redis")  # back, but empty: not initialised from Postgres
         client = connect(server.url, pool_size=1, timeout_s=2)
         await mark_initialised(client, "test")
         await client.aclose()
-        await _until_status(channel, "", SERVING)
+        await until_health(channel, SERVING, "")
         assert value("rgw_dependency_up", dependency="redis") == 1
     finally:
         await channel.close()

@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 import pytest
 from google.rpc import error_details_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
 
 from gateway import codes
@@ -24,20 +24,7 @@ from gateway.redis_store import connect
 from gateway.settings import Settings
 from tests.conftest import gateway_environ
 from tests.integration.conftest import Tenants
-from tests.integration.grpc_helpers import redeem_request
-
-
-async def _health(channel: grpc.aio.Channel) -> int:
-    reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
-    return int(reply.status)
-
-
-async def _wait_for_health(channel: grpc.aio.Channel, status: int) -> None:
-    for _ in range(100):
-        if await _health(channel) == status:
-            return
-        await asyncio.sleep(0.05)
-    pytest.fail(f"health never became {status}")
+from tests.integration.grpc_helpers import health_status, redeem_request, until_health
 
 
 @pytest.mark.slow
@@ -55,7 +42,7 @@ async def test_redis_down_gives_unavailable_with_retry_info(
     channel = authenticated_channel(f"127.0.0.1:{port}", tenants.keys["internal"])
     try:
         server.kill()
-        await _wait_for_health(channel, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await until_health(channel, health_pb2.HealthCheckResponse.NOT_SERVING)
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await pb_grpc.RedemptionServiceStub(channel).Redeem(redeem_request(codes.generate(codes.Route(1, 0)), "k"))
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -73,11 +60,11 @@ async def test_redis_down_gives_unavailable_with_retry_info(
                 break
             await asyncio.sleep(0.05)
         assert "not initialised" in details
-        assert await _health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert await health_status(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
         client = connect(server.url, pool_size=1, timeout_s=2)
         await mark_initialised(client, "test")
         await client.aclose()
-        await _wait_for_health(channel, health_pb2.HealthCheckResponse.SERVING)
+        await until_health(channel, health_pb2.HealthCheckResponse.SERVING)
         reply = await stub.Redeem(redeem_request(codes.generate(codes.Route(1, 0)), "k"))
         assert reply.outcome == pb.OUTCOME_NOT_FOUND  # initialised (and empty): a normal decline again
     finally:
