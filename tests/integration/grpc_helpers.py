@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 from typing import Any, cast
 
 import grpc
@@ -15,8 +17,15 @@ from grpc_status import rpc_status
 from redis.asyncio import Redis
 
 from gateway import keys
+from gateway.clock import Clock
+from gateway.dev.servers import RedisServer
+from gateway.durability import mark_initialised
+from gateway.grpc_api.client_auth import authenticated_channel
+from gateway.grpc_api.server import Gateway
 from gateway.ledger.events import decode_event
 from gateway.pb.redemption.v1 import redemption_pb2 as pb
+from gateway.redis_store import connect
+from gateway.settings import Settings
 
 
 def redeem_request(
@@ -101,3 +110,37 @@ async def until_health(channel: grpc.aio.Channel, status: int, service: str = ""
             return
         await asyncio.sleep(0.05)
     pytest.fail(f"health of {service!r} never became {status}")
+
+
+async def initialise(redis_url: str) -> None:
+    """Mark a Redis as built from Postgres (an empty one is the right state for an empty database)."""
+    client = connect(redis_url, pool_size=1, timeout_s=2)
+    await mark_initialised(client, "test")
+    await client.aclose()
+
+
+@contextlib.asynccontextmanager
+async def gateway_on_own_redis(
+    data_dir: Path, database_url: str, clock: Clock, api_key: str
+) -> AsyncIterator[tuple[RedisServer, grpc.aio.Channel]]:
+    """A gateway on a Redis of its own that the test may kill (health checked every 0.1 s, Redis timeout 0.5 s),
+    and a channel to it as `api_key`'s client."""
+    from tests.conftest import gateway_environ
+
+    server = RedisServer.start(data_dir=data_dir, appendonly=False)
+    try:
+        await initialise(server.url)
+        env = gateway_environ(
+            server.url, database_url, RGW_HEALTH_INTERVAL_SECONDS="0.1", RGW_REDIS_TIMEOUT_SECONDS="0.5"
+        )
+        settings = Settings.from_env(env)
+        gateway = Gateway(settings=settings, keyring=settings.keyring(), clock=clock)
+        port = await gateway.start()
+        channel = authenticated_channel(f"127.0.0.1:{port}", api_key)
+        try:
+            yield server, channel
+        finally:
+            await channel.close()
+            await gateway.stop()
+    finally:
+        server.stop()

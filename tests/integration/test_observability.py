@@ -16,18 +16,12 @@ from prometheus_client import REGISTRY
 
 from gateway import codes
 from gateway.clock import ManualClock
-from gateway.dev.servers import RedisServer
-from gateway.durability import mark_initialised
 from gateway.grpc_api.client_auth import authenticated_channel
-from gateway.grpc_api.server import Gateway
 from gateway.logs import JsonFormatter
 from gateway.pb.redemption.v1 import redemption_pb2 as pb
 from gateway.pb.redemption.v1 import redemption_pb2_grpc as pb_grpc
-from gateway.redis_store import connect
-from gateway.settings import Settings
-from tests.conftest import gateway_environ
 from tests.integration.conftest import Issue, RunningGateway, Tenants
-from tests.integration.grpc_helpers import health_status, redeem_request, until_health
+from tests.integration.grpc_helpers import gateway_on_own_redis, health_status, initialise, redeem_request, until_health
 
 SERVICE = "redemption.v1.RedemptionService"
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -199,16 +193,10 @@ async def test_one_access_log_line_per_rpc_without_codes_or_keys(
 async def test_health_names_the_component_that_is_down_and_a_fault_is_counted(
     tmp_path: Path, migrated: str, clock: ManualClock, tenants: Tenants
 ) -> None:
-    server = RedisServer.start(data_dir=tmp_path / "redis", appendonly=False)
-    client = connect(server.url, pool_size=1, timeout_s=2)
-    await mark_initialised(client, "test")
-    await client.aclose()
-    env = gateway_environ(server.url, migrated, RGW_HEALTH_INTERVAL_SECONDS="0.1", RGW_REDIS_TIMEOUT_SECONDS="0.5")
-    settings = Settings.from_env(env)
-    gateway = Gateway(settings=settings, keyring=settings.keyring(), clock=clock)
-    port = await gateway.start()
-    channel = authenticated_channel(f"127.0.0.1:{port}", tenants.keys["internal"])
-    try:
+    async with gateway_on_own_redis(tmp_path / "redis", migrated, clock, tenants.keys["internal"]) as (
+        server,
+        channel,
+    ):
         for name in ("", SERVICE, "rgw.live", "rgw.redis", "rgw.redis_hot", "rgw.registry"):
             assert await health_status(channel, name) == SERVING, name
         assert value("rgw_dependency_up", dependency="redis") == 1
@@ -226,12 +214,6 @@ async def test_health_names_the_component_that_is_down_and_a_fault_is_counted(
         assert fault.moved() == [1]
         server.restart()
         await until_health(channel, NOT_SERVING, "rgw.redis")  # back, but empty: not initialised from Postgres
-        client = connect(server.url, pool_size=1, timeout_s=2)
-        await mark_initialised(client, "test")
-        await client.aclose()
+        await initialise(server.url)
         await until_health(channel, SERVING, "")
         assert value("rgw_dependency_up", dependency="redis") == 1
-    finally:
-        await channel.close()
-        await gateway.stop()
-        server.stop()
