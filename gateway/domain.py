@@ -19,6 +19,9 @@ class Outcome(StrEnum):
     NOT_YET_VALID = "NOT_YET_VALID"
     REDEEMABLE = "REDEEMABLE"
     RISK_DENIED = "RISK_DENIED"
+    CAMPAIGN_PAUSED = "CAMPAIGN_PAUSED"
+    NOT_ALLOWED = "NOT_ALLOWED"
+    BUDGET_EXHAUSTED = "BUDGET_EXHAUSTED"
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +97,8 @@ class RedeemResult:
     retry_after_ms: int = 0
     # rule:reason of every shadow-mode hit (recorded, not enforced), for the metric
     shadow_hits: tuple[str, ...] = ()
+    # NOT_ALLOWED and BUDGET_EXHAUSTED: which campaign rule declined (STORE_NOT_ALLOWED, BUDGET_VALUE_EXHAUSTED, ...)
+    rule_reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +153,14 @@ class CodeNotFound(Exception):
 class StoreUnavailable(Exception):
     """Redis could not decide: unreachable, timed out, read-only (a replica) or out of memory. The call may or may
     not have happened; a retry with the same idempotency key learns which."""
+
+
+class LedgerBehind(Exception):
+    """Reverse: the redemption is recent and not in the ledger yet - retry with the same idempotency key."""
+
+
+class LedgerUnavailable(Exception):
+    """Reverse: Postgres could not be asked where the redemption is - retry with the same idempotency key."""
 
 
 class NotReady(Exception):

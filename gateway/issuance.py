@@ -193,7 +193,7 @@ async def load_codes(
     """Load issued codes from Postgres into Redis in pipelined batches. Never resets a code's counters, so it
     is safe on a Redis that already holds some of them."""
     query = (
-        "SELECT code_ref, key_id, shard, uses, valid_from, valid_until, bound_device FROM issued_codes"
+        "SELECT code_ref, key_id, shard, uses, valid_from, valid_until, bound_device, issued_at FROM issued_codes"
         " WHERE campaign_id = $1"
     )
     args: list[object] = [campaign_id]
@@ -212,19 +212,24 @@ async def load_codes(
 async def _load_batch(redis: Redis, campaign_id: int, rows: list[asyncpg.Record]) -> None:
     async with redis.pipeline(transaction=False) as pipe:
         for row in rows:
-            key = keys.code_key(campaign_id, row["shard"], row["code_ref"].hex())
-            pipe.hset(
-                key,
-                mapping={
-                    "cid": campaign_id,
-                    "kid": row["key_id"],
-                    "uses": row["uses"],
-                    "vf": _ms(row["valid_from"]),
-                    "vu": _ms(row["valid_until"]),
-                },
+            ref = row["code_ref"].hex()
+            pipe.hsetnx(
+                keys.bucket_key(campaign_id, row["shard"], ref),
+                keys.bucket_field(ref),
+                int(row["issued_at"].timestamp()),
             )
-            pipe.hsetnx(key, "used", 0)
-            pipe.hsetnx(key, "seq", 0)
+            key = keys.code_key(campaign_id, row["shard"], ref)
+            overrides = {
+                name: value
+                for name, value in (
+                    ("uses", row["uses"]),
+                    ("vf", row["valid_from"] and _ms(row["valid_from"])),
+                    ("vu", row["valid_until"] and _ms(row["valid_until"])),
+                )
+                if value is not None
+            }
+            if overrides:
+                pipe.hset(key, mapping=overrides)
             if row["bound_device"] is not None:  # never replaces a binding the code already has
                 pipe.hsetnx(key, "dev", row["bound_device"])
         await pipe.execute()

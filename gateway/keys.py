@@ -3,9 +3,20 @@
 Everything one redemption touches shares the campaign shard's hash tag `{c<campaign>.<shard>}`, so one script
 call can do the whole redemption, on a single Redis and unchanged on Redis Cluster.
 
-    rgw:{c42.0}:meta               hash   the campaign's rules, as this shard needs them (vf, vu, shards)
-    rgw:{c42.0}:code:<code_ref>    hash   one code: rules, counters, use records (u:<n>) and
-                                          idempotency records (i:<scope>) - see lua/redeem.lua
+    rgw:{c42.0}:meta               hash   the campaign's rules, as this shard needs them (fields: META in
+                                          gateway/campaigns/layout.py)
+    rgw:{c42.0}:budget             hash   this shard's share of the budget and what it has granted (BUDGET in
+                                          gateway/campaigns/layout.py), issued codes, reversals, and budget
+                                          transfers between shards in flight (lua/budget_move.lua)
+    rgw:{c42.0}:stores             set    the store external ids the campaign is redeemable at (meta "st" = 1)
+    rgw:{c42.0}:b:<bucket>         hash   issued codes, compactly: field = characters BUCKET_CHARS..REF_CHARS
+                                          of the code_ref, value = the code's issue time in seconds (the bucket
+                                          is the code_ref's first BUCKET_CHARS hex characters: small hashes
+                                          stay listpacks, ~30 bytes a code instead of ~200 for a key per code)
+    rgw:{c42.0}:code:<code_ref>    hash   one code's own state, once it has any: its overrides of the campaign's
+                                          rules (uses, vf, vu, fv, dev), counters, use records (u:<n>), reversal
+                                          records (x:<n>) and idempotency records (i:/r:<scope>) - see
+                                          lua/redeem.lua
     rgw:{c42.0}:outbox             stream redemption events waiting for the ledger writer (consumer group
                                           "ledger"; entries are deleted once Postgres has committed them)
     rgw:{c42.0}:deadletter         stream outbox entries the writer could not record after retries
@@ -18,6 +29,10 @@ call can do the whole redemption, on a single Redis and unchanged on Redis Clust
                                           unknown code (CODE_NOT_FOUND: the campaign is only what the guessed
                                           code's text claims) or a risk denial (risk_events has those). Expires
                                           STATS_TTL_MS after its first write. Read by `rgw campaign status`.
+
+A brand's directory of imported codes (they carry no route), one hash tag per brand:
+    rgw:{d<brand>}:dir:<bucket>    hash   field = characters BUCKET_CHARS..REF_CHARS of the dir_ref, value =
+                                          "<campaign>.<shard>" (gateway/campaigns/directory.py)
 
 Outside any campaign shard:
     rgw:outboxes                   set    every outbox stream's key: the writer's directory of streams (the
@@ -45,6 +60,44 @@ def meta_key(campaign_id: int, shard: int) -> str:
 def code_key(campaign_id: int, shard: int, code_ref: str) -> str:
     """One code's state."""
     return f"{PREFIX}:{shard_tag(campaign_id, shard)}:code:{code_ref}"
+
+
+def budget_key(campaign_id: int, shard: int) -> str:
+    """The campaign shard's share of the budget and its counters."""
+    return f"{PREFIX}:{shard_tag(campaign_id, shard)}:budget"
+
+
+def stores_key(campaign_id: int, shard: int) -> str:
+    """The stores the campaign may be redeemed at (when restricted)."""
+    return f"{PREFIX}:{shard_tag(campaign_id, shard)}:stores"
+
+
+# A code_ref (64 hex characters) is kept in Redis as BUCKET_CHARS of bucket and REF_CHARS - BUCKET_CHARS of field:
+# 96 bits, so two codes of one campaign shard never meet (a million codes: a chance of about 1e-17), and 65,536
+# buckets per shard keep every bucket a listpack up to ~5 million codes a shard at Redis' default
+# hash-max-listpack-entries of 128 (the servers this project starts allow 512).
+BUCKET_CHARS = 4
+REF_CHARS = 24
+
+
+def bucket_key(campaign_id: int, shard: int, code_ref: str) -> str:
+    """The hash holding this issued code among its bucket's."""
+    return f"{PREFIX}:{shard_tag(campaign_id, shard)}:b:{code_ref[:BUCKET_CHARS]}"
+
+
+def bucket_field(code_ref: str) -> str:
+    """The code's field in its bucket."""
+    return code_ref[BUCKET_CHARS:REF_CHARS]
+
+
+def directory_tag(brand_id: int) -> str:
+    """The hash tag of a brand's directory of imported codes."""
+    return f"{{d{brand_id}}}"
+
+
+def directory_key(brand_id: int, dir_ref: str) -> str:
+    """The hash holding an imported code's route among its bucket's."""
+    return f"{PREFIX}:{directory_tag(brand_id)}:dir:{dir_ref[:BUCKET_CHARS]}"
 
 
 def outbox_key(campaign_id: int, shard: int) -> str:

@@ -36,6 +36,7 @@ from gateway.script_calls import (
     item_args,
     legacy_idempotency_field,
     load_lua,
+    script_head,
     wrap_errors,
 )
 from risk.model import Assessment, CounterPlan
@@ -88,6 +89,8 @@ def item_outcome(reply: Sequence[Any], campaign_id: int) -> RedeemResult | ItemF
 
 # Outcomes that say nothing about the code's campaign (it was not found, or not looked at).
 _NO_CAMPAIGN = (Outcome.NOT_FOUND, Outcome.RISK_DENIED)
+# Declines by a campaign rule: the script's reason field names the rule.
+_RULE_DECLINES = (Outcome.NOT_ALLOWED, Outcome.BUDGET_EXHAUSTED, Outcome.CAMPAIGN_PAUSED)
 _REDEEM_SECONDS = script_observer("redeem")
 _FAILURES_SECONDS = script_observer("failures")
 
@@ -110,9 +113,10 @@ def to_result(reply: Sequence[Any], campaign_id: int) -> RedeemResult:
         use_number=int(use_number),
         replayed=bool(replayed),
         risk_rule=rule,
-        risk_reason=reason,
+        risk_reason="" if outcome in _RULE_DECLINES else reason,
         retry_after_ms=int(retry_ms),
         shadow_hits=tuple(shadow.split(",")) if shadow else (),
+        rule_reason=reason if outcome in _RULE_DECLINES else "",
     )
 
 
@@ -180,17 +184,15 @@ class RedisCodeStore:
         route = commands[0].lookup.route
         cid, shard = route.campaign_id, route.shard
         nk = len(commands[0].lookup.refs)
-        # meta, outbox, this minute's decision counters (the minute of the injected clock's now), then the codes
-        script_keys = [
-            keys.meta_key(cid, shard),
-            keys.outbox_key(cid, shard),
-            keys.stats_key(cid, shard, keys.stats_minute(now_ms)),
-        ]
+        # SCRIPT_KEYS (this minute's decision counters: the minute of the injected clock's now), then the codes
+        script_keys = script_head(cid, shard, now_ms)
         for command in commands:
-            script_keys += [keys.code_key(cid, shard, ref.ref) for ref in command.lookup.refs]
+            for ref in command.lookup.refs:
+                script_keys += [keys.bucket_key(cid, shard, ref.ref), keys.code_key(cid, shard, ref.ref)]
         # risk keys follow every code key: the script finds code keys by position
         extra = risk_plan.ScriptKeys(script_keys)
-        args: list[str | int] = [mode, now_ms, nk, cid, shard, commands[0].brand_id]
+        key_ids = ",".join(ref.key_id for ref in commands[0].lookup.refs)
+        args: list[str | int] = [mode, now_ms, nk, cid, shard, commands[0].brand_id, key_ids]
         for position, (command, redemption_id) in enumerate(zip(commands, redemption_ids, strict=True)):
             args += item_args(command, redemption_id, plan(position, command, extra))
         started = time.perf_counter()
@@ -236,22 +238,28 @@ class RedisCodeStore:
         cid, shard = lookup.route.campaign_id, lookup.route.shard
         with wrap_errors():
             async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.hmget(keys.meta_key(cid, shard), "vf", "vu", "brand")
+                pipe.hmget(keys.meta_key(cid, shard), "vf", "vu", "brand", "uses", "vd")
                 for ref in lookup.refs:
+                    pipe.hget(keys.bucket_key(cid, shard, ref.ref), keys.bucket_field(ref.ref))
                     pipe.hmget(keys.code_key(cid, shard, ref.ref), "uses", "used", "vf", "vu", "last")
                 meta, *found = await pipe.execute()
         if meta[0] is None or int(meta[2] or DEFAULT_BRAND_ID) != brand_id:
             return None
-        for ref, fields in zip(lookup.refs, found, strict=True):
-            if fields[0] is not None:
-                uses, used, vf, vu, last = fields
-                return CodeState(
-                    campaign_id=cid,
-                    code_ref_prefix=ref.prefix,
-                    uses_total=int(uses),
-                    uses_used=int(used),
-                    valid_from_ms=max(int(vf), int(meta[0])),
-                    valid_until_ms=min(int(vu), int(meta[1])),
-                    last_redeemed_ms=int(last or 0),
-                )
+        for position, ref in enumerate(lookup.refs):
+            issued, fields = found[2 * position], found[2 * position + 1]
+            if issued is None:
+                continue
+            uses, used, vf, vu, last = fields
+            valid_until = min(int(meta[1]), int(vu) if vu else int(meta[1]))
+            if int(meta[4] or 0) > 0:
+                valid_until = min(valid_until, int(issued) * 1000 + int(meta[4]))
+            return CodeState(
+                campaign_id=cid,
+                code_ref_prefix=ref.prefix,
+                uses_total=int(uses or meta[3] or 1),
+                uses_used=int(used or 0),
+                valid_from_ms=max(int(meta[0]), int(vf) if vf else int(meta[0])),
+                valid_until_ms=valid_until,
+                last_redeemed_ms=int(last or 0),
+            )
         return None

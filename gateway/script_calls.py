@@ -12,6 +12,7 @@ from importlib import resources
 
 from redis import exceptions as redis_errors
 
+from gateway import keys
 from gateway.domain import FailedAttempt, Location, RedeemCommand, StoreUnavailable
 from gateway.risk_plan import scope_label
 from risk.model import CounterPlan, Mode
@@ -32,10 +33,23 @@ def load_lua(name: str) -> str:
 
 # The redeem script's arguments (lua/redeem.lua), defined once: the store and the benchmark build calls from
 # these, and a test holds them against the script's header.
-SCRIPT_ARGS = ("mode", "now_ms", "candidates", "campaign", "shard", "brand")
+SCRIPT_ARGS = ("mode", "now_ms", "candidates", "campaign", "shard", "brand", "key_ids")
+# KEYS before the code keys; then, per item and candidate key id, the code's bucket and its own hash.
+SCRIPT_KEYS = ("meta", "outbox", "stats", "budget", "stores")
 ITEM_ARGS = (
     "idem", "legacy_idem", "fp", "rid", "caller", "client", "store", "term", "dev", "lat", "lon", "acc", "risk"
 )  # fmt: skip
+
+
+def script_head(campaign_id: int, shard: int, now_ms: int) -> list[str]:
+    """The redeem script's SCRIPT_KEYS for one campaign shard at `now_ms`."""
+    return [
+        keys.meta_key(campaign_id, shard),
+        keys.outbox_key(campaign_id, shard),
+        keys.stats_key(campaign_id, shard, keys.stats_minute(now_ms)),
+        keys.budget_key(campaign_id, shard),
+        keys.stores_key(campaign_id, shard),
+    ]
 
 
 def idempotency_field(client_id: str, terminal_id: str, idempotency_key: str) -> str:

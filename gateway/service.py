@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Literal, Protocol
 
 from gateway import gateway_metrics
+from gateway.campaigns.reversal import ReversalResult, ReverseInput
 from gateway.clock import Clock
 from gateway.coderefs import KeyRing
 from gateway.domain import (
@@ -69,6 +70,14 @@ class CodeStore(Protocol):
         ...
 
 
+class Reverser(Protocol):
+    """Where reversals are decided (gateway/campaigns/reversal.py)."""
+
+    async def reverse(self, request: ReverseInput, caller: Caller) -> ReversalResult:
+        """Void one redemption of the caller's brand, or say why not."""
+        ...
+
+
 class RiskEngine(Protocol):
     """The risk engine (risk/engine.py): pure, in-process; its Redis part is a plan the store executes."""
 
@@ -111,6 +120,7 @@ class RedemptionService:
         sightings: Sightings | None = None,
         risk: RiskEngine | None = None,
         facts: RiskFacts | None = None,
+        reversals: Reverser | None = None,
     ) -> None:
         if (risk is None) != (facts is None):
             raise ValueError("the risk engine needs the registry's facts, and they are useless without it")
@@ -122,6 +132,7 @@ class RedemptionService:
         self._keyring = keyring
         self._clock = clock
         self._new_id = new_id
+        self._reversals = reversals
 
     async def redeem(self, request: RedeemInput, caller: Caller) -> RedeemResult:
         """Use the code once, or say why not; a retry with the same key replays the first answer."""
@@ -203,6 +214,17 @@ class RedemptionService:
         if state is None:
             raise CodeNotFound("no such code")
         return state, self._clock.now_ms()
+
+    async def reverse(self, request: ReverseInput, caller: Caller) -> ReversalResult:
+        """Void one redemption (within its campaign's reversal window), once; a retry replays the first answer."""
+        self._require_ready()
+        if self._reversals is None:
+            raise NotReady("reversals are not served by this gateway")
+        result = await self._reversals.reverse(request, caller)
+        log.info(
+            "reverse redemption=%s outcome=%s replayed=%s", request.redemption_id, result.outcome, result.replayed
+        )
+        return result
 
     def _require_ready(self) -> None:
         if not self._readiness.ready:

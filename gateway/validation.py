@@ -45,7 +45,7 @@ class UndecodableRequest(Exception):
         self.error = error
 
 
-def _check_id(value: str, field: str, max_len: int, *, required: bool) -> list[FieldViolation]:
+def check_id(value: str, field: str, max_len: int, *, required: bool) -> list[FieldViolation]:
     if not value:
         return [FieldViolation(field, "is required")] if required else []
     if len(value) > max_len:
@@ -108,10 +108,10 @@ def check_redeem(request: RedeemInput, keyring: KeyRing, caller: Caller, *, need
     """A RedeemCommand for a well-formed request of this caller: InvalidRequest listing every bad field, or
     PermissionDenied when the caller's key is bound to another store or terminal."""
     violations = [
-        *_check_id(request.idempotency_key, "idempotency_key", 128, required=needs_key),
-        *_check_id(request.store_id, "store_id", 64, required=True),
-        *_check_id(request.terminal_id, "terminal_id", 64, required=True),
-        *_check_id(request.customer_device_id, "customer_device_id", 128, required=False),
+        *check_id(request.idempotency_key, "idempotency_key", 128, required=needs_key),
+        *check_id(request.store_id, "store_id", 64, required=True),
+        *check_id(request.terminal_id, "terminal_id", 64, required=True),
+        *check_id(request.customer_device_id, "customer_device_id", 128, required=False),
         *_check_location(request.location),
     ]
     guess = False
@@ -138,7 +138,7 @@ def check_redeem(request: RedeemInput, keyring: KeyRing, caller: Caller, *, need
 
 def check_stream_message(batch_id: str, items: int, max_items: int) -> None:
     """A RedeemStream message as a whole, before any item is looked at: InvalidRequest ends the stream."""
-    violations = _check_id(batch_id, "batch_id", MAX_BATCH_ID_CHARS, required=False)
+    violations = check_id(batch_id, "batch_id", MAX_BATCH_ID_CHARS, required=False)
     if items > max_items:
         violations.append(FieldViolation("items", f"at most {max_items} items per message"))
     if violations:

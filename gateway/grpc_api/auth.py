@@ -40,6 +40,7 @@ ROLES_BY_METHOD: dict[str, frozenset[Role]] = {
     _REDEMPTION + "Validate": _TILL,
     _REDEMPTION + "GetCode": _TILL,
     _REDEMPTION + "RedeemStream": frozenset({Role.INTERNAL, Role.PLATFORM}),
+    _REDEMPTION + "Reverse": _TILL,
 }
 ADMIN_ROLES = frozenset({Role.ADMIN, Role.PLATFORM})
 BRAND_METADATA = "x-rgw-brand"

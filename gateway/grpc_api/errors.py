@@ -25,6 +25,8 @@ from grpc_status import rpc_status
 from gateway.domain import (
     CodeNotFound,
     IdempotencyConflict,
+    LedgerBehind,
+    LedgerUnavailable,
     NotReady,
     PermissionDenied,
     RegistryNotReady,
@@ -139,6 +141,10 @@ _FAULTS: tuple[tuple[type[Exception] | tuple[type[Exception], ...], Callable[[An
     (NotFoundError, lambda e: Fault(code_pb2.NOT_FOUND, str(e), "NOT_FOUND")),
     (AlreadyExists, lambda e: Fault(code_pb2.ALREADY_EXISTS, str(e), "ALREADY_EXISTS")),
     (StoreUnavailable, _unavailable),
+    (LedgerBehind, lambda e: Fault(code_pb2.UNAVAILABLE, "the redemption is not in the ledger yet; retry with the "
+                                   "same idempotency key", "LEDGER_BEHIND", retry=True)),
+    (LedgerUnavailable, lambda e: Fault(code_pb2.UNAVAILABLE, "the ledger is unavailable; retry with the same "
+                                        "idempotency key", "DEPENDENCY_UNAVAILABLE", retry=True)),
 )  # fmt: skip
 
 

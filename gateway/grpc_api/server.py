@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from redis.asyncio import Redis
 
 from gateway import keys, risk_facts
+from gateway.campaigns.reversal import Reversals
 from gateway.clock import Clock, SystemClock
 from gateway.coderefs import KeyRing
 from gateway.domain import Readiness, RegistryNotReady
@@ -149,6 +150,7 @@ class Gateway:
         counters = await self._separate_counters() if s.risk_engine and s.risk_redis_url else None
         store = RedisCodeStore(self.redis, self.pipelined, counters=counters)
         self.risk_facts = RegistryRiskFacts(self.registry.registry) if s.risk_engine else None
+        self.pool = await asyncpg.create_pool(s.database_url, min_size=0, max_size=4)
         service = RedemptionService(
             store=store,
             keyring=self.keyring,
@@ -157,6 +159,7 @@ class Gateway:
             sightings=self.sightings,
             risk=RiskEngine(self.risk_facts.book) if self.risk_facts is not None else None,
             facts=self.risk_facts,
+            reversals=Reversals(self.pool, self.redis, self.clock),
         )
         self.server = grpc.aio.server(
             options=server_options(s),
@@ -168,7 +171,6 @@ class Gateway:
             ),
         )
         (self.register or register_redemption_service)(self.server, service, s)
-        self.pool = await asyncpg.create_pool(s.database_url, min_size=0, max_size=4)
         self._sightings_task = asyncio.create_task(
             flush_every(s.terminal_seen_flush_seconds, self.sightings, self.pool)
         )

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 from google.protobuf import timestamp_pb2
 
+from gateway.campaigns.reversal import ReversalOutcome, ReverseInput
 from gateway.domain import CodeState, ItemFailure, Location, Outcome, RedeemInput, RedeemResult
 from gateway.grpc_api.auth import current_caller
 from gateway.grpc_api.errors import fault_for, request_id_of, rpc_boundary, status_for
@@ -28,8 +29,19 @@ ANSWERS: dict[Outcome, tuple[pb.Outcome.ValueType, str]] = {
     Outcome.REDEEMABLE: (pb.OUTCOME_REDEEMABLE, "REDEEMABLE"),
     # the reason is the risk engine's (risk.model.Reason): answer() takes it from the result
     Outcome.RISK_DENIED: (pb.OUTCOME_RISK_DENIED, ""),
+    Outcome.CAMPAIGN_PAUSED: (pb.OUTCOME_CAMPAIGN_PAUSED, "CAMPAIGN_PAUSED"),
+    # the campaign rule's reason (STORE_NOT_ALLOWED, BUDGET_VALUE_EXHAUSTED, ...): answer() takes it from the result
+    Outcome.NOT_ALLOWED: (pb.OUTCOME_NOT_ALLOWED, ""),
+    Outcome.BUDGET_EXHAUSTED: (pb.OUTCOME_BUDGET_EXHAUSTED, ""),
 }
 
+
+REVERSAL_OUTCOMES: dict[ReversalOutcome, pb.ReversalOutcome.ValueType] = {
+    ReversalOutcome.REVERSED: pb.REVERSAL_OUTCOME_REVERSED,
+    ReversalOutcome.ALREADY_REVERSED: pb.REVERSAL_OUTCOME_ALREADY_REVERSED,
+    ReversalOutcome.NOT_FOUND: pb.REVERSAL_OUTCOME_NOT_FOUND,
+    ReversalOutcome.WINDOW_CLOSED: pb.REVERSAL_OUTCOME_WINDOW_CLOSED,
+}
 
 _LABELS = {outcome: outcome.value.lower() for outcome in Outcome}
 
@@ -37,7 +49,7 @@ _LABELS = {outcome: outcome.value.lower() for outcome in Outcome}
 def answer(result: RedeemResult, method: str) -> tuple[pb.Outcome.ValueType, str]:
     """The proto outcome and the machine reason of a result (counted and noted for the access log)."""
     outcome, reason = ANSWERS[result.outcome]
-    reason = reason or result.risk_reason
+    reason = reason or result.rule_reason or result.risk_reason
     note(method, _LABELS[result.outcome], reason)
     return outcome, reason
 
@@ -106,6 +118,32 @@ class RedemptionServicer(pb_grpc.RedemptionServiceServicer):
     @rpc_boundary
     async def Redeem(self, request: pb.RedeemRequest, context: grpc.aio.ServicerContext) -> pb.RedeemResponse:
         return redeem_response(await self._service.redeem(redeem_input(request), current_caller()))
+
+    @rpc_boundary
+    async def Reverse(self, request: pb.ReverseRequest, context: grpc.aio.ServicerContext) -> pb.ReverseResponse:
+        result = await self._service.reverse(
+            ReverseInput(
+                redemption_id=request.redemption_id,
+                reason=request.reason,
+                idempotency_key=request.idempotency_key,
+                store_id=request.store_id,
+                terminal_id=request.terminal_id,
+            ),
+            current_caller(),
+        )
+        note("Reverse", result.outcome.value.lower(), result.reason)
+        response = pb.ReverseResponse(
+            outcome=REVERSAL_OUTCOMES[result.outcome],
+            reason=result.reason,
+            reversal_id=result.reversal_id,
+            campaign_id=result.campaign_id,
+            uses_left=result.uses_left,
+            replayed=result.replayed,
+            use_number=result.use_number,
+        )
+        if result.reversed_at_ms:
+            response.reversed_at.CopyFrom(_timestamp(result.reversed_at_ms))
+        return response
 
     @rpc_boundary
     async def Validate(self, request: pb.ValidateRequest, context: grpc.aio.ServicerContext) -> pb.ValidateResponse:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import grpc
@@ -14,6 +16,8 @@ import pytest_asyncio
 from redis.asyncio import Redis
 
 from gateway import issuance
+from gateway.campaigns.model import Campaign, get_campaign
+from gateway.campaigns.publish import publish_from_postgres
 from gateway.clock import ManualClock
 from gateway.coderefs import KeyRing
 from gateway.grpc_api.client_auth import authenticated_channel
@@ -57,15 +61,29 @@ async def issue_campaign(
     shards: int = 1,
     valid_from_ms: int = T0_MS - DAY_MS,
     valid_until_ms: int = T0_MS + DAY_MS,
+    rules: Mapping[str, object] | None = None,
 ) -> Issued:
-    """Create a campaign and issue codes for it, the way `rgw campaign create` + `rgw codes generate` do."""
+    """Create a campaign and issue codes for it, the way `rgw campaign create` + `rgw codes generate` do; `rules`
+    are more columns of the campaign (migration 0007: budget_count, face_value, redemption_hours, ...)."""
     campaign = await issuance.create_campaign(
         db, redis, keyring,
         name=out.stem, valid_from=at(valid_from_ms), valid_until=at(valid_until_ms),
         uses_per_code=uses_per_code, shards=shards,
     )  # fmt: skip
+    if rules:
+        campaign = await set_rules(db, redis, campaign.id, rules)
     await issuance.issue_codes(db, redis, keyring, campaign, count=count, out=out)
     return Issued(campaign, out.read_text().split())
+
+
+async def set_rules(db: asyncpg.Connection, redis: Redis, campaign_id: int, rules: Mapping[str, object]) -> Campaign:
+    """Change a campaign's columns in Postgres and publish it, as an operator's update does."""
+    values = [json.dumps(v) if name == "redemption_hours" else v for name, v in rules.items()]
+    assignments = ", ".join(f"{name} = ${i}" for i, name in enumerate(rules, start=2))
+    await db.execute(f"UPDATE campaigns SET {assignments} WHERE id = $1", campaign_id, *values)  # noqa: S608
+    campaign = await get_campaign(db, campaign_id)
+    await publish_from_postgres(db, redis, campaign)
+    return campaign
 
 
 async def issue_into(
@@ -85,7 +103,7 @@ def issue(db: asyncpg.Connection, redis: Redis, keyring: KeyRing, tmp_path: Path
     """A factory: `await issue(count, uses_per_code=…, …)` gives a fresh campaign and its codes."""
     counter = 0
 
-    async def make(count: int, **rules: int) -> Issued:
+    async def make(count: int, **rules: Any) -> Issued:
         nonlocal counter
         counter += 1
         return await issue_campaign(db, redis, keyring, tmp_path / f"codes-{counter}.txt", count=count, **rules)

@@ -55,7 +55,7 @@ async def test_redeem_writes_use_record_idempotency_record_and_one_outbox_event(
     state = await redis.hgetall(keys.code_key(cid, 0, ref))
     assert state["used"] == "1" and state["seq"] == "1" and state["last"] == str(T0_MS)
     scope = idempotency_field("cl_a", "t1", "idem-1")
-    assert state["u:1"] == f"rid-1|{T0_MS}|{cmd.fingerprint}|cl_a/t1|s1|t1|dev-1||||{scope}|cl_a|1"
+    assert state["u:1"] == f"rid-1|{T0_MS}|{cmd.fingerprint}|cl_a/t1|s1|t1|dev-1||||{scope}|cl_a|1|0"
     assert state[scope].startswith(cmd.fingerprint + "|rid-1|")
     events = await outbox_events(redis, cid)
     assert len(events) == 1
@@ -189,7 +189,8 @@ async def test_another_brands_code_is_answered_as_a_never_issued_one(
     issued = await issue(2)
     store = RedisCodeStore(redis)
     code, never_issued = issued.codes[0], issued.codes[1]
-    await redis.delete(keys.code_key(issued.campaign.id, 0, command(never_issued, keyring).lookup.refs[0].ref))
+    never_ref = command(never_issued, keyring).lookup.refs[0].ref
+    await redis.hdel(keys.bucket_key(issued.campaign.id, 0, never_ref), keys.bucket_field(never_ref))
     if state == "used":
         await store.redeem_one(command(code, keyring, key="first"), "rid-0", mode="redeem", now_ms=T0_MS)
     now = T0_MS + 2 * DAY_MS if state == "expired" else T0_MS
@@ -237,7 +238,7 @@ def test_the_argument_layout_is_the_scripts() -> None:
     """The script's header and its constants agree with the layout redis_store.py defines once."""
     source = load_lua("redeem.lua")
     assert f"local NF = {len(ITEM_ARGS)}" in source and f"local GLOBAL = {len(SCRIPT_ARGS)}" in source
-    assert f"NF = {len(ITEM_ARGS)} fields (gateway/redis_store.py ITEM_ARGS)" in source
+    assert f"NF = {len(ITEM_ARGS)} fields (gateway/script_calls.py ITEM_ARGS)" in source
 
 
 async def test_redis_failures_leave_the_store_as_the_domains_unavailable(issue: Issue, keyring: KeyRing) -> None:

@@ -39,6 +39,7 @@ seconds (when Redis is unreachable, as soon as it is back).
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -110,6 +111,30 @@ ROLE_ADMIN: Role.ValueType  # 3
 ROLE_PLATFORM: Role.ValueType  # 4
 """Every brand: names the brand it acts for in `x-rgw-brand` metadata. Belongs to no brand."""
 Global___Role: _TypeAlias = Role  # noqa: Y015
+
+class _CampaignStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CampaignStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CampaignStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CAMPAIGN_STATUS_UNSPECIFIED: _CampaignStatus.ValueType  # 0
+    """Never sent; as a request value, INVALID_ARGUMENT."""
+    CAMPAIGN_STATUS_ACTIVE: _CampaignStatus.ValueType  # 1
+    """Codes are redeemed under the campaign's rules."""
+    CAMPAIGN_STATUS_PAUSED: _CampaignStatus.ValueType  # 2
+    """Every redemption is OUTCOME_CAMPAIGN_PAUSED."""
+
+class CampaignStatus(_CampaignStatus, metaclass=_CampaignStatusEnumTypeWrapper):
+    """CampaignStatus says whether a campaign's codes may be redeemed."""
+
+CAMPAIGN_STATUS_UNSPECIFIED: CampaignStatus.ValueType  # 0
+"""Never sent; as a request value, INVALID_ARGUMENT."""
+CAMPAIGN_STATUS_ACTIVE: CampaignStatus.ValueType  # 1
+"""Codes are redeemed under the campaign's rules."""
+CAMPAIGN_STATUS_PAUSED: CampaignStatus.ValueType  # 2
+"""Every redemption is OUTCOME_CAMPAIGN_PAUSED."""
+Global___CampaignStatus: _TypeAlias = CampaignStatus  # noqa: Y015
 
 @_typing.final
 class Brand(_message.Message):
@@ -1472,3 +1497,684 @@ class LiftLockoutResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LiftLockoutResponse: _TypeAlias = LiftLockoutResponse  # noqa: Y015
+
+@_typing.final
+class HoursWindow(_message.Message):
+    """HoursWindow is a span of redemption hours in the campaign's time zone."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DAYS_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    start: _builtins.str
+    """"HH:MM", 00:00 to 23:59, inclusive."""
+    end: _builtins.str
+    """"HH:MM", exclusive; 24:00 is the end of the day. An end at or before the start runs across midnight into
+    the next day (22:00 to 02:00).
+    """
+    @_builtins.property
+    def days(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """ISO weekdays the window starts on, 1 (Monday) to 7 (Sunday); empty: every day."""
+
+    def __init__(
+        self,
+        *,
+        days: _abc.Iterable[_builtins.int] | None = ...,
+        start: _builtins.str = ...,
+        end: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["days", b"days", "end", b"end", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HoursWindow: _TypeAlias = HoursWindow  # noqa: Y015
+
+@_typing.final
+class Campaign(_message.Message):
+    """Campaign is a brand's campaign and its rules."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    BRAND_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    VALID_FROM_FIELD_NUMBER: _builtins.int
+    VALID_UNTIL_FIELD_NUMBER: _builtins.int
+    VALID_DAYS_FIELD_NUMBER: _builtins.int
+    USES_PER_CODE_FIELD_NUMBER: _builtins.int
+    SHARDS_FIELD_NUMBER: _builtins.int
+    BUDGET_COUNT_FIELD_NUMBER: _builtins.int
+    BUDGET_VALUE_FIELD_NUMBER: _builtins.int
+    FACE_VALUE_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    TIME_ZONE_FIELD_NUMBER: _builtins.int
+    REDEMPTION_HOURS_FIELD_NUMBER: _builtins.int
+    ALLOWED_STORES_FIELD_NUMBER: _builtins.int
+    ALLOWED_STORE_GROUPS_FIELD_NUMBER: _builtins.int
+    REVERSAL_WINDOW_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """The campaign's id."""
+    brand_id: _builtins.int
+    """The brand it belongs to."""
+    name: _builtins.str
+    """Display name, 1 to 200 characters."""
+    status: Global___CampaignStatus.ValueType
+    """Active or paused."""
+    valid_days: _builtins.int
+    """When set, a code is valid only this many days after its issue (and within valid_from/valid_until); 0: not."""
+    uses_per_code: _builtins.int
+    """Uses each code allows, 1 to 1000000."""
+    shards: _builtins.int
+    """Redis shards (hash tags) the campaign's codes are spread over, 1 to 1024. Fixed at creation."""
+    budget_count: _builtins.int
+    """Redemptions the campaign may grant in all; unset: no limit."""
+    budget_value: _builtins.int
+    """Face value (minor units) the campaign may grant in all; unset: no limit. Needs a currency."""
+    face_value: _builtins.int
+    """Each code's face value in minor units of `currency`, unless the code has its own; 0: none."""
+    currency: _builtins.str
+    """ISO 4217 code such as CNY; empty when the campaign has no face value. Fixed once set."""
+    time_zone: _builtins.str
+    """IANA time zone the redemption hours are read in; default UTC."""
+    @_builtins.property
+    def valid_from(self) -> _timestamp_pb2.Timestamp:
+        """Codes are valid from (inclusive) ..."""
+
+    @_builtins.property
+    def valid_until(self) -> _timestamp_pb2.Timestamp:
+        """... until (exclusive)."""
+
+    @_builtins.property
+    def redemption_hours(self) -> _containers.RepeatedCompositeFieldContainer[Global___HoursWindow]:
+        """When codes may be redeemed; empty: any time."""
+
+    @_builtins.property
+    def allowed_stores(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Store external ids the codes may be redeemed at; with allowed_store_groups empty too: every store."""
+
+    @_builtins.property
+    def allowed_store_groups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Store groups (SetStoreGroup) whose stores may redeem."""
+
+    @_builtins.property
+    def reversal_window(self) -> _duration_pb2.Duration:
+        """How long after a redemption it may be reversed; zero: reversals are not allowed. Default 7 days."""
+
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was created."""
+
+    @_builtins.property
+    def updated_at(self) -> _timestamp_pb2.Timestamp:
+        """When its rules last changed."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        brand_id: _builtins.int = ...,
+        name: _builtins.str = ...,
+        status: Global___CampaignStatus.ValueType = ...,
+        valid_from: _timestamp_pb2.Timestamp | None = ...,
+        valid_until: _timestamp_pb2.Timestamp | None = ...,
+        valid_days: _builtins.int = ...,
+        uses_per_code: _builtins.int = ...,
+        shards: _builtins.int = ...,
+        budget_count: _builtins.int | None = ...,
+        budget_value: _builtins.int | None = ...,
+        face_value: _builtins.int = ...,
+        currency: _builtins.str = ...,
+        time_zone: _builtins.str = ...,
+        redemption_hours: _abc.Iterable[Global___HoursWindow] | None = ...,
+        allowed_stores: _abc.Iterable[_builtins.str] | None = ...,
+        allowed_store_groups: _abc.Iterable[_builtins.str] | None = ...,
+        reversal_window: _duration_pb2.Duration | None = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        updated_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_budget_count", b"_budget_count", "_budget_value", b"_budget_value", "budget_count", b"budget_count", "budget_value", b"budget_value", "created_at", b"created_at", "reversal_window", b"reversal_window", "updated_at", b"updated_at", "valid_from", b"valid_from", "valid_until", b"valid_until"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_budget_count", b"_budget_count", "_budget_value", b"_budget_value", "allowed_store_groups", b"allowed_store_groups", "allowed_stores", b"allowed_stores", "brand_id", b"brand_id", "budget_count", b"budget_count", "budget_value", b"budget_value", "created_at", b"created_at", "currency", b"currency", "face_value", b"face_value", "id", b"id", "name", b"name", "redemption_hours", b"redemption_hours", "reversal_window", b"reversal_window", "shards", b"shards", "status", b"status", "time_zone", b"time_zone", "updated_at", b"updated_at", "uses_per_code", b"uses_per_code", "valid_days", b"valid_days", "valid_from", b"valid_from", "valid_until", b"valid_until"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__budget_count: _TypeAlias = _typing.Literal["budget_count"]  # noqa: Y015
+    _WhichOneofArgType__budget_count: _TypeAlias = _typing.Literal["_budget_count", b"_budget_count"]  # noqa: Y015
+    _WhichOneofReturnType__budget_value: _TypeAlias = _typing.Literal["budget_value"]  # noqa: Y015
+    _WhichOneofArgType__budget_value: _TypeAlias = _typing.Literal["_budget_value", b"_budget_value"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__budget_count) -> _WhichOneofReturnType__budget_count | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__budget_value) -> _WhichOneofReturnType__budget_value | None: ...
+
+Global___Campaign: _TypeAlias = Campaign  # noqa: Y015
+
+@_typing.final
+class CreateCampaignRequest(_message.Message):
+    """CreateCampaignRequest describes a new campaign of the caller's brand."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAMPAIGN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def campaign(self) -> Global___Campaign:
+        """The campaign; id, brand_id, status, created_at and updated_at are ignored. name, valid_from and valid_until
+        are required; unset numbers take their defaults (uses_per_code 1, shards 1).
+        """
+
+    def __init__(
+        self,
+        *,
+        campaign: Global___Campaign | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateCampaignRequest: _TypeAlias = CreateCampaignRequest  # noqa: Y015
+
+@_typing.final
+class CreateCampaignResponse(_message.Message):
+    """CreateCampaignResponse is the new campaign, active."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAMPAIGN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def campaign(self) -> Global___Campaign:
+        """The campaign."""
+
+    def __init__(
+        self,
+        *,
+        campaign: Global___Campaign | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateCampaignResponse: _TypeAlias = CreateCampaignResponse  # noqa: Y015
+
+@_typing.final
+class UpdateCampaignRequest(_message.Message):
+    """UpdateCampaignRequest changes some of a campaign's rules."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAMPAIGN_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def campaign(self) -> Global___Campaign:
+        """The values; campaign.id names the campaign (another brand's is NOT_FOUND)."""
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """The fields of `campaign` to change, e.g. "valid_until", "budget_count", "redemption_hours". Required. May
+        change: name, valid_from, valid_until, valid_days, uses_per_code, budget_count, budget_value, face_value,
+        time_zone, redemption_hours, allowed_stores, allowed_store_groups, reversal_window. Clearing budget_count
+        or budget_value (named but unset) removes that limit.
+        """
+
+    def __init__(
+        self,
+        *,
+        campaign: Global___Campaign | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateCampaignRequest: _TypeAlias = UpdateCampaignRequest  # noqa: Y015
+
+@_typing.final
+class UpdateCampaignResponse(_message.Message):
+    """UpdateCampaignResponse is the campaign after the change."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAMPAIGN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def campaign(self) -> Global___Campaign:
+        """The campaign."""
+
+    def __init__(
+        self,
+        *,
+        campaign: Global___Campaign | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateCampaignResponse: _TypeAlias = UpdateCampaignResponse  # noqa: Y015
+
+@_typing.final
+class SetCampaignStatusRequest(_message.Message):
+    """SetCampaignStatusRequest pauses or resumes a campaign."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAMPAIGN_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    campaign_id: _builtins.int
+    """The campaign; another brand's is NOT_FOUND."""
+    status: Global___CampaignStatus.ValueType
+    """CAMPAIGN_STATUS_ACTIVE or CAMPAIGN_STATUS_PAUSED."""
+    def __init__(
+        self,
+        *,
+        campaign_id: _builtins.int = ...,
+        status: Global___CampaignStatus.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetCampaignStatusRequest: _TypeAlias = SetCampaignStatusRequest  # noqa: Y015
+
+@_typing.final
+class SetCampaignStatusResponse(_message.Message):
+    """SetCampaignStatusResponse is the campaign after the change."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAMPAIGN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def campaign(self) -> Global___Campaign:
+        """The campaign."""
+
+    def __init__(
+        self,
+        *,
+        campaign: Global___Campaign | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetCampaignStatusResponse: _TypeAlias = SetCampaignStatusResponse  # noqa: Y015
+
+@_typing.final
+class ListCampaignsRequest(_message.Message):
+    """ListCampaignsRequest asks for a page of the brand's campaigns, by id."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """As ListBrandsRequest.page_size."""
+    page_token: _builtins.str
+    """As ListBrandsRequest.page_token."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCampaignsRequest: _TypeAlias = ListCampaignsRequest  # noqa: Y015
+
+@_typing.final
+class ListCampaignsResponse(_message.Message):
+    """ListCampaignsResponse is a page of campaigns."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAMPAIGNS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """As ListBrandsResponse.next_page_token."""
+    @_builtins.property
+    def campaigns(self) -> _containers.RepeatedCompositeFieldContainer[Global___Campaign]:
+        """Ordered by id."""
+
+    def __init__(
+        self,
+        *,
+        campaigns: _abc.Iterable[Global___Campaign] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaigns", b"campaigns", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCampaignsResponse: _TypeAlias = ListCampaignsResponse  # noqa: Y015
+
+@_typing.final
+class GetCampaignStatsRequest(_message.Message):
+    """GetCampaignStatsRequest names a campaign."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAMPAIGN_ID_FIELD_NUMBER: _builtins.int
+    campaign_id: _builtins.int
+    """The campaign; another brand's is NOT_FOUND."""
+    def __init__(
+        self,
+        *,
+        campaign_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCampaignStatsRequest: _TypeAlias = GetCampaignStatsRequest  # noqa: Y015
+
+@_typing.final
+class CampaignCounters(_message.Message):
+    """CampaignCounters are a campaign's (or one shard's) live figures."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ISSUED_FIELD_NUMBER: _builtins.int
+    REDEEMED_FIELD_NUMBER: _builtins.int
+    REVERSED_FIELD_NUMBER: _builtins.int
+    BUDGET_COUNT_USED_FIELD_NUMBER: _builtins.int
+    BUDGET_COUNT_LEFT_FIELD_NUMBER: _builtins.int
+    BUDGET_VALUE_USED_FIELD_NUMBER: _builtins.int
+    BUDGET_VALUE_LEFT_FIELD_NUMBER: _builtins.int
+    issued: _builtins.int
+    """Codes loaded into Redis."""
+    redeemed: _builtins.int
+    """Redemptions granted, reversed ones included."""
+    reversed: _builtins.int
+    """Redemptions reversed."""
+    budget_count_used: _builtins.int
+    """Redemptions the budget counts (redeemed - reversed)."""
+    budget_count_left: _builtins.int
+    """Budget count left (of this shard's share, for a shard); unset when there is no count budget."""
+    budget_value_used: _builtins.int
+    """Face value granted, net of reversals, in minor units."""
+    budget_value_left: _builtins.int
+    """Value budget left; unset when there is no value budget."""
+    def __init__(
+        self,
+        *,
+        issued: _builtins.int = ...,
+        redeemed: _builtins.int = ...,
+        reversed: _builtins.int = ...,
+        budget_count_used: _builtins.int = ...,
+        budget_count_left: _builtins.int | None = ...,
+        budget_value_used: _builtins.int = ...,
+        budget_value_left: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_budget_count_left", b"_budget_count_left", "_budget_value_left", b"_budget_value_left", "budget_count_left", b"budget_count_left", "budget_value_left", b"budget_value_left"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_budget_count_left", b"_budget_count_left", "_budget_value_left", b"_budget_value_left", "budget_count_left", b"budget_count_left", "budget_count_used", b"budget_count_used", "budget_value_left", b"budget_value_left", "budget_value_used", b"budget_value_used", "issued", b"issued", "redeemed", b"redeemed", "reversed", b"reversed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__budget_count_left: _TypeAlias = _typing.Literal["budget_count_left"]  # noqa: Y015
+    _WhichOneofArgType__budget_count_left: _TypeAlias = _typing.Literal["_budget_count_left", b"_budget_count_left"]  # noqa: Y015
+    _WhichOneofReturnType__budget_value_left: _TypeAlias = _typing.Literal["budget_value_left"]  # noqa: Y015
+    _WhichOneofArgType__budget_value_left: _TypeAlias = _typing.Literal["_budget_value_left", b"_budget_value_left"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__budget_count_left) -> _WhichOneofReturnType__budget_count_left | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__budget_value_left) -> _WhichOneofReturnType__budget_value_left | None: ...
+
+Global___CampaignCounters: _TypeAlias = CampaignCounters  # noqa: Y015
+
+@_typing.final
+class GetCampaignStatsResponse(_message.Message):
+    """GetCampaignStatsResponse holds the campaign's figures."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class DecisionsLastHourEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    TOTAL_FIELD_NUMBER: _builtins.int
+    SHARDS_FIELD_NUMBER: _builtins.int
+    DECISIONS_LAST_HOUR_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    status: Global___CampaignStatus.ValueType
+    """The campaign's status."""
+    @_builtins.property
+    def total(self) -> Global___CampaignCounters:
+        """The whole campaign."""
+
+    @_builtins.property
+    def shards(self) -> _containers.RepeatedCompositeFieldContainer[Global___CampaignCounters]:
+        """One entry per shard, by shard number."""
+
+    @_builtins.property
+    def decisions_last_hour(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Redeem's decided attempts over the last hour, by reason (REDEEMED, NO_USES_LEFT, CODE_EXPIRED,
+        CODE_NOT_YET_VALID, CAMPAIGN_PAUSED, BUDGET_COUNT_EXHAUSTED, BUDGET_VALUE_EXHAUSTED, STORE_NOT_ALLOWED,
+        OUTSIDE_REDEMPTION_HOURS).
+        """
+
+    def __init__(
+        self,
+        *,
+        total: Global___CampaignCounters | None = ...,
+        shards: _abc.Iterable[Global___CampaignCounters] | None = ...,
+        decisions_last_hour: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        status: Global___CampaignStatus.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["total", b"total"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decisions_last_hour", b"decisions_last_hour", "shards", b"shards", "status", b"status", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCampaignStatsResponse: _TypeAlias = GetCampaignStatsResponse  # noqa: Y015
+
+@_typing.final
+class GenerateCodesRequest(_message.Message):
+    """GenerateCodesRequest asks for new codes of a campaign."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAMPAIGN_ID_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    FACE_VALUE_FIELD_NUMBER: _builtins.int
+    campaign_id: _builtins.int
+    """The campaign; another brand's is NOT_FOUND."""
+    count: _builtins.int
+    """How many, 1 to 10000000."""
+    face_value: _builtins.int
+    """The codes' own face value in minor units; unset: the campaign's."""
+    def __init__(
+        self,
+        *,
+        campaign_id: _builtins.int = ...,
+        count: _builtins.int = ...,
+        face_value: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_face_value", b"_face_value", "face_value", b"face_value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_face_value", b"_face_value", "campaign_id", b"campaign_id", "count", b"count", "face_value", b"face_value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__face_value: _TypeAlias = _typing.Literal["face_value"]  # noqa: Y015
+    _WhichOneofArgType__face_value: _TypeAlias = _typing.Literal["_face_value", b"_face_value"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__face_value) -> _WhichOneofReturnType__face_value | None: ...
+
+Global___GenerateCodesRequest: _TypeAlias = GenerateCodesRequest  # noqa: Y015
+
+@_typing.final
+class CodesChunk(_message.Message):
+    """CodesChunk carries plaintext codes, shown this once."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def codes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Codes, each as a customer types it."""
+
+    def __init__(
+        self,
+        *,
+        codes: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["codes", b"codes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CodesChunk: _TypeAlias = CodesChunk  # noqa: Y015
+
+@_typing.final
+class GenerationDone(_message.Message):
+    """GenerationDone ends a successful GenerateCodes stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.str
+    """The batch's id (as `rgw codes` and the ledger name it)."""
+    count: _builtins.int
+    """Codes issued; every one is redeemable now."""
+    def __init__(
+        self,
+        *,
+        batch_id: _builtins.str = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "count", b"count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerationDone: _TypeAlias = GenerationDone  # noqa: Y015
+
+@_typing.final
+class GenerateCodesResponse(_message.Message):
+    """GenerateCodesResponse is one message of the stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODES_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def codes(self) -> Global___CodesChunk:
+        """Some of the codes."""
+
+    @_builtins.property
+    def done(self) -> Global___GenerationDone:
+        """The last message: everything is issued."""
+
+    def __init__(
+        self,
+        *,
+        codes: Global___CodesChunk | None = ...,
+        done: Global___GenerationDone | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["codes", b"codes", "done", b"done", "item", b"item"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["codes", b"codes", "done", b"done", "item", b"item"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_item: _TypeAlias = _typing.Literal["codes", "done"]  # noqa: Y015
+    _WhichOneofArgType_item: _TypeAlias = _typing.Literal["item", b"item"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_item) -> _WhichOneofReturnType_item | None: ...
+
+Global___GenerateCodesResponse: _TypeAlias = GenerateCodesResponse  # noqa: Y015
+
+@_typing.final
+class SetStoreGroupRequest(_message.Message):
+    """SetStoreGroupRequest names a group of the brand's stores."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    STORES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """1 to 64 characters of [A-Za-z0-9._:-], unique within the brand."""
+    @_builtins.property
+    def stores(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Store external ids (need not be registered yet), at most 10000."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        stores: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "stores", b"stores"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetStoreGroupRequest: _TypeAlias = SetStoreGroupRequest  # noqa: Y015
+
+@_typing.final
+class SetStoreGroupResponse(_message.Message):
+    """SetStoreGroupResponse is the group as stored."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    STORES_FIELD_NUMBER: _builtins.int
+    CAMPAIGN_IDS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The group's name."""
+    @_builtins.property
+    def stores(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Its stores, sorted."""
+
+    @_builtins.property
+    def campaign_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Campaigns allowing the group, whose store lists were republished."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        stores: _abc.Iterable[_builtins.str] | None = ...,
+        campaign_ids: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_ids", b"campaign_ids", "name", b"name", "stores", b"stores"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetStoreGroupResponse: _TypeAlias = SetStoreGroupResponse  # noqa: Y015

@@ -130,6 +130,41 @@ class AdminServiceStub:
                 request_serializer=redemption_dot_v1_dot_admin__pb2.LiftLockoutRequest.SerializeToString,
                 response_deserializer=redemption_dot_v1_dot_admin__pb2.LiftLockoutResponse.FromString,
                 _registered_method=True)
+        self.CreateCampaign = channel.unary_unary(
+                '/redemption.v1.AdminService/CreateCampaign',
+                request_serializer=redemption_dot_v1_dot_admin__pb2.CreateCampaignRequest.SerializeToString,
+                response_deserializer=redemption_dot_v1_dot_admin__pb2.CreateCampaignResponse.FromString,
+                _registered_method=True)
+        self.UpdateCampaign = channel.unary_unary(
+                '/redemption.v1.AdminService/UpdateCampaign',
+                request_serializer=redemption_dot_v1_dot_admin__pb2.UpdateCampaignRequest.SerializeToString,
+                response_deserializer=redemption_dot_v1_dot_admin__pb2.UpdateCampaignResponse.FromString,
+                _registered_method=True)
+        self.SetCampaignStatus = channel.unary_unary(
+                '/redemption.v1.AdminService/SetCampaignStatus',
+                request_serializer=redemption_dot_v1_dot_admin__pb2.SetCampaignStatusRequest.SerializeToString,
+                response_deserializer=redemption_dot_v1_dot_admin__pb2.SetCampaignStatusResponse.FromString,
+                _registered_method=True)
+        self.ListCampaigns = channel.unary_unary(
+                '/redemption.v1.AdminService/ListCampaigns',
+                request_serializer=redemption_dot_v1_dot_admin__pb2.ListCampaignsRequest.SerializeToString,
+                response_deserializer=redemption_dot_v1_dot_admin__pb2.ListCampaignsResponse.FromString,
+                _registered_method=True)
+        self.GetCampaignStats = channel.unary_unary(
+                '/redemption.v1.AdminService/GetCampaignStats',
+                request_serializer=redemption_dot_v1_dot_admin__pb2.GetCampaignStatsRequest.SerializeToString,
+                response_deserializer=redemption_dot_v1_dot_admin__pb2.GetCampaignStatsResponse.FromString,
+                _registered_method=True)
+        self.GenerateCodes = channel.unary_stream(
+                '/redemption.v1.AdminService/GenerateCodes',
+                request_serializer=redemption_dot_v1_dot_admin__pb2.GenerateCodesRequest.SerializeToString,
+                response_deserializer=redemption_dot_v1_dot_admin__pb2.GenerateCodesResponse.FromString,
+                _registered_method=True)
+        self.SetStoreGroup = channel.unary_unary(
+                '/redemption.v1.AdminService/SetStoreGroup',
+                request_serializer=redemption_dot_v1_dot_admin__pb2.SetStoreGroupRequest.SerializeToString,
+                response_deserializer=redemption_dot_v1_dot_admin__pb2.SetStoreGroupResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -272,6 +307,62 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateCampaign(self, request, context):
+        """Campaigns of the brand (README, "Campaigns"). CreateCampaign publishes the campaign to Redis before it
+        answers; a platform caller names the brand in `x-rgw-brand`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateCampaign(self, request, context):
+        """Changes the fields named in update_mask while the campaign is live; every gateway applies the change with
+        the next redemption. Fields that cannot change safely (shards, currency) and a budget below what the
+        campaign has already granted are INVALID_ARGUMENT naming the field; nothing is changed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetCampaignStatus(self, request, context):
+        """Pauses (every gateway answers OUTCOME_CAMPAIGN_PAUSED at once) or resumes a campaign.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCampaigns(self, request, context):
+        """The brand's campaigns, by id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCampaignStats(self, request, context):
+        """Live figures from Redis counters (never a scan of codes): issued, redeemed, reversed, budget used and left,
+        declines by reason, per shard and in all.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateCodes(self, request, context):
+        """Issues new codes and streams their plaintext - once, never stored: a CodesChunk per batch of codes, then
+        one GenerationDone once Postgres and Redis hold every code. A stream that ends without GenerationDone
+        issued nothing (the batch is rolled back), unless GenerationDone's batch is later found active.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetStoreGroup(self, request, context):
+        """Names a set of the brand's stores that campaigns may allow as a whole (replaces the group's stores;
+        campaigns allowing it follow at once).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -369,6 +460,41 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.LiftLockout,
                     request_deserializer=redemption_dot_v1_dot_admin__pb2.LiftLockoutRequest.FromString,
                     response_serializer=redemption_dot_v1_dot_admin__pb2.LiftLockoutResponse.SerializeToString,
+            ),
+            'CreateCampaign': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateCampaign,
+                    request_deserializer=redemption_dot_v1_dot_admin__pb2.CreateCampaignRequest.FromString,
+                    response_serializer=redemption_dot_v1_dot_admin__pb2.CreateCampaignResponse.SerializeToString,
+            ),
+            'UpdateCampaign': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateCampaign,
+                    request_deserializer=redemption_dot_v1_dot_admin__pb2.UpdateCampaignRequest.FromString,
+                    response_serializer=redemption_dot_v1_dot_admin__pb2.UpdateCampaignResponse.SerializeToString,
+            ),
+            'SetCampaignStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetCampaignStatus,
+                    request_deserializer=redemption_dot_v1_dot_admin__pb2.SetCampaignStatusRequest.FromString,
+                    response_serializer=redemption_dot_v1_dot_admin__pb2.SetCampaignStatusResponse.SerializeToString,
+            ),
+            'ListCampaigns': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCampaigns,
+                    request_deserializer=redemption_dot_v1_dot_admin__pb2.ListCampaignsRequest.FromString,
+                    response_serializer=redemption_dot_v1_dot_admin__pb2.ListCampaignsResponse.SerializeToString,
+            ),
+            'GetCampaignStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCampaignStats,
+                    request_deserializer=redemption_dot_v1_dot_admin__pb2.GetCampaignStatsRequest.FromString,
+                    response_serializer=redemption_dot_v1_dot_admin__pb2.GetCampaignStatsResponse.SerializeToString,
+            ),
+            'GenerateCodes': grpc.unary_stream_rpc_method_handler(
+                    servicer.GenerateCodes,
+                    request_deserializer=redemption_dot_v1_dot_admin__pb2.GenerateCodesRequest.FromString,
+                    response_serializer=redemption_dot_v1_dot_admin__pb2.GenerateCodesResponse.SerializeToString,
+            ),
+            'SetStoreGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetStoreGroup,
+                    request_deserializer=redemption_dot_v1_dot_admin__pb2.SetStoreGroupRequest.FromString,
+                    response_serializer=redemption_dot_v1_dot_admin__pb2.SetStoreGroupResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -885,6 +1011,195 @@ class AdminService:
             '/redemption.v1.AdminService/LiftLockout',
             redemption_dot_v1_dot_admin__pb2.LiftLockoutRequest.SerializeToString,
             redemption_dot_v1_dot_admin__pb2.LiftLockoutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateCampaign(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/redemption.v1.AdminService/CreateCampaign',
+            redemption_dot_v1_dot_admin__pb2.CreateCampaignRequest.SerializeToString,
+            redemption_dot_v1_dot_admin__pb2.CreateCampaignResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateCampaign(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/redemption.v1.AdminService/UpdateCampaign',
+            redemption_dot_v1_dot_admin__pb2.UpdateCampaignRequest.SerializeToString,
+            redemption_dot_v1_dot_admin__pb2.UpdateCampaignResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetCampaignStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/redemption.v1.AdminService/SetCampaignStatus',
+            redemption_dot_v1_dot_admin__pb2.SetCampaignStatusRequest.SerializeToString,
+            redemption_dot_v1_dot_admin__pb2.SetCampaignStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCampaigns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/redemption.v1.AdminService/ListCampaigns',
+            redemption_dot_v1_dot_admin__pb2.ListCampaignsRequest.SerializeToString,
+            redemption_dot_v1_dot_admin__pb2.ListCampaignsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCampaignStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/redemption.v1.AdminService/GetCampaignStats',
+            redemption_dot_v1_dot_admin__pb2.GetCampaignStatsRequest.SerializeToString,
+            redemption_dot_v1_dot_admin__pb2.GetCampaignStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateCodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/redemption.v1.AdminService/GenerateCodes',
+            redemption_dot_v1_dot_admin__pb2.GenerateCodesRequest.SerializeToString,
+            redemption_dot_v1_dot_admin__pb2.GenerateCodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetStoreGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/redemption.v1.AdminService/SetStoreGroup',
+            redemption_dot_v1_dot_admin__pb2.SetStoreGroupRequest.SerializeToString,
+            redemption_dot_v1_dot_admin__pb2.SetStoreGroupResponse.FromString,
             options,
             channel_credentials,
             insecure,

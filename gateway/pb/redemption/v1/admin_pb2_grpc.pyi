@@ -110,6 +110,32 @@ class AdminServiceStub:
     """ListLockouts lists the brand's current brute-force lockouts."""
     LiftLockout: _grpc.UnaryUnaryMultiCallable[_admin_pb2.LiftLockoutRequest, _admin_pb2.LiftLockoutResponse]
     """LiftLockout ends a lockout at once, and forgets the failures that led to it."""
+    CreateCampaign: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CreateCampaignRequest, _admin_pb2.CreateCampaignResponse]
+    """Campaigns of the brand (README, "Campaigns"). CreateCampaign publishes the campaign to Redis before it
+    answers; a platform caller names the brand in `x-rgw-brand`.
+    """
+    UpdateCampaign: _grpc.UnaryUnaryMultiCallable[_admin_pb2.UpdateCampaignRequest, _admin_pb2.UpdateCampaignResponse]
+    """Changes the fields named in update_mask while the campaign is live; every gateway applies the change with
+    the next redemption. Fields that cannot change safely (shards, currency) and a budget below what the
+    campaign has already granted are INVALID_ARGUMENT naming the field; nothing is changed.
+    """
+    SetCampaignStatus: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetCampaignStatusRequest, _admin_pb2.SetCampaignStatusResponse]
+    """Pauses (every gateway answers OUTCOME_CAMPAIGN_PAUSED at once) or resumes a campaign."""
+    ListCampaigns: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListCampaignsRequest, _admin_pb2.ListCampaignsResponse]
+    """The brand's campaigns, by id."""
+    GetCampaignStats: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetCampaignStatsRequest, _admin_pb2.GetCampaignStatsResponse]
+    """Live figures from Redis counters (never a scan of codes): issued, redeemed, reversed, budget used and left,
+    declines by reason, per shard and in all.
+    """
+    GenerateCodes: _grpc.UnaryStreamMultiCallable[_admin_pb2.GenerateCodesRequest, _admin_pb2.GenerateCodesResponse]
+    """Issues new codes and streams their plaintext - once, never stored: a CodesChunk per batch of codes, then
+    one GenerationDone once Postgres and Redis hold every code. A stream that ends without GenerationDone
+    issued nothing (the batch is rolled back), unless GenerationDone's batch is later found active.
+    """
+    SetStoreGroup: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetStoreGroupRequest, _admin_pb2.SetStoreGroupResponse]
+    """Names a set of the brand's stores that campaigns may allow as a whole (replaces the group's stores;
+    campaigns allowing it follow at once).
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -160,6 +186,32 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """ListLockouts lists the brand's current brute-force lockouts."""
     LiftLockout: _aio.UnaryUnaryMultiCallable[_admin_pb2.LiftLockoutRequest, _admin_pb2.LiftLockoutResponse]  # type: ignore[assignment]
     """LiftLockout ends a lockout at once, and forgets the failures that led to it."""
+    CreateCampaign: _aio.UnaryUnaryMultiCallable[_admin_pb2.CreateCampaignRequest, _admin_pb2.CreateCampaignResponse]  # type: ignore[assignment]
+    """Campaigns of the brand (README, "Campaigns"). CreateCampaign publishes the campaign to Redis before it
+    answers; a platform caller names the brand in `x-rgw-brand`.
+    """
+    UpdateCampaign: _aio.UnaryUnaryMultiCallable[_admin_pb2.UpdateCampaignRequest, _admin_pb2.UpdateCampaignResponse]  # type: ignore[assignment]
+    """Changes the fields named in update_mask while the campaign is live; every gateway applies the change with
+    the next redemption. Fields that cannot change safely (shards, currency) and a budget below what the
+    campaign has already granted are INVALID_ARGUMENT naming the field; nothing is changed.
+    """
+    SetCampaignStatus: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetCampaignStatusRequest, _admin_pb2.SetCampaignStatusResponse]  # type: ignore[assignment]
+    """Pauses (every gateway answers OUTCOME_CAMPAIGN_PAUSED at once) or resumes a campaign."""
+    ListCampaigns: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListCampaignsRequest, _admin_pb2.ListCampaignsResponse]  # type: ignore[assignment]
+    """The brand's campaigns, by id."""
+    GetCampaignStats: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetCampaignStatsRequest, _admin_pb2.GetCampaignStatsResponse]  # type: ignore[assignment]
+    """Live figures from Redis counters (never a scan of codes): issued, redeemed, reversed, budget used and left,
+    declines by reason, per shard and in all.
+    """
+    GenerateCodes: _aio.UnaryStreamMultiCallable[_admin_pb2.GenerateCodesRequest, _admin_pb2.GenerateCodesResponse]  # type: ignore[assignment]
+    """Issues new codes and streams their plaintext - once, never stored: a CodesChunk per batch of codes, then
+    one GenerationDone once Postgres and Redis hold every code. A stream that ends without GenerationDone
+    issued nothing (the batch is rolled back), unless GenerationDone's batch is later found active.
+    """
+    SetStoreGroup: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetStoreGroupRequest, _admin_pb2.SetStoreGroupResponse]  # type: ignore[assignment]
+    """Names a set of the brand's stores that campaigns may allow as a whole (replaces the group's stores;
+    campaigns allowing it follow at once).
+    """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """AdminService administers the tenant registry (roles admin and platform; see the file comment)."""
@@ -321,5 +373,73 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.LiftLockoutResponse, _abc.Awaitable[_admin_pb2.LiftLockoutResponse]]:
         """LiftLockout ends a lockout at once, and forgets the failures that led to it."""
+
+    @_abc_1.abstractmethod
+    def CreateCampaign(
+        self,
+        request: _admin_pb2.CreateCampaignRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.CreateCampaignResponse, _abc.Awaitable[_admin_pb2.CreateCampaignResponse]]:
+        """Campaigns of the brand (README, "Campaigns"). CreateCampaign publishes the campaign to Redis before it
+        answers; a platform caller names the brand in `x-rgw-brand`.
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateCampaign(
+        self,
+        request: _admin_pb2.UpdateCampaignRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.UpdateCampaignResponse, _abc.Awaitable[_admin_pb2.UpdateCampaignResponse]]:
+        """Changes the fields named in update_mask while the campaign is live; every gateway applies the change with
+        the next redemption. Fields that cannot change safely (shards, currency) and a budget below what the
+        campaign has already granted are INVALID_ARGUMENT naming the field; nothing is changed.
+        """
+
+    @_abc_1.abstractmethod
+    def SetCampaignStatus(
+        self,
+        request: _admin_pb2.SetCampaignStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.SetCampaignStatusResponse, _abc.Awaitable[_admin_pb2.SetCampaignStatusResponse]]:
+        """Pauses (every gateway answers OUTCOME_CAMPAIGN_PAUSED at once) or resumes a campaign."""
+
+    @_abc_1.abstractmethod
+    def ListCampaigns(
+        self,
+        request: _admin_pb2.ListCampaignsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListCampaignsResponse, _abc.Awaitable[_admin_pb2.ListCampaignsResponse]]:
+        """The brand's campaigns, by id."""
+
+    @_abc_1.abstractmethod
+    def GetCampaignStats(
+        self,
+        request: _admin_pb2.GetCampaignStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.GetCampaignStatsResponse, _abc.Awaitable[_admin_pb2.GetCampaignStatsResponse]]:
+        """Live figures from Redis counters (never a scan of codes): issued, redeemed, reversed, budget used and left,
+        declines by reason, per shard and in all.
+        """
+
+    @_abc_1.abstractmethod
+    def GenerateCodes(
+        self,
+        request: _admin_pb2.GenerateCodesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_admin_pb2.GenerateCodesResponse], _abc.AsyncIterator[_admin_pb2.GenerateCodesResponse]]:
+        """Issues new codes and streams their plaintext - once, never stored: a CodesChunk per batch of codes, then
+        one GenerationDone once Postgres and Redis hold every code. A stream that ends without GenerationDone
+        issued nothing (the batch is rolled back), unless GenerationDone's batch is later found active.
+        """
+
+    @_abc_1.abstractmethod
+    def SetStoreGroup(
+        self,
+        request: _admin_pb2.SetStoreGroupRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.SetStoreGroupResponse, _abc.Awaitable[_admin_pb2.SetStoreGroupResponse]]:
+        """Names a set of the brand's stores that campaigns may allow as a whole (replaces the group's stores;
+        campaigns allowing it follow at once).
+        """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -26,41 +26,47 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eredemption/v1/redemption.proto\x12\rredemption.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"C\n\x08Location\x12\x10\n\x08latitude\x18\x01 \x01(\x01\x12\x11\n\tlongitude\x18\x02 \x01(\x01\x12\x12\n\naccuracy_m\x18\x03 \x01(\x01\"\xa4\x01\n\rRedeemRequest\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12\x10\n\x08store_id\x18\x03 \x01(\t\x12\x13\n\x0bterminal_id\x18\x04 \x01(\t\x12\x1a\n\x12\x63ustomer_device_id\x18\x05 \x01(\t\x12)\n\x08location\x18\x06 \x01(\x0b\x32\x17.redemption.v1.Location\"\x8f\x02\n\x0eRedeemResponse\x12\'\n\x07outcome\x18\x01 \x01(\x0e\x32\x16.redemption.v1.Outcome\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x15\n\rredemption_id\x18\x03 \x01(\t\x12/\n\x0bredeemed_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x63\x61mpaign_id\x18\x05 \x01(\x03\x12\x11\n\tuses_left\x18\x06 \x01(\x05\x12\x10\n\x08replayed\x18\x07 \x01(\x08\x12\x12\n\nuse_number\x18\x08 \x01(\x05\x12.\n\x0bretry_after\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\"\x8d\x01\n\x0fValidateRequest\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x10\n\x08store_id\x18\x02 \x01(\t\x12\x13\n\x0bterminal_id\x18\x03 \x01(\t\x12\x1a\n\x12\x63ustomer_device_id\x18\x04 \x01(\t\x12)\n\x08location\x18\x05 \x01(\x0b\x32\x17.redemption.v1.Location\"\xa3\x01\n\x10ValidateResponse\x12\'\n\x07outcome\x18\x01 \x01(\x0e\x32\x16.redemption.v1.Outcome\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x13\n\x0b\x63\x61mpaign_id\x18\x03 \x01(\x03\x12\x11\n\tuses_left\x18\x04 \x01(\x05\x12.\n\x0bretry_after\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x1e\n\x0eGetCodeRequest\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\"\xa8\x02\n\x0fGetCodeResponse\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\x03\x12)\n\x06status\x18\x02 \x01(\x0e\x32\x19.redemption.v1.CodeStatus\x12\x12\n\nuses_total\x18\x03 \x01(\x05\x12\x11\n\tuses_left\x18\x04 \x01(\x05\x12.\n\nvalid_from\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bvalid_until\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10last_redeemed_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0f\x63ode_ref_prefix\x18\x08 \x01(\t\"T\n\x13RedeemStreamRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12+\n\x05items\x18\x02 \x03(\x0b\x32\x1c.redemption.v1.RedeemRequest\"\\\n\x14RedeemStreamResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x32\n\x07results\x18\x02 \x03(\x0b\x32!.redemption.v1.RedeemStreamResult\"|\n\x12RedeemStreamResult\x12\x31\n\x08response\x18\x01 \x01(\x0b\x32\x1d.redemption.v1.RedeemResponseH\x00\x12)\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x18.redemption.v1.ItemErrorH\x00\x42\x08\n\x06result\"\xba\x01\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x37\n\x10\x66ield_violations\x18\x04 \x03(\x0b\x32\x1d.redemption.v1.FieldViolation\x12.\n\x0bretry_after\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rquota_subject\x18\x06 \x01(\t\"4\n\x0e\x46ieldViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t*\xce\x01\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x14\n\x10OUTCOME_REDEEMED\x10\x01\x12\x1c\n\x18OUTCOME_ALREADY_REDEEMED\x10\x02\x12\x15\n\x11OUTCOME_NOT_FOUND\x10\x03\x12\x13\n\x0fOUTCOME_EXPIRED\x10\x04\x12\x19\n\x15OUTCOME_NOT_YET_VALID\x10\x05\x12\x16\n\x12OUTCOME_REDEEMABLE\x10\x06\x12\x17\n\x13OUTCOME_RISK_DENIED\x10\x07*\x99\x01\n\nCodeStatus\x12\x1b\n\x17\x43ODE_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43ODE_STATUS_ACTIVE\x10\x01\x12\x1e\n\x1a\x43ODE_STATUS_FULLY_REDEEMED\x10\x02\x12\x17\n\x13\x43ODE_STATUS_EXPIRED\x10\x03\x12\x1d\n\x19\x43ODE_STATUS_NOT_YET_VALID\x10\x04\x32\xce\x02\n\x11RedemptionService\x12\x45\n\x06Redeem\x12\x1c.redemption.v1.RedeemRequest\x1a\x1d.redemption.v1.RedeemResponse\x12K\n\x08Validate\x12\x1e.redemption.v1.ValidateRequest\x1a\x1f.redemption.v1.ValidateResponse\x12H\n\x07GetCode\x12\x1d.redemption.v1.GetCodeRequest\x1a\x1e.redemption.v1.GetCodeResponse\x12[\n\x0cRedeemStream\x12\".redemption.v1.RedeemStreamRequest\x1a#.redemption.v1.RedeemStreamResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eredemption/v1/redemption.proto\x12\rredemption.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"w\n\x0eReverseRequest\x12\x15\n\rredemption_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x10\n\x08store_id\x18\x04 \x01(\t\x12\x13\n\x0bterminal_id\x18\x05 \x01(\t\"\xe6\x01\n\x0fReverseResponse\x12/\n\x07outcome\x18\x01 \x01(\x0e\x32\x1e.redemption.v1.ReversalOutcome\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x13\n\x0breversal_id\x18\x03 \x01(\t\x12/\n\x0breversed_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x63\x61mpaign_id\x18\x05 \x01(\x03\x12\x11\n\tuses_left\x18\x06 \x01(\x05\x12\x10\n\x08replayed\x18\x07 \x01(\x08\x12\x12\n\nuse_number\x18\x08 \x01(\x05\"C\n\x08Location\x12\x10\n\x08latitude\x18\x01 \x01(\x01\x12\x11\n\tlongitude\x18\x02 \x01(\x01\x12\x12\n\naccuracy_m\x18\x03 \x01(\x01\"\xa4\x01\n\rRedeemRequest\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12\x10\n\x08store_id\x18\x03 \x01(\t\x12\x13\n\x0bterminal_id\x18\x04 \x01(\t\x12\x1a\n\x12\x63ustomer_device_id\x18\x05 \x01(\t\x12)\n\x08location\x18\x06 \x01(\x0b\x32\x17.redemption.v1.Location\"\x8f\x02\n\x0eRedeemResponse\x12\'\n\x07outcome\x18\x01 \x01(\x0e\x32\x16.redemption.v1.Outcome\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x15\n\rredemption_id\x18\x03 \x01(\t\x12/\n\x0bredeemed_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x63\x61mpaign_id\x18\x05 \x01(\x03\x12\x11\n\tuses_left\x18\x06 \x01(\x05\x12\x10\n\x08replayed\x18\x07 \x01(\x08\x12\x12\n\nuse_number\x18\x08 \x01(\x05\x12.\n\x0bretry_after\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\"\x8d\x01\n\x0fValidateRequest\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x10\n\x08store_id\x18\x02 \x01(\t\x12\x13\n\x0bterminal_id\x18\x03 \x01(\t\x12\x1a\n\x12\x63ustomer_device_id\x18\x04 \x01(\t\x12)\n\x08location\x18\x05 \x01(\x0b\x32\x17.redemption.v1.Location\"\xa3\x01\n\x10ValidateResponse\x12\'\n\x07outcome\x18\x01 \x01(\x0e\x32\x16.redemption.v1.Outcome\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x13\n\x0b\x63\x61mpaign_id\x18\x03 \x01(\x03\x12\x11\n\tuses_left\x18\x04 \x01(\x05\x12.\n\x0bretry_after\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x1e\n\x0eGetCodeRequest\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\"\xa8\x02\n\x0fGetCodeResponse\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\x03\x12)\n\x06status\x18\x02 \x01(\x0e\x32\x19.redemption.v1.CodeStatus\x12\x12\n\nuses_total\x18\x03 \x01(\x05\x12\x11\n\tuses_left\x18\x04 \x01(\x05\x12.\n\nvalid_from\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bvalid_until\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10last_redeemed_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0f\x63ode_ref_prefix\x18\x08 \x01(\t\"T\n\x13RedeemStreamRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12+\n\x05items\x18\x02 \x03(\x0b\x32\x1c.redemption.v1.RedeemRequest\"\\\n\x14RedeemStreamResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x32\n\x07results\x18\x02 \x03(\x0b\x32!.redemption.v1.RedeemStreamResult\"|\n\x12RedeemStreamResult\x12\x31\n\x08response\x18\x01 \x01(\x0b\x32\x1d.redemption.v1.RedeemResponseH\x00\x12)\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x18.redemption.v1.ItemErrorH\x00\x42\x08\n\x06result\"\xba\x01\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x37\n\x10\x66ield_violations\x18\x04 \x03(\x0b\x32\x1d.redemption.v1.FieldViolation\x12.\n\x0bretry_after\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rquota_subject\x18\x06 \x01(\t\"4\n\x0e\x46ieldViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t*\xbd\x01\n\x0fReversalOutcome\x12 \n\x1cREVERSAL_OUTCOME_UNSPECIFIED\x10\x00\x12\x1d\n\x19REVERSAL_OUTCOME_REVERSED\x10\x01\x12%\n!REVERSAL_OUTCOME_ALREADY_REVERSED\x10\x02\x12\x1e\n\x1aREVERSAL_OUTCOME_NOT_FOUND\x10\x03\x12\"\n\x1eREVERSAL_OUTCOME_WINDOW_CLOSED\x10\x04*\xa2\x02\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x14\n\x10OUTCOME_REDEEMED\x10\x01\x12\x1c\n\x18OUTCOME_ALREADY_REDEEMED\x10\x02\x12\x15\n\x11OUTCOME_NOT_FOUND\x10\x03\x12\x13\n\x0fOUTCOME_EXPIRED\x10\x04\x12\x19\n\x15OUTCOME_NOT_YET_VALID\x10\x05\x12\x16\n\x12OUTCOME_REDEEMABLE\x10\x06\x12\x17\n\x13OUTCOME_RISK_DENIED\x10\x07\x12\x1b\n\x17OUTCOME_CAMPAIGN_PAUSED\x10\x08\x12\x1c\n\x18OUTCOME_BUDGET_EXHAUSTED\x10\t\x12\x17\n\x13OUTCOME_NOT_ALLOWED\x10\n*\x99\x01\n\nCodeStatus\x12\x1b\n\x17\x43ODE_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43ODE_STATUS_ACTIVE\x10\x01\x12\x1e\n\x1a\x43ODE_STATUS_FULLY_REDEEMED\x10\x02\x12\x17\n\x13\x43ODE_STATUS_EXPIRED\x10\x03\x12\x1d\n\x19\x43ODE_STATUS_NOT_YET_VALID\x10\x04\x32\x98\x03\n\x11RedemptionService\x12\x45\n\x06Redeem\x12\x1c.redemption.v1.RedeemRequest\x1a\x1d.redemption.v1.RedeemResponse\x12K\n\x08Validate\x12\x1e.redemption.v1.ValidateRequest\x1a\x1f.redemption.v1.ValidateResponse\x12H\n\x07GetCode\x12\x1d.redemption.v1.GetCodeRequest\x1a\x1e.redemption.v1.GetCodeResponse\x12[\n\x0cRedeemStream\x12\".redemption.v1.RedeemStreamRequest\x1a#.redemption.v1.RedeemStreamResponse(\x01\x30\x01\x12H\n\x07Reverse\x12\x1d.redemption.v1.ReverseRequest\x1a\x1e.redemption.v1.ReverseResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'redemption.v1.redemption_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OUTCOME']._serialized_start=1815
-  _globals['_OUTCOME']._serialized_end=2021
-  _globals['_CODESTATUS']._serialized_start=2024
-  _globals['_CODESTATUS']._serialized_end=2177
-  _globals['_LOCATION']._serialized_start=114
-  _globals['_LOCATION']._serialized_end=181
-  _globals['_REDEEMREQUEST']._serialized_start=184
-  _globals['_REDEEMREQUEST']._serialized_end=348
-  _globals['_REDEEMRESPONSE']._serialized_start=351
-  _globals['_REDEEMRESPONSE']._serialized_end=622
-  _globals['_VALIDATEREQUEST']._serialized_start=625
-  _globals['_VALIDATEREQUEST']._serialized_end=766
-  _globals['_VALIDATERESPONSE']._serialized_start=769
-  _globals['_VALIDATERESPONSE']._serialized_end=932
-  _globals['_GETCODEREQUEST']._serialized_start=934
-  _globals['_GETCODEREQUEST']._serialized_end=964
-  _globals['_GETCODERESPONSE']._serialized_start=967
-  _globals['_GETCODERESPONSE']._serialized_end=1263
-  _globals['_REDEEMSTREAMREQUEST']._serialized_start=1265
-  _globals['_REDEEMSTREAMREQUEST']._serialized_end=1349
-  _globals['_REDEEMSTREAMRESPONSE']._serialized_start=1351
-  _globals['_REDEEMSTREAMRESPONSE']._serialized_end=1443
-  _globals['_REDEEMSTREAMRESULT']._serialized_start=1445
-  _globals['_REDEEMSTREAMRESULT']._serialized_end=1569
-  _globals['_ITEMERROR']._serialized_start=1572
-  _globals['_ITEMERROR']._serialized_end=1758
-  _globals['_FIELDVIOLATION']._serialized_start=1760
-  _globals['_FIELDVIOLATION']._serialized_end=1812
-  _globals['_REDEMPTIONSERVICE']._serialized_start=2180
-  _globals['_REDEMPTIONSERVICE']._serialized_end=2514
+  _globals['_REVERSALOUTCOME']._serialized_start=2169
+  _globals['_REVERSALOUTCOME']._serialized_end=2358
+  _globals['_OUTCOME']._serialized_start=2361
+  _globals['_OUTCOME']._serialized_end=2651
+  _globals['_CODESTATUS']._serialized_start=2654
+  _globals['_CODESTATUS']._serialized_end=2807
+  _globals['_REVERSEREQUEST']._serialized_start=114
+  _globals['_REVERSEREQUEST']._serialized_end=233
+  _globals['_REVERSERESPONSE']._serialized_start=236
+  _globals['_REVERSERESPONSE']._serialized_end=466
+  _globals['_LOCATION']._serialized_start=468
+  _globals['_LOCATION']._serialized_end=535
+  _globals['_REDEEMREQUEST']._serialized_start=538
+  _globals['_REDEEMREQUEST']._serialized_end=702
+  _globals['_REDEEMRESPONSE']._serialized_start=705
+  _globals['_REDEEMRESPONSE']._serialized_end=976
+  _globals['_VALIDATEREQUEST']._serialized_start=979
+  _globals['_VALIDATEREQUEST']._serialized_end=1120
+  _globals['_VALIDATERESPONSE']._serialized_start=1123
+  _globals['_VALIDATERESPONSE']._serialized_end=1286
+  _globals['_GETCODEREQUEST']._serialized_start=1288
+  _globals['_GETCODEREQUEST']._serialized_end=1318
+  _globals['_GETCODERESPONSE']._serialized_start=1321
+  _globals['_GETCODERESPONSE']._serialized_end=1617
+  _globals['_REDEEMSTREAMREQUEST']._serialized_start=1619
+  _globals['_REDEEMSTREAMREQUEST']._serialized_end=1703
+  _globals['_REDEEMSTREAMRESPONSE']._serialized_start=1705
+  _globals['_REDEEMSTREAMRESPONSE']._serialized_end=1797
+  _globals['_REDEEMSTREAMRESULT']._serialized_start=1799
+  _globals['_REDEEMSTREAMRESULT']._serialized_end=1923
+  _globals['_ITEMERROR']._serialized_start=1926
+  _globals['_ITEMERROR']._serialized_end=2112
+  _globals['_FIELDVIOLATION']._serialized_start=2114
+  _globals['_FIELDVIOLATION']._serialized_end=2166
+  _globals['_REDEMPTIONSERVICE']._serialized_start=2810
+  _globals['_REDEMPTIONSERVICE']._serialized_end=3218
 # @@protoc_insertion_point(module_scope)

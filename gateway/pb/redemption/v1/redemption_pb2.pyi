@@ -51,6 +51,46 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _ReversalOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReversalOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReversalOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REVERSAL_OUTCOME_UNSPECIFIED: _ReversalOutcome.ValueType  # 0
+    """Never sent."""
+    REVERSAL_OUTCOME_REVERSED: _ReversalOutcome.ValueType  # 1
+    """The redemption is void (by this call, or with `replayed = true` by the first call with this idempotency
+    key). reason: REVERSED.
+    """
+    REVERSAL_OUTCOME_ALREADY_REVERSED: _ReversalOutcome.ValueType  # 2
+    """The redemption was voided before, by another reversal (`reversal_id` names it). reason: ALREADY_REVERSED."""
+    REVERSAL_OUTCOME_NOT_FOUND: _ReversalOutcome.ValueType  # 3
+    """No such redemption, or not one of this caller's brand. reason: REDEMPTION_NOT_FOUND."""
+    REVERSAL_OUTCOME_WINDOW_CLOSED: _ReversalOutcome.ValueType  # 4
+    """The campaign's reversal window has ended for this redemption (reason REVERSAL_WINDOW_CLOSED), or the
+    campaign allows no reversals (reason REVERSALS_NOT_ALLOWED).
+    """
+
+class ReversalOutcome(_ReversalOutcome, metaclass=_ReversalOutcomeEnumTypeWrapper):
+    """ReversalOutcome is the decision on a reversal. New values may be added; treat an unknown one as "not reversed"."""
+
+REVERSAL_OUTCOME_UNSPECIFIED: ReversalOutcome.ValueType  # 0
+"""Never sent."""
+REVERSAL_OUTCOME_REVERSED: ReversalOutcome.ValueType  # 1
+"""The redemption is void (by this call, or with `replayed = true` by the first call with this idempotency
+key). reason: REVERSED.
+"""
+REVERSAL_OUTCOME_ALREADY_REVERSED: ReversalOutcome.ValueType  # 2
+"""The redemption was voided before, by another reversal (`reversal_id` names it). reason: ALREADY_REVERSED."""
+REVERSAL_OUTCOME_NOT_FOUND: ReversalOutcome.ValueType  # 3
+"""No such redemption, or not one of this caller's brand. reason: REDEMPTION_NOT_FOUND."""
+REVERSAL_OUTCOME_WINDOW_CLOSED: ReversalOutcome.ValueType  # 4
+"""The campaign's reversal window has ended for this redemption (reason REVERSAL_WINDOW_CLOSED), or the
+campaign allows no reversals (reason REVERSALS_NOT_ALLOWED).
+"""
+Global___ReversalOutcome: _TypeAlias = ReversalOutcome  # noqa: Y015
+
 class _Outcome:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -83,6 +123,17 @@ class _OutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Outcome.Value
     and the brand requires one), LOCATION_TOO_INACCURATE, IMPOSSIBLE_TRAVEL, DEVICE_MISMATCH (the code is bound
     to another customer device), DEVICE_REQUIRED, DEVICE_LIMIT (this device used its share of the campaign),
     RISK_DATA_UNAVAILABLE (a fact a rule needs is missing and the rule fails closed). New reasons may be added.
+    """
+    OUTCOME_CAMPAIGN_PAUSED: _Outcome.ValueType  # 8
+    """The campaign is paused by its brand: no code of it is redeemed until it is resumed. reason: CAMPAIGN_PAUSED."""
+    OUTCOME_BUDGET_EXHAUSTED: _Outcome.ValueType  # 9
+    """The campaign's budget is spent: reason BUDGET_COUNT_EXHAUSTED (it granted as many redemptions as its budget
+    allows) or BUDGET_VALUE_EXHAUSTED (this code's face value would take it over its value budget). With several
+    shards a shard may run out while others have budget left, until an operator rebalances.
+    """
+    OUTCOME_NOT_ALLOWED: _Outcome.ValueType  # 10
+    """The campaign's rules do not allow the code here or now: reason STORE_NOT_ALLOWED (not at this store) or
+    OUTSIDE_REDEMPTION_HOURS (not on this day or at this time of day, in the campaign's time zone).
     """
 
 class Outcome(_Outcome, metaclass=_OutcomeEnumTypeWrapper):
@@ -117,6 +168,17 @@ and the brand requires one), LOCATION_TOO_INACCURATE, IMPOSSIBLE_TRAVEL, DEVICE_
 to another customer device), DEVICE_REQUIRED, DEVICE_LIMIT (this device used its share of the campaign),
 RISK_DATA_UNAVAILABLE (a fact a rule needs is missing and the rule fails closed). New reasons may be added.
 """
+OUTCOME_CAMPAIGN_PAUSED: Outcome.ValueType  # 8
+"""The campaign is paused by its brand: no code of it is redeemed until it is resumed. reason: CAMPAIGN_PAUSED."""
+OUTCOME_BUDGET_EXHAUSTED: Outcome.ValueType  # 9
+"""The campaign's budget is spent: reason BUDGET_COUNT_EXHAUSTED (it granted as many redemptions as its budget
+allows) or BUDGET_VALUE_EXHAUSTED (this code's face value would take it over its value budget). With several
+shards a shard may run out while others have budget left, until an operator rebalances.
+"""
+OUTCOME_NOT_ALLOWED: Outcome.ValueType  # 10
+"""The campaign's rules do not allow the code here or now: reason STORE_NOT_ALLOWED (not at this store) or
+OUTSIDE_REDEMPTION_HOURS (not on this day or at this time of day, in the campaign's time zone).
+"""
 Global___Outcome: _TypeAlias = Outcome  # noqa: Y015
 
 class _CodeStatus:
@@ -150,6 +212,96 @@ CODE_STATUS_EXPIRED: CodeStatus.ValueType  # 3
 CODE_STATUS_NOT_YET_VALID: CodeStatus.ValueType  # 4
 """Its validity window has not started yet."""
 Global___CodeStatus: _TypeAlias = CodeStatus  # noqa: Y015
+
+@_typing.final
+class ReverseRequest(_message.Message):
+    """ReverseRequest asks to void one redemption."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REDEMPTION_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    STORE_ID_FIELD_NUMBER: _builtins.int
+    TERMINAL_ID_FIELD_NUMBER: _builtins.int
+    redemption_id: _builtins.str
+    """The redemption to void: RedeemResponse.redemption_id. Required."""
+    reason: _builtins.str
+    """Why, for the ledger and settlement: 1 to 64 characters of [A-Za-z0-9._:-], such as REFUND or VOID. Required."""
+    idempotency_key: _builtins.str
+    """As RedeemRequest.idempotency_key; its scope is the authenticated client, terminal_id and the redemption."""
+    store_id: _builtins.str
+    """The store asking, as RedeemRequest.store_id. Required."""
+    terminal_id: _builtins.str
+    """The terminal asking, as RedeemRequest.terminal_id. Required."""
+    def __init__(
+        self,
+        *,
+        redemption_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
+        store_id: _builtins.str = ...,
+        terminal_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "reason", b"reason", "redemption_id", b"redemption_id", "store_id", b"store_id", "terminal_id", b"terminal_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReverseRequest: _TypeAlias = ReverseRequest  # noqa: Y015
+
+@_typing.final
+class ReverseResponse(_message.Message):
+    """ReverseResponse is the answer to a Reverse call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    REVERSAL_ID_FIELD_NUMBER: _builtins.int
+    REVERSED_AT_FIELD_NUMBER: _builtins.int
+    CAMPAIGN_ID_FIELD_NUMBER: _builtins.int
+    USES_LEFT_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    USE_NUMBER_FIELD_NUMBER: _builtins.int
+    outcome: Global___ReversalOutcome.ValueType
+    """The decision."""
+    reason: _builtins.str
+    """Machine-readable, UPPER_SNAKE_CASE; see ReversalOutcome."""
+    reversal_id: _builtins.str
+    """REVERSED and ALREADY_REVERSED: the reversal's id (a UUIDv7), the key of its row in the ledger."""
+    campaign_id: _builtins.int
+    """The redemption's campaign; 0 when not found."""
+    uses_left: _builtins.int
+    """Uses the code has left after this call; 0 when not found."""
+    replayed: _builtins.bool
+    """True when this answer repeats the first answer to the same idempotency key; nothing changed."""
+    use_number: _builtins.int
+    """The use number of the redemption voided (never granted again)."""
+    @_builtins.property
+    def reversed_at(self) -> _timestamp_pb2.Timestamp:
+        """REVERSED and ALREADY_REVERSED: when the reversal happened."""
+
+    def __init__(
+        self,
+        *,
+        outcome: Global___ReversalOutcome.ValueType = ...,
+        reason: _builtins.str = ...,
+        reversal_id: _builtins.str = ...,
+        reversed_at: _timestamp_pb2.Timestamp | None = ...,
+        campaign_id: _builtins.int = ...,
+        uses_left: _builtins.int = ...,
+        replayed: _builtins.bool = ...,
+        use_number: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["reversed_at", b"reversed_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "outcome", b"outcome", "reason", b"reason", "replayed", b"replayed", "reversal_id", b"reversal_id", "reversed_at", b"reversed_at", "use_number", b"use_number", "uses_left", b"uses_left"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReverseResponse: _TypeAlias = ReverseResponse  # noqa: Y015
 
 @_typing.final
 class Location(_message.Message):

@@ -55,6 +55,11 @@ class RedemptionServiceStub:
                 request_serializer=redemption_dot_v1_dot_redemption__pb2.RedeemStreamRequest.SerializeToString,
                 response_deserializer=redemption_dot_v1_dot_redemption__pb2.RedeemStreamResponse.FromString,
                 _registered_method=True)
+        self.Reverse = channel.unary_unary(
+                '/redemption.v1.RedemptionService/Reverse',
+                request_serializer=redemption_dot_v1_dot_redemption__pb2.ReverseRequest.SerializeToString,
+                response_deserializer=redemption_dot_v1_dot_redemption__pb2.ReverseResponse.FromString,
+                _registered_method=True)
 
 
 class RedemptionServiceServicer:
@@ -99,6 +104,18 @@ class RedemptionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Reverse(self, request, context):
+        """Reverse voids one redemption of the caller's brand (a refund or void at the till) within its campaign's
+        reversal window: the code gets that use back (its use number is never granted again: the next redemption
+        gets a new one) and the campaign its budget. Atomic and idempotent: however many reversals of one
+        redemption race, one use is given back; a retry with the same idempotency key returns the first answer
+        with `replayed = true`. A redemption the ledger does not hold yet (normally well under a second after it
+        was answered) is UNAVAILABLE with RetryInfo while its id is recent. Roles: pos and internal.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RedemptionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +138,11 @@ def add_RedemptionServiceServicer_to_server(servicer, server):
                     servicer.RedeemStream,
                     request_deserializer=redemption_dot_v1_dot_redemption__pb2.RedeemStreamRequest.FromString,
                     response_serializer=redemption_dot_v1_dot_redemption__pb2.RedeemStreamResponse.SerializeToString,
+            ),
+            'Reverse': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reverse,
+                    request_deserializer=redemption_dot_v1_dot_redemption__pb2.ReverseRequest.FromString,
+                    response_serializer=redemption_dot_v1_dot_redemption__pb2.ReverseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -232,6 +254,33 @@ class RedemptionService:
             '/redemption.v1.RedemptionService/RedeemStream',
             redemption_dot_v1_dot_redemption__pb2.RedeemStreamRequest.SerializeToString,
             redemption_dot_v1_dot_redemption__pb2.RedeemStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reverse(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/redemption.v1.RedemptionService/Reverse',
+            redemption_dot_v1_dot_redemption__pb2.ReverseRequest.SerializeToString,
+            redemption_dot_v1_dot_redemption__pb2.ReverseResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -84,6 +84,14 @@ class RedemptionServiceStub:
     the server's send limit (item errors are bounded in size), which may exceed the request limit: at worst about
     1.2 KB per item, 78,851 bytes at the default 64 items (gRPC's default client receive limit is 4 MiB).
     """
+    Reverse: _grpc.UnaryUnaryMultiCallable[_redemption_pb2.ReverseRequest, _redemption_pb2.ReverseResponse]
+    """Reverse voids one redemption of the caller's brand (a refund or void at the till) within its campaign's
+    reversal window: the code gets that use back (its use number is never granted again: the next redemption
+    gets a new one) and the campaign its budget. Atomic and idempotent: however many reversals of one
+    redemption race, one use is given back; a retry with the same idempotency key returns the first answer
+    with `replayed = true`. A redemption the ledger does not hold yet (normally well under a second after it
+    was answered) is UNAVAILABLE with RetryInfo while its id is recent. Roles: pos and internal.
+    """
 
 @_typing.type_check_only
 class RedemptionServiceAsyncStub(RedemptionServiceStub):
@@ -110,6 +118,14 @@ class RedemptionServiceAsyncStub(RedemptionServiceStub):
     the stream with INVALID_ARGUMENT; nothing of it was decided. The reply to an accepted message always fits
     the server's send limit (item errors are bounded in size), which may exceed the request limit: at worst about
     1.2 KB per item, 78,851 bytes at the default 64 items (gRPC's default client receive limit is 4 MiB).
+    """
+    Reverse: _aio.UnaryUnaryMultiCallable[_redemption_pb2.ReverseRequest, _redemption_pb2.ReverseResponse]  # type: ignore[assignment]
+    """Reverse voids one redemption of the caller's brand (a refund or void at the till) within its campaign's
+    reversal window: the code gets that use back (its use number is never granted again: the next redemption
+    gets a new one) and the campaign its budget. Atomic and idempotent: however many reversals of one
+    redemption race, one use is given back; a retry with the same idempotency key returns the first answer
+    with `replayed = true`. A redemption the ledger does not hold yet (normally well under a second after it
+    was answered) is UNAVAILABLE with RetryInfo while its id is recent. Roles: pos and internal.
     """
 
 class RedemptionServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -158,6 +174,20 @@ class RedemptionServiceServicer(metaclass=_abc_1.ABCMeta):
         the stream with INVALID_ARGUMENT; nothing of it was decided. The reply to an accepted message always fits
         the server's send limit (item errors are bounded in size), which may exceed the request limit: at worst about
         1.2 KB per item, 78,851 bytes at the default 64 items (gRPC's default client receive limit is 4 MiB).
+        """
+
+    @_abc_1.abstractmethod
+    def Reverse(
+        self,
+        request: _redemption_pb2.ReverseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_redemption_pb2.ReverseResponse, _abc.Awaitable[_redemption_pb2.ReverseResponse]]:
+        """Reverse voids one redemption of the caller's brand (a refund or void at the till) within its campaign's
+        reversal window: the code gets that use back (its use number is never granted again: the next redemption
+        gets a new one) and the campaign its budget. Atomic and idempotent: however many reversals of one
+        redemption race, one use is given back; a retry with the same idempotency key returns the first answer
+        with `replayed = true`. A redemption the ledger does not hold yet (normally well under a second after it
+        was answered) is UNAVAILABLE with RetryInfo while its id is recent. Roles: pos and internal.
         """
 
 def add_RedemptionServiceServicer_to_server(servicer: RedemptionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
