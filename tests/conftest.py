@@ -116,7 +116,8 @@ async def db(migrated: str) -> AsyncIterator[asyncpg.Connection]:
     conn = await asyncpg.connect(migrated)
     await conn.execute(
         "TRUNCATE issued_codes, campaigns, redemptions, code_uses, double_spend_alarms, brands, stores, terminals,"
-        " api_clients, api_keys, audit_log, registry_version RESTART IDENTITY CASCADE;"
+        " api_clients, api_keys, audit_log, registry_version, reversals, reversal_alarms, store_groups, code_batches,"
+        " code_directory RESTART IDENTITY CASCADE;"
         # what migration 0003 seeds: the default brand (id 1; the identity starts at 2) and the registry version
         " INSERT INTO brands (id, slug, name, status, row_version) OVERRIDING SYSTEM VALUE"
         " VALUES (1, 'default', 'Default brand', 'active', 1);"

@@ -54,7 +54,10 @@ async def test_a_paused_campaign_answers_paused_and_redeems_again_once_resumed(
     till = Till(redis, keyring)
     await set_rules(db, redis, issued.campaign.id, {"status": "paused"})
     for mode in ("redeem", "validate"):
-        assert said(await till.redeem(issued.codes[0], T0_MS, mode=mode)) == (Outcome.CAMPAIGN_PAUSED, "CAMPAIGN_PAUSED")
+        assert said(await till.redeem(issued.codes[0], T0_MS, mode=mode)) == (
+            Outcome.CAMPAIGN_PAUSED,
+            "CAMPAIGN_PAUSED",
+        )
     await set_rules(db, redis, issued.campaign.id, {"status": "active"})
     assert (await till.redeem(issued.codes[0], T0_MS)).outcome is Outcome.REDEEMED
     counted = await redis.hgetall(keys.stats_key(issued.campaign.id, 0, keys.stats_minute(T0_MS)))
