@@ -23,6 +23,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 CALLER = Caller(client_id="cl_a", brand_id=1, role="pos")
 HOUR_MS = 3_600_000
 YEAR_MS = 365 * DAY_MS
+A_YEAR_AROUND_T0 = {"valid_from_ms": T0_MS - YEAR_MS, "valid_until_ms": T0_MS + YEAR_MS}
 
 
 def ms(text: str) -> int:
@@ -98,8 +99,7 @@ async def test_hours_in_the_campaigns_zone_start_inclusive_end_exclusive(
 ) -> None:
     # T0 is Monday 2026-06-01 08:00 in Shanghai (UTC+8, no DST)
     hours = [{"days": [1], "start": "08:00", "end": "09:00"}]
-    issued = await issue(1, rules={"time_zone": "Asia/Shanghai", "redemption_hours": hours}, valid_from_ms=T0_MS - YEAR_MS,
-                         valid_until_ms=T0_MS + YEAR_MS)  # fmt: skip
+    issued = await issue(1, rules={"time_zone": "Asia/Shanghai", "redemption_hours": hours}, **A_YEAR_AROUND_T0)
     till = Till(redis, keyring)
     code = issued.codes[0]
     for now, expected in ((T0_MS - 1, False), (T0_MS, True), (T0_MS + HOUR_MS - 1, True), (T0_MS + HOUR_MS, False),
@@ -112,8 +112,7 @@ async def test_hours_in_the_campaigns_zone_start_inclusive_end_exclusive(
 
 async def test_hours_across_midnight_belong_to_the_day_they_start(issue: Issue, redis: Redis, keyring: KeyRing) -> None:
     hours = [{"days": [7], "start": "22:00", "end": "02:00"}]  # Sunday night into Monday
-    issued = await issue(1, rules={"time_zone": "Europe/London", "redemption_hours": hours}, valid_from_ms=T0_MS - YEAR_MS,
-                         valid_until_ms=T0_MS + YEAR_MS)  # fmt: skip
+    issued = await issue(1, rules={"time_zone": "Europe/London", "redemption_hours": hours}, **A_YEAR_AROUND_T0)
     till = Till(redis, keyring)
     cases = {
         "2026-05-31T22:00:00+01:00": True,  # Sunday 22:00 BST
@@ -129,8 +128,7 @@ async def test_hours_across_midnight_belong_to_the_day_they_start(issue: Issue, 
 
 async def test_hours_follow_the_dst_change(issue: Issue, redis: Redis, keyring: KeyRing) -> None:
     hours = [{"days": [7], "start": "01:00", "end": "02:00"}]
-    issued = await issue(1, rules={"time_zone": "Europe/London", "redemption_hours": hours}, valid_from_ms=T0_MS - YEAR_MS,
-                         valid_until_ms=T0_MS + YEAR_MS)  # fmt: skip
+    issued = await issue(1, rules={"time_zone": "Europe/London", "redemption_hours": hours}, **A_YEAR_AROUND_T0)
     till = Till(redis, keyring)
     cases = {
         # 2026-10-25: clocks go back at 02:00 BST, so 01:00-02:00 happens twice - both are inside
