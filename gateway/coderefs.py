@@ -48,6 +48,17 @@ class KeyRing:
         message = f"{campaign_id}\x00{code}".encode()
         return CodeRef(key_id, hmac.digest(self._keys[key_id], message, "sha256").hex())
 
+    def dir_ref(self, key_id: str, brand_id: int, code: str) -> CodeRef:
+        """The directory reference of an imported code of `brand_id` (normalised) under one key: how the gateway
+        finds the route of a code that carries none, without its plaintext."""
+        message = f"dir\x00{brand_id}\x00{code}".encode()
+        return CodeRef(key_id, hmac.digest(self._keys[key_id], message, "sha256").hex())
+
+    def dir_candidates(self, brand_id: int, code: str) -> tuple[CodeRef, ...]:
+        """The directory reference under every key, the active one first."""
+        message = f"dir\x00{brand_id}\x00{code}".encode()
+        return tuple(CodeRef(k, hmac.digest(key, message, "sha256").hex()) for k, key in self._lookup)
+
     def candidates(self, campaign_id: int, code: str) -> tuple[CodeRef, ...]:
         """The code_ref under every key, the active one first."""
         message = f"{campaign_id}\x00{code}".encode()

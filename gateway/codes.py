@@ -61,6 +61,28 @@ def normalise(raw: str) -> str:
     return raw.translate(_DROP_SEPARATORS).upper()
 
 
+# Codes a brand supplied (`rgw codes import`): ASCII letters and digits, any case, spaces and dashes ignored.
+IMPORTED_MIN, IMPORTED_MAX = 4, 64
+_IMPORTED = re.compile(f"[A-Z0-9]{{{IMPORTED_MIN},{IMPORTED_MAX}}}")
+
+
+def normalise_imported(raw: str) -> str | None:
+    """An imported code's canonical text (uppercase, separators dropped), or None when the text cannot be one."""
+    if not raw.isascii():
+        return None
+    text = raw.strip().translate(_DROP_SEPARATORS).upper()
+    return text if _IMPORTED.fullmatch(text) else None
+
+
+def is_generated(code: str) -> bool:
+    """True when a normalised text is a well-formed code of the gateway's own layout (it routes itself)."""
+    try:
+        parse(code)
+    except CodeFormatError:
+        return False
+    return True
+
+
 def _encode(value: int, width: int) -> str:
     chars = []
     for _ in range(width):

@@ -8,10 +8,11 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Literal, Protocol
 
-from gateway import gateway_metrics
+from gateway import codes, gateway_metrics
 from gateway.campaigns.reversal import ReversalResult, ReverseInput
 from gateway.clock import Clock
 from gateway.coderefs import KeyRing
+from gateway.codes import Route
 from gateway.domain import (
     Caller,
     CodeLookup,
@@ -78,6 +79,18 @@ class Reverser(Protocol):
         ...
 
 
+class Directory(Protocol):
+    """Where imported codes are found (gateway/campaigns/lookup.py)."""
+
+    def imports(self, brand_id: int) -> bool:
+        """Whether the brand has imported codes at all (read without I/O)."""
+        ...
+
+    async def find(self, brand_id: int, code: str) -> Route | None:
+        """The route of one of the brand's imported codes (normalised), None when there is none."""
+        ...
+
+
 class RiskEngine(Protocol):
     """The risk engine (risk/engine.py): pure, in-process; its Redis part is a plan the store executes."""
 
@@ -121,6 +134,7 @@ class RedemptionService:
         risk: RiskEngine | None = None,
         facts: RiskFacts | None = None,
         reversals: Reverser | None = None,
+        directory: Directory | None = None,
     ) -> None:
         if (risk is None) != (facts is None):
             raise ValueError("the risk engine needs the registry's facts, and they are useless without it")
@@ -133,11 +147,14 @@ class RedemptionService:
         self._clock = clock
         self._new_id = new_id
         self._reversals = reversals
+        self._directory = directory
 
     async def redeem(self, request: RedeemInput, caller: Caller) -> RedeemResult:
         """Use the code once, or say why not; a retry with the same key replays the first answer."""
         command = await self._checked(request, caller, "redeem")
         self._require_ready()
+        if command is None:
+            return UNLISTED
         now = self._clock.now_ms()
         self._sightings.saw(command.brand_id, command.store_id, command.terminal_id, now)
         assessment = self._assess(command, now, counts=True)
@@ -164,8 +181,11 @@ class RedemptionService:
         for index, request in enumerate(requests):
             try:
                 command = await self._checked(request, caller, "redeem")
-            except (InvalidRequest, PermissionDenied) as exc:
+            except (InvalidRequest, PermissionDenied, StoreUnavailable) as exc:
                 results[index] = ItemFailure(exc)
+                continue
+            if command is None:
+                results[index] = UNLISTED
                 continue
             route = command.lookup.route
             by_shard.setdefault((route.campaign_id, route.shard), []).append((index, command))
@@ -196,6 +216,8 @@ class RedemptionService:
         """What redeem would answer now; changes nothing."""
         command = await self._checked(request, caller, "validate", needs_key=False)
         self._require_ready()
+        if command is None:
+            return UNLISTED
         now = self._clock.now_ms()
         self._sightings.saw(command.brand_id, command.store_id, command.terminal_id, now)
         assessment = self._assess(command, now, counts=False)
@@ -208,7 +230,8 @@ class RedemptionService:
 
     async def get_code(self, raw_code: str, caller: Caller) -> tuple[CodeState, int]:
         """A code's state and the time it was read at (ms); another brand's code is not found."""
-        lookup = lookup_code(raw_code, self._keyring)
+        lookup = await self._imported(raw_code, caller) if self._imports(caller) else None
+        lookup = lookup or lookup_code(raw_code, self._keyring)
         self._require_ready()
         state = await self._store.code_state(lookup, caller.brand_id)
         if state is None:
@@ -230,12 +253,38 @@ class RedemptionService:
         if not self._readiness.ready:
             raise NotReady(self._readiness.reason)
 
+    def _imports(self, caller: Caller) -> bool:
+        return self._directory is not None and self._directory.imports(caller.brand_id)
+
+    async def _imported(self, raw_code: str, caller: Caller) -> CodeLookup | None:
+        """The lookup of an imported code of the caller's brand: None when the text is a generated code (it routes
+        itself) or cannot be an imported one; CodeNotFound when the brand's directory does not have it."""
+        text = codes.normalise_imported(raw_code)
+        if text is None or codes.is_generated(text) or self._directory is None:
+            return None
+        self._require_ready()
+        route = await self._directory.find(caller.brand_id, text)
+        if route is None:
+            raise CodeNotFound("no such code")
+        return CodeLookup(route, self._keyring.candidates(route.campaign_id, text))
+
     async def _checked(
         self, request: RedeemInput, caller: Caller, kind: str, *, needs_key: bool = True
-    ) -> RedeemCommand:
-        """check_redeem, and a guessed code (right shape, wrong check character) counted as a failed attempt."""
+    ) -> RedeemCommand | None:
+        """check_redeem, and a guessed code (right shape, wrong check character) counted as a failed attempt. For a
+        brand that imports codes, a code that is not a generated one is looked up in its directory first: None
+        when it is not there either (counted as a failed attempt too)."""
+        lookup = None
+        if self._imports(caller):
+            try:
+                lookup = await self._imported(request.code, caller)
+            except CodeNotFound:
+                check_redeem(request, self._keyring, caller, needs_key=needs_key, code_checked=True)
+                if self._risk is not None and self._readiness.ready:
+                    await self._count_guess(self._risk, request, caller, kind)
+                return None
         try:
-            return check_redeem(request, self._keyring, caller, needs_key=needs_key)
+            return check_redeem(request, self._keyring, caller, needs_key=needs_key, lookup=lookup)
         except InvalidRequest as exc:
             if exc.guess and self._risk is not None and self._readiness.ready:
                 await self._count_guess(self._risk, request, caller, kind)
@@ -295,6 +344,10 @@ class RedemptionService:
             gateway_metrics.risk_decision(rule, reason, "shadow")
         if assessment.bind_terminal and result.outcome is Outcome.REDEEMED and self._facts is not None:
             self._facts.bind_terminal(command.brand_id, command.store_id, command.terminal_id)
+
+
+# An imported-looking code its brand's directory does not have: answered as a code that was never issued.
+UNLISTED = RedeemResult(outcome=Outcome.NOT_FOUND, campaign_id=0, uses_left=0)
 
 
 def _item_result(

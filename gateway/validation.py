@@ -104,9 +104,19 @@ def check_binding(request: RedeemInput, caller: Caller) -> None:
         raise PermissionDenied("this API key is bound to another terminal")
 
 
-def check_redeem(request: RedeemInput, keyring: KeyRing, caller: Caller, *, needs_key: bool = True) -> RedeemCommand:
+def check_redeem(
+    request: RedeemInput,
+    keyring: KeyRing,
+    caller: Caller,
+    *,
+    needs_key: bool = True,
+    lookup: CodeLookup | None = None,
+    code_checked: bool = False,
+) -> RedeemCommand:
     """A RedeemCommand for a well-formed request of this caller: InvalidRequest listing every bad field, or
-    PermissionDenied when the caller's key is bound to another store or terminal."""
+    PermissionDenied when the caller's key is bound to another store or terminal. `lookup`: the code's, already
+    found (an imported code); `code_checked`: the code is known not to exist, check the rest only (the command
+    returned then has no use)."""
     violations = [
         *check_id(request.idempotency_key, "idempotency_key", 128, required=needs_key),
         *check_id(request.store_id, "store_id", 64, required=True),
@@ -116,19 +126,22 @@ def check_redeem(request: RedeemInput, keyring: KeyRing, caller: Caller, *, need
     ]
     guess = False
     try:
-        lookup = lookup_code(request.code, keyring)
+        if lookup is None and not code_checked:
+            lookup = lookup_code(request.code, keyring)
     except InvalidRequest as exc:
         violations, guess = exc.violations + violations, exc.guess
     if violations:
         # only a guess from an identifiable terminal can be counted against it
         raise InvalidRequest(violations, guess=guess and len(violations) == 1)
     check_binding(request, caller)
+    if lookup is None:
+        lookup = CodeLookup(codes.Route(0, 0), ())
     return RedeemCommand(
         lookup=lookup,
         client_id=caller.client_id,
         brand_id=caller.brand_id,
         idempotency_key=request.idempotency_key,
-        fingerprint=fingerprint(request, lookup.refs[0].ref),
+        fingerprint=fingerprint(request, lookup.refs[0].ref if lookup.refs else ""),
         store_id=request.store_id,
         terminal_id=request.terminal_id,
         customer_device_id=request.customer_device_id,

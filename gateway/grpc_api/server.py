@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from redis.asyncio import Redis
 
 from gateway import keys, risk_facts
+from gateway.campaigns.lookup import CodeDirectory
 from gateway.campaigns.reversal import Reversals
 from gateway.clock import Clock, SystemClock
 from gateway.coderefs import KeyRing
@@ -160,6 +161,7 @@ class Gateway:
             risk=RiskEngine(self.risk_facts.book) if self.risk_facts is not None else None,
             facts=self.risk_facts,
             reversals=Reversals(self.pool, self.redis, self.clock),
+            directory=CodeDirectory(self.redis, self.keyring, self._imports_codes),
         )
         self.server = grpc.aio.server(
             options=server_options(s),
@@ -238,6 +240,10 @@ class Gateway:
     async def _hot_probe(self) -> str:
         connected = self.pipelined is not None and self.pipelined.connected
         return "" if connected else "the redeem connections to Redis are reconnecting"
+
+    def _imports_codes(self, brand_id: int) -> bool:
+        brand = self.registry.registry().brand(brand_id)
+        return brand is not None and brand.imports_codes
 
     async def _registry_probe(self) -> str:
         try:

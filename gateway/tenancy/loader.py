@@ -29,7 +29,7 @@ class Table(Generic[T]):
 
 
 def _brand(r: asyncpg.Record) -> Brand:
-    return Brand(r["id"], r["slug"], r["name"], Status(r["status"]))
+    return Brand(r["id"], r["slug"], r["name"], Status(r["status"]), r["imports_codes"])
 
 
 def _store(r: asyncpg.Record) -> Store:
@@ -64,7 +64,7 @@ def _risk_policy(r: asyncpg.Record) -> RiskPolicyRow:
     return RiskPolicyRow(r["brand_id"], r["campaign_id"], json.loads(r["document"]))
 
 
-BRANDS = Table("brands", "brand", "id, slug, name, status", _brand)
+BRANDS = Table("brands", "brand", "id, slug, name, status, imports_codes", _brand)
 STORES = Table(
     "stores", "store", "id, brand_id, external_id, name, latitude, longitude, time_zone, status, radius_m", _store
 )  # fmt: skip

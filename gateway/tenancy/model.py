@@ -42,6 +42,9 @@ class Brand:
     slug: str
     name: str
     status: Status
+    # has imported codes (gateway/campaigns/directory.py): a code that is not a generated one is looked up in
+    # the brand's directory - one more round trip, for this brand's requests only
+    imports_codes: bool = False
 
 
 @dataclass(frozen=True, slots=True)
