@@ -22,11 +22,11 @@ META_PYTHON_ONLY = ("shards", "cur")
 # rgw:{c.s}:budget: this shard's share of the budget ("" / absent = no limit) and what it granted.
 #   n, v     the shard's share of the count and value budgets
 #   un, uv   count and face value granted and not reversed (redeem adds, reverse subtracts)
-#   red      redemptions granted (never decreases); rev  reversals; iss  codes loaded into this shard
+#   rev      reversals (redemptions granted = un + rev); iss  codes loaded into this shard
 #   o:<id>   a budget transfer out of this shard in flight: "<count>|<value>|<to shard>" (lua/budget_move.lua)
 #   i:<id>   a transfer received (kept, so a retried transfer is never received twice)
 BUDGET = ("n", "v", "un", "uv")
-BUDGET_COUNTERS = ("red", "rev", "iss")
+BUDGET_COUNTERS = ("rev", "iss")
 
 # A code's own state hash (rgw:{c.s}:code:<ref>), as redeem.lua reads it with one HMGET per candidate key; the
 # overrides (uses, vf, vu, fv, dev) exist only for a code whose rules differ from its campaign's.

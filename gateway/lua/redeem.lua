@@ -77,7 +77,7 @@ a replay (the first call was), IDEMPOTENCY_MISMATCH (a fault, not a decision), N
 only the campaign its text claims, and another brand's code must change nothing), RISK_DENIED and THROTTLED
 (recorded as risk events). Items are tallied in Lua and written once per reason per call; the key gets its expiry
 (STATS_TTL_MS, relative - never from the injected clock, which need not agree with Redis') once, when a write
-finds it without one. The budget counters (un, uv, red) are likewise written once per call.
+finds it without one. The budget counters (un, uv) are likewise written once per call.
 
 Reply: one array per item {status, uses_left, redemption_id, at_ms, use_number, replayed, rule, reason, scope,
 retry_ms, shadow}; status is one of REDEEMED, REDEEMABLE, ALREADY_REDEEMED, NOT_FOUND, EXPIRED, NOT_YET_VALID,
@@ -322,11 +322,10 @@ local function write_counters()
   for _, reason in ipairs(tallied) do redis.call('HINCRBY', KEYS[3], reason, tally[reason]) end
   -- PTTL is a read (nothing for the AOF): the expiry is written once per key, when a write finds it without one.
   if #tallied > 0 and redis.call('PTTL', KEYS[3]) == -1 then redis.call('PEXPIRE', KEYS[3], STATS_TTL_MS) end
-  if new_n > 0 then
-    redis.call('HINCRBY', KEYS[4], 'un', new_n)
-    redis.call('HINCRBY', KEYS[4], 'red', new_n)
-    if new_v > 0 then redis.call('HINCRBY', KEYS[4], 'uv', new_v) end
-  end
+  -- The totals were read at the start of this atomic call: one HSET of both writes them exactly, and costs the AOF
+  -- one command where HINCRBYs would cost two.
+  if new_v > 0 then redis.call('HSET', KEYS[4], 'un', granted_n + new_n, 'uv', granted_v + new_v)
+  elseif new_n > 0 then redis.call('HSET', KEYS[4], 'un', granted_n + new_n) end
 end
 
 local replies = {}
