@@ -320,8 +320,12 @@ def markdown(report: dict[str, Any]) -> str:
                           for s in variant["results"]["ramp"])  # fmt: skip
         lines.append(f"- **{name}**: {steps}")
     for run in report.get("redis", {}).get("runs", []):
-        lines.append(f"- **redis EVALSHA redeem, pipeline {run['pipeline']}**: {run['rps']:,.0f} calls/s, "
+        rules = "every campaign rule on" if run.get("rules") else "no campaign rules"
+        lines.append(f"- **redis EVALSHA redeem, pipeline {run['pipeline']}, {rules}**: {run['rps']:,.0f} calls/s, "
                      f"p50 {run['p50_ms']} ms, p99 {run['p99_ms']} ms, Redis CPU {run['redis_cpu_us_per_call']} µs/call")  # fmt: skip  # noqa: E501
+    for pipeline, ratio in (report.get("redis", {}).get("rules_cpu_ratio") or {}).items():
+        lines.append(f"- **campaign rules' cost, pipeline {pipeline}**: Redis CPU per call with every rule on / none: "
+                     f"{ratio}x")  # fmt: skip
     lines += ["", "![throughput and p99 against offered load](loadtest/results/bench.png)"]
     return "\n".join(lines)
 
