@@ -14,7 +14,10 @@ Where each figure comes from:
 - risk denials: `risk_events` (enforced denials of Redeem attempts on the campaign's codes), as far as the
   ledger writer has recorded them;
 - the outbox lag: the campaign shards' outbox streams and the writer's consumer group, ages by Redis' own clock
-  (the clock that stamped the entry ids).
+  (the clock that stamped the entry ids);
+- the campaign's status (active or paused) and its live counters - codes loaded, redemptions granted and
+  reversed, budget used and left - from the shards' budget hashes (gateway/campaigns/stats.py, as
+  GetCampaignStats shows them).
 
 An unknown code (CODE_NOT_FOUND) is not attributable to a campaign: a code that was never issued names only the
 campaign its text claims (a guesser chooses it), so the script does not count it anywhere here.
@@ -34,8 +37,10 @@ import asyncpg
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
-from gateway import issuance, keys
-from gateway.ledger.events import PoisonEntry, decode_event
+from gateway import keys
+from gateway.campaigns import stats
+from gateway.campaigns.model import Campaign, get_campaign
+from gateway.ledger.events import VERSION_FIELD, PoisonEntry, decode_event
 
 # The reasons the decision counters hold, declines after the redemption (lua/redeem.lua "Decision counters").
 REDEEMED = "REDEEMED"
@@ -48,6 +53,8 @@ DECLINE_WINDOWS = (5, 60)  # minutes, also the risk denials'
 # Outbox entries read per call to count the redemptions waiting exactly; beyond it (a long Postgres outage) the
 # rest are counted as redemptions without reading them, and the figure is marked approximate.
 MAX_ENTRIES_READ = 100_000
+# The outbox fields of a redemption event, current format first (a reversal event is not a redemption).
+_REDEMPTION_FORMATS = (VERSION_FIELD, "v2", "v1")
 _PAGE = 1000
 
 
@@ -102,7 +109,7 @@ class OutboxLag:
 
 @dataclass(frozen=True, slots=True)
 class CampaignStatus:
-    campaign: issuance.Campaign
+    campaign: Campaign
     brand_slug: str
     brand_name: str
     now_ms: int
@@ -111,6 +118,7 @@ class CampaignStatus:
     declines: tuple[Window, ...]
     risk_denials: tuple[Window, ...]
     outbox: OutboxLag
+    live: stats.CampaignStats
 
     @property
     def state(self) -> str:
@@ -129,7 +137,7 @@ def _at(ms: int) -> datetime:
 
 async def campaign_status(conn: asyncpg.Connection, redis: Redis, campaign_id: int, *, now_ms: int) -> CampaignStatus:
     """The status of a campaign as of `now_ms`; LookupError when there is no such campaign."""
-    campaign = await issuance.get_campaign(conn, campaign_id)
+    campaign = await get_campaign(conn, campaign_id)
     brand = await conn.fetchrow("SELECT slug, name FROM brands WHERE id = $1", campaign.brand_id)
     shards = range(campaign.shards)
     # Redis before Postgres: an outbox entry read here and committed by the writer since is found in the ledger
@@ -137,6 +145,7 @@ async def campaign_status(conn: asyncpg.Connection, redis: Redis, campaign_id: i
     waiting, unread, dead = await _outbox_redemptions(redis, campaign.id, campaign.shards)
     lag = await _outbox_lag(redis, campaign.id, campaign.shards)
     minutes = await _minute_counts(redis, campaign.id, shards, now_ms)
+    live = await stats.campaign_stats(redis, campaign, now_ms=now_ms)
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         issued = await conn.fetchval("SELECT count(*) FROM issued_codes WHERE campaign_id = $1", campaign.id)
         in_ledger = await conn.fetchval("SELECT count(*) FROM redemptions WHERE campaign_id = $1", campaign.id)
@@ -160,6 +169,7 @@ async def campaign_status(conn: asyncpg.Connection, redis: Redis, campaign_id: i
         declines=tuple(_window(minutes, n, now_ms) for n in DECLINE_WINDOWS),
         risk_denials=tuple(_risk_window(risk, n, now_ms) for n in DECLINE_WINDOWS),
         outbox=lag,
+        live=live,
     )
 
 
@@ -224,7 +234,7 @@ async def _read_ids(redis: Redis, stream: str, into: set[str], budget: int) -> t
         count = min(_PAGE, budget)
         entries: Any = await redis.xrange(stream, min=start, count=count)
         for entry_id, fields in entries:
-            if "v2" in fields or "v1" in fields:
+            if any(version in fields for version in _REDEMPTION_FORMATS):
                 into.add(_redemption_id(stream, entry_id, fields))
         budget -= len(entries)
         read += len(entries)
@@ -252,9 +262,7 @@ async def _recorded(conn: asyncpg.Connection, ids: Sequence[str]) -> set[str]:
     return {row["id"] for row in rows}
 
 
-async def _risk_denials(
-    conn: asyncpg.Connection, campaign: issuance.Campaign, now_ms: int
-) -> list[tuple[str, datetime]]:
+async def _risk_denials(conn: asyncpg.Connection, campaign: Campaign, now_ms: int) -> list[tuple[str, datetime]]:
     """Enforced risk denials of Redeem attempts on the campaign's codes (by its brand's callers) in the widest
     window, as (reason, at)."""
     since = _at(_since_ms(max(DECLINE_WINDOWS), now_ms))
@@ -322,8 +330,10 @@ def to_json(status: CampaignStatus) -> dict[str, object]:
             "id": c.id, "name": c.name, "brand_id": c.brand_id, "brand_slug": status.brand_slug,
             "brand_name": status.brand_name, "valid_from": _iso(_ms(c.valid_from)),
             "valid_until": _iso(_ms(c.valid_until)), "state": status.state, "uses_per_code": c.uses_per_code,
-            "shards": c.shards,
+            "shards": c.shards, "status": c.status, "budget_count": c.budget_count, "budget_value": c.budget_value,
+            "currency": c.currency,
         },
+        "counters": stats.counters_json(status.live.total),
         "budget": {
             "issued_codes": b.issued_codes, "uses_issued": b.uses_issued, "uses_redeemed": b.uses_redeemed,
             "percent": b.percent, "in_ledger": b.in_ledger, "in_outbox": b.in_outbox,
@@ -378,6 +388,19 @@ def _windows(windows: Sequence[Window]) -> str:
     return "; ".join(f"{w.minutes} min since {_iso(w.since_ms)} ({_duration(w.seconds)})" for w in windows)
 
 
+def _live_lines(status: CampaignStatus) -> list[str]:
+    c, t = status.campaign, status.live.total
+    count = "no limit" if c.budget_count is None else f"{t.budget_count_left:,} left of {c.budget_count:,}"
+    value = "no limit" if c.budget_value is None else f"{t.budget_value_left:,} left of {c.budget_value:,}"
+    return [
+        "live counters (Redis)",
+        f"  codes loaded   {t.issued:,}",
+        f"  redeemed       {t.redeemed:,} (reversed {t.reversed:,})",
+        f"  budget count   {t.budget_count_used:,} used; {count}",
+        f"  budget value   {t.budget_value_used:,} used; {value}" + (f" ({c.currency})" if c.currency else ""),
+    ]
+
+
 def render(status: CampaignStatus) -> str:
     """The status as an operator reads it."""
     c, b, lag = status.campaign, status.budget, status.outbox
@@ -387,8 +410,11 @@ def render(status: CampaignStatus) -> str:
         f"campaign {c.id} {c.name!r}   brand {c.brand_id} {status.brand_slug} ({status.brand_name})   "
         f"as of {_iso(status.now_ms)}",
         f"  valid          {_iso(_ms(c.valid_from))} .. {_iso(_ms(c.valid_until))} ({status.state})",
+        f"  status         {c.status}",
         f"  uses per code  {c.uses_per_code}",
         f"  shards         {c.shards}",
+        "",
+        *_live_lines(status),
         "",
         "budget",
         f"  issued codes   {b.issued_codes:,}",

@@ -9,22 +9,29 @@ brand the caller acts:
 Another brand's entity is NotFoundError inside admin_store, exactly like a missing one. Connections and the
 announcement of each committed change are admin_access.py's. Keys are never logged. Risk policies are
 admin_risk.py's; lockouts (in Redis, on the gateway's client) lockouts.py's - both always for one named brand.
+Campaigns and store groups are admin_campaigns.py's (gateway/campaigns/admin.py), on the gateway's Redis.
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from functools import partial
 
 import asyncpg
 import grpc
+from google.rpc import code_pb2
 from redis.asyncio import Redis
 
+from gateway.campaigns.issuance import IssuanceError, IssuanceIncomplete
+from gateway.clock import Clock, SystemClock
+from gateway.coderefs import KeyRing
 from gateway.domain import Caller, PermissionDenied
 from gateway.grpc_api import admin_messages as msg
 from gateway.grpc_api.admin_access import RegistryAccess
+from gateway.grpc_api.admin_campaigns import CampaignRpcs
 from gateway.grpc_api.auth import ALL_BRANDS, BRAND_METADATA, current_caller
-from gateway.grpc_api.errors import rpc_boundary
+from gateway.grpc_api.errors import fault_for, request_id_of, rpc_boundary, status_for, to_status
 from gateway.grpc_api.stream_replies import send_limit
 from gateway.pb.redemption.v1 import admin_pb2 as pb
 from gateway.pb.redemption.v1 import admin_pb2_grpc as pb_grpc
@@ -103,22 +110,35 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         rotation_grace: timedelta,
         reply_limit: int,
         risk_redis: Redis | None = None,
+        keyring: KeyRing,
+        clock: Clock | None = None,
     ) -> None:
         self._registry = RegistryAccess(pool, redis)
         self._redis = risk_redis or redis  # where the risk engine's lockouts live (RGW_RISK_REDIS_URL)
         self._key_env = key_env
         self._rotation_grace = rotation_grace
         self._budget = reply_limit - 64  # room for the reply's own fields beside its list
+        self._campaigns = CampaignRpcs(self._registry, pool, redis, keyring=keyring, clock=clock or SystemClock(),
+                                       reply_budget=self._budget)  # fmt: skip
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, pool: asyncpg.Pool, redis: Redis, risk_redis: Redis | None = None
+        cls,
+        settings: Settings,
+        pool: asyncpg.Pool,
+        redis: Redis,
+        risk_redis: Redis | None = None,
+        *,
+        keyring: KeyRing | None = None,
+        clock: Clock | None = None,
     ) -> AdminServicer:
-        """The servicer of a gateway: new keys in RGW_KEY_ENV, replies within the server's send limit."""
+        """The servicer of a gateway: new keys in RGW_KEY_ENV, replies within the server's send limit, codes of
+        new campaigns and batches under `keyring` (default: the settings'), campaign statistics on `clock`
+        (default: the wall clock)."""
         grace = timedelta(seconds=settings.key_rotation_grace_seconds)
         limit = send_limit(settings.max_message_bytes, settings.stream_max_items)
         return cls(pool, redis, key_env=settings.key_env, rotation_grace=grace, reply_limit=limit,
-                   risk_redis=risk_redis)  # fmt: skip
+                   risk_redis=risk_redis, keyring=keyring or settings.keyring(), clock=clock)  # fmt: skip
 
     async def close(self) -> None:
         """Stop announcing committed changes in the background."""
@@ -352,6 +372,67 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
             scope=request.scope, subject=request.subject,
         ))  # fmt: skip
         return pb.LiftLockoutResponse(lifted=lifted)
+
+    # --------------------------------------------------------------------------------------------- campaigns
+
+    @rpc_boundary
+    async def CreateCampaign(
+        self, request: pb.CreateCampaignRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateCampaignResponse:
+        caller = current_caller()
+        return await self._campaigns.create(request, actor=_actor(caller), brand_id=_brand_to_create_in(caller))
+
+    @rpc_boundary
+    async def UpdateCampaign(
+        self, request: pb.UpdateCampaignRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UpdateCampaignResponse:
+        caller = current_caller()
+        return await self._campaigns.update(request, actor=_actor(caller), brand_id=_scope(caller))
+
+    @rpc_boundary
+    async def SetCampaignStatus(
+        self, request: pb.SetCampaignStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SetCampaignStatusResponse:
+        caller = current_caller()
+        return await self._campaigns.set_status(request, actor=_actor(caller), brand_id=_scope(caller))
+
+    @rpc_boundary
+    async def ListCampaigns(
+        self, request: pb.ListCampaignsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListCampaignsResponse:
+        return await self._campaigns.list_page(request, brand_id=_scope(current_caller()))
+
+    @rpc_boundary
+    async def GetCampaignStats(
+        self, request: pb.GetCampaignStatsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetCampaignStatsResponse:
+        return await self._campaigns.stats(request, brand_id=_scope(current_caller()))
+
+    @rpc_boundary
+    async def SetStoreGroup(
+        self, request: pb.SetStoreGroupRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SetStoreGroupResponse:
+        caller = current_caller()
+        return await self._campaigns.set_store_group(request, actor=_actor(caller), brand_id=_named_brand(caller))
+
+    async def GenerateCodes(
+        self, request: pb.GenerateCodesRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateCodesResponse]:
+        """A server stream: the boundary is here, not rpc_boundary (which wraps unary calls). Issued but not all
+        loaded is UNAVAILABLE (`rgw codes resume` finishes it); a batch still loading or a key not configured is
+        FAILED_PRECONDITION."""
+        try:
+            caller = current_caller()
+            async for reply in self._campaigns.generate(request, actor=_actor(caller), brand_id=_scope(caller)):
+                yield reply
+        except grpc.aio.AbortError:
+            raise
+        except IssuanceIncomplete as exc:
+            await context.abort_with_status(to_status(code_pb2.UNAVAILABLE, str(exc)))
+        except IssuanceError as exc:
+            await context.abort_with_status(to_status(code_pb2.FAILED_PRECONDITION, str(exc)))
+        except Exception as exc:
+            await context.abort_with_status(status_for(fault_for(exc, request_id_of(context))))
 
 
 def register_admin_service(server: grpc.aio.Server, servicer: AdminServicer) -> None:

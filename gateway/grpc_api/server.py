@@ -180,7 +180,9 @@ class Gateway:
             self._risk_task = asyncio.create_task(
                 risk_facts.maintain(self.risk_facts, self.pool, self.risk_redis or self.redis, s.risk_upkeep_seconds)
             )
-        self.admin = AdminServicer.from_settings(s, self.pool, self.redis, self.risk_redis)
+        self.admin = AdminServicer.from_settings(
+            s, self.pool, self.redis, self.risk_redis, keyring=self.keyring, clock=self.clock
+        )
         register_admin_service(self.server, self.admin)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

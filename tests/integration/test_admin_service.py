@@ -14,10 +14,12 @@ from typing import Any
 import asyncpg
 import grpc
 import pytest
-from google.protobuf import duration_pb2, json_format
+from google.protobuf import duration_pb2, field_mask_pb2, json_format, timestamp_pb2
 from google.protobuf.message import Message
 from redis.asyncio import Redis
 
+from gateway import issuance
+from gateway.coderefs import KeyRing
 from gateway.grpc_api.client_auth import authenticated_channel
 from gateway.pb.redemption.v1 import admin_pb2 as pb
 from gateway.pb.redemption.v1 import admin_pb2_grpc as pb_grpc
@@ -25,7 +27,8 @@ from gateway.pb.redemption.v1 import redemption_pb2 as rpb
 from gateway.pb.redemption.v1 import redemption_pb2_grpc as rpb_grpc
 from gateway.tenancy import admin_store
 from gateway.tenancy.model import Store, Terminal
-from tests.integration.conftest import Issue, RunningGateway
+from tests.conftest import T0_MS
+from tests.integration.conftest import DAY_MS, Issue, RunningGateway, at
 from tests.integration.grpc_helpers import field_violations
 from tests.integration.registry_helpers import registry_state
 
@@ -47,7 +50,11 @@ async def admin_as(gateway: RunningGateway, name: str, **extra: str) -> AsyncIte
 
 async def outcome(call: Awaitable[Any]) -> grpc.StatusCode:
     try:
-        await call
+        if isinstance(call, grpc.aio.UnaryStreamCall):  # a server stream: read it to its end
+            async for _ in call:
+                pass
+        else:
+            await call
     except grpc.aio.AioRpcError as error:
         return error.code()
     return OK
@@ -107,8 +114,12 @@ async def spare_client(db: asyncpg.Connection) -> str:
 # ------------------------------------------------------------------------------------------- who may call what
 
 
-def every_rpc(store: Store, terminal: Terminal, client_id: str, tag: str) -> list[tuple[str, Message]]:
-    """One valid request for each AdminService method, unique per `tag`."""
+def every_rpc(
+    store: Store, terminal: Terminal, client_id: str, tag: str, campaign_id: int
+) -> list[tuple[str, Message]]:
+    """One valid request for each AdminService method, unique per `tag` (`campaign_id`: one of brand 1's)."""
+    day = pb.Campaign(name=f"campaign {tag}", valid_from=timestamp_pb2.Timestamp(seconds=T0_MS // 1000),
+                      valid_until=timestamp_pb2.Timestamp(seconds=T0_MS // 1000 + 86_400))  # fmt: skip
     return [
         ("CreateBrand", pb.CreateBrandRequest(slug=f"brand-{tag}", name="A brand")),
         ("ListBrands", pb.ListBrandsRequest()),
@@ -131,6 +142,14 @@ def every_rpc(store: Store, terminal: Terminal, client_id: str, tag: str) -> lis
         ("GetRiskPolicy", pb.GetRiskPolicyRequest()),
         ("ListLockouts", pb.ListLockoutsRequest()),
         ("LiftLockout", pb.LiftLockoutRequest(scope="terminal", subject="store-1/till-1")),
+        ("CreateCampaign", pb.CreateCampaignRequest(campaign=day)),
+        ("UpdateCampaign", pb.UpdateCampaignRequest(campaign=pb.Campaign(id=campaign_id, name=f"renamed {tag}"),
+                                                    update_mask=field_mask_pb2.FieldMask(paths=["name"]))),
+        ("SetCampaignStatus", pb.SetCampaignStatusRequest(campaign_id=campaign_id, status=pb.CAMPAIGN_STATUS_ACTIVE)),
+        ("ListCampaigns", pb.ListCampaignsRequest()),
+        ("GetCampaignStats", pb.GetCampaignStatsRequest(campaign_id=campaign_id)),
+        ("GenerateCodes", pb.GenerateCodesRequest(campaign_id=campaign_id, count=1)),
+        ("SetStoreGroup", pb.SetStoreGroupRequest(name=f"group-{tag}", stores=["store-1"])),
     ]  # fmt: skip
 
 
@@ -144,9 +163,13 @@ EXPECTED = {
 
 
 @pytest.mark.parametrize("role", EXPECTED)
-async def test_role_by_admin_rpc_matrix(gateway: RunningGateway, db: asyncpg.Connection, role: str) -> None:
+async def test_role_by_admin_rpc_matrix(
+    gateway: RunningGateway, db: asyncpg.Connection, redis: Redis, keyring: KeyRing, role: str
+) -> None:
     tenants = gateway.tenants
-    calls = every_rpc(tenants.store, tenants.terminal, await spare_client(db), role)
+    campaign = await issuance.create_campaign(db, redis, keyring, name="matrix", valid_from=at(T0_MS),
+                                              valid_until=at(T0_MS + DAY_MS))  # fmt: skip
+    calls = every_rpc(tenants.store, tenants.terminal, await spare_client(db), role, campaign.id)
     assert {method for method, _ in calls} == set(pb.DESCRIPTOR.services_by_name["AdminService"].methods_by_name)
     extra = {"x_rgw_brand": "1"} if role == "platform" else {}
     before = await registry_state(db)

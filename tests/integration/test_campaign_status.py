@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
@@ -15,6 +16,7 @@ from redis.asyncio import Redis
 
 from gateway import codes, keys
 from gateway.campaign_status import campaign_status, render, to_json
+from gateway.campaigns import admin
 from gateway.clock import ManualClock
 from gateway.coderefs import KeyRing
 from gateway.domain import Caller, IdempotencyConflict, ItemFailure, Outcome, RedeemInput
@@ -239,7 +241,10 @@ async def test_the_command_prints_the_status_as_text_and_json(
         "as_of": "str",
         "campaign": {"id": "int", "name": "str", "brand_id": "int", "brand_slug": "str", "brand_name": "str",
                      "valid_from": "str", "valid_until": "str", "state": "str", "uses_per_code": "int",
-                     "shards": "int"},
+                     "shards": "int", "status": "str", "budget_count": "NoneType", "budget_value": "NoneType",
+                     "currency": "NoneType"},
+        "counters": {"issued": "int", "redeemed": "int", "reversed": "int", "budget_count_used": "int",
+                     "budget_count_left": "NoneType", "budget_value_used": "int", "budget_value_left": "NoneType"},
         "budget": {"issued_codes": "int", "uses_issued": "int", "uses_redeemed": "int", "percent": "float",
                    "in_ledger": "int", "in_outbox": "int", "dead_lettered": "int", "approximate": "bool"},
         "rate": {"1m": {"since": "str", "seconds": "float", "redemptions": "int", "per_second": "float"},
@@ -267,6 +272,7 @@ async def test_the_command_prints_the_status_as_text_and_json(
     text = rgw(env, "campaign", "status", str(issued.campaign.id))
     assert text.returncode == 0, text.stderr
     assert "uses redeemed  1 = 50.00%" in text.stdout and "CODE_NOT_FOUND" in text.stdout
+    assert "status         active" in text.stdout and "budget count   1 used; no limit" in text.stdout
 
 
 def test_an_unknown_campaign_is_a_clear_message_and_exit_1(redis_url: str, migrated: str) -> None:
@@ -274,3 +280,31 @@ def test_an_unknown_campaign_is_a_clear_message_and_exit_1(redis_url: str, migra
     assert result.returncode == 1
     assert result.stderr.strip() == "rgw: no campaign 987654" and "Traceback" not in result.stderr
     assert result.stdout == ""
+
+
+async def test_the_status_shows_a_pause_and_the_budget_from_the_live_counters(
+    db: asyncpg.Connection, redis: Redis
+) -> None:
+    start = datetime.fromtimestamp(T0_MS / 1000, UTC)
+    made = await admin.create_campaign(
+        db, redis, actor="tests", brand_id=1, key_id="k2", fields={
+            "name": "budgeted", "valid_from": start, "valid_until": start.replace(month=start.month + 1),
+            "shards": 2, "budget_count": 10, "budget_value": 1_000, "face_value": 100, "currency": "CNY",
+        },
+    )  # fmt: skip
+    cid = made.value.id
+    await admin.set_status(db, redis, actor="tests", brand_id=1, campaign_id=cid, status="paused")
+    await redis.hset(keys.budget_key(cid, 0), mapping={"un": 3, "uv": 300, "red": 4, "rev": 1, "iss": 20})
+    await redis.hset(keys.budget_key(cid, 1), mapping={"un": 1, "uv": 100, "red": 1, "iss": 20})
+
+    status = await campaign_status(db, redis, cid, now_ms=T0_MS)
+    report: Any = to_json(status)
+    assert report["campaign"]["status"] == "paused"
+    assert (report["campaign"]["budget_count"], report["campaign"]["currency"]) == (10, "CNY")
+    assert report["counters"] == {
+        "issued": 40, "redeemed": 5, "reversed": 1, "budget_count_used": 4, "budget_count_left": 6,
+        "budget_value_used": 400, "budget_value_left": 600,
+    }  # fmt: skip
+    text = render(status)
+    assert "status         paused" in text and "budget count   4 used; 6 left of 10" in text
+    assert "budget value   400 used; 600 left of 1,000 (CNY)" in text
