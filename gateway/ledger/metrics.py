@@ -5,12 +5,18 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 ROWS_WRITTEN = Counter("rgw_ledger_rows_written_total", "Redemptions newly recorded in the ledger")
+REVERSALS_WRITTEN = Counter("rgw_ledger_reversals_written_total", "Reversals newly recorded in the ledger")
 RISK_EVENTS_WRITTEN = Counter("rgw_ledger_risk_events_written_total", "Risk events newly recorded in risk_events")
 DUPLICATES = Counter(
-    "rgw_ledger_duplicates_total", "Redelivered outbox events (redemptions or risk events) that were already recorded"
+    "rgw_ledger_duplicates_total",
+    "Redelivered outbox events (redemptions, reversals or risk events) that were already recorded",
 )
 DOUBLE_SPENDS = Counter(
     "rgw_ledger_double_spend_alarms_total", "Different redemption ids recorded for one code use (double spend)"
+)
+REVERSAL_ALARMS = Counter(
+    "rgw_ledger_reversal_alarms_total",
+    "Different reversal ids recorded for one redemption (the second is an alarm row, never a second reversal)",
 )
 DEAD_LETTERS = Counter("rgw_ledger_dead_letters_total", "Outbox entries moved to a dead-letter stream")
 WRITE_RETRIES = Counter("rgw_ledger_write_retries_total", "Batches retried because Postgres failed")

@@ -1,21 +1,24 @@
 """The ledger in Postgres: one transaction per batch, COPY into a staging table, idempotent inserts.
 
-A batch may mix redemptions and risk events (from the brands' risk-event streams); both kinds are committed in
-the batch's one transaction, each through its own staging table, and a kind absent from the batch costs nothing.
-A redelivered event (same redemption id; for a risk event, same brand and stream entry id) never becomes a
-second row. A *different* redemption id for a code use already in the ledger is a double spend: it is recorded
-(it was acknowledged to a POS, so it happened) and raised as an alarm row - never dropped.
+A batch may mix redemptions, reversals and risk events (from the brands' risk-event streams); all kinds are
+committed in the batch's one transaction, each through its own staging table, and a kind absent from the batch
+costs nothing. Redemptions are written before reversals, so a redemption and its reversal in one batch both land.
+A redelivered event (same redemption id; same reversal id; for a risk event, same brand and stream entry id)
+never becomes a second row. A *different* redemption id for a code use already in the ledger is a double spend:
+it is recorded (it was acknowledged to a POS, so it happened) and raised as an alarm row - never dropped. A
+*different* reversal id for a redemption already reversed is a reversal alarm: the redemption stays reversed
+once (reversals.redemption_id is UNIQUE), the second reversal becomes a reversal_alarms row.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import asyncpg
 
-from gateway.ledger.events import COLUMNS, LedgerRow
+from gateway.ledger.events import COLUMNS, REVERSAL_COLUMNS, LedgerRow, ReversalRow
 from gateway.ledger.risk_events import RISK_COLUMNS, RiskEventRow
 
 _STAGING = """
@@ -64,6 +67,31 @@ SELECT {_RISK_COLUMN_LIST} FROM risk_staging
 ON CONFLICT (brand_id, stream_id) DO NOTHING"""  # noqa: S608
 
 
+_REVERSAL_STAGING = """
+CREATE TEMP TABLE IF NOT EXISTS reversal_staging
+    (LIKE reversals INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"""
+
+_REVERSAL_COLUMN_LIST = ", ".join(REVERSAL_COLUMNS)
+
+# No conflict target: a row is skipped when its reversal_id is recorded (a redelivery) AND when its redemption
+# is reversed already under another id (left for _REVERSAL_ALARMS). Within one batch the first of two reversals of
+# one redemption wins (DO NOTHING sees rows the same statement inserted). Column names come from ReversalRow.
+_REVERSAL_INSERT = f"""
+INSERT INTO reversals ({_REVERSAL_COLUMN_LIST})
+SELECT {_REVERSAL_COLUMN_LIST} FROM reversal_staging
+ON CONFLICT DO NOTHING"""  # noqa: S608
+
+# Staged reversals of a redemption the ledger holds under another reversal id. Redelivered, an alarm is not
+# raised twice (conflicting_reversal_id is UNIQUE); RETURNING gives only the new ones.
+_REVERSAL_ALARMS = """
+INSERT INTO reversal_alarms (redemption_id, first_reversal_id, conflicting_reversal_id)
+SELECT s.redemption_id, r.reversal_id, s.reversal_id
+FROM reversal_staging s
+JOIN reversals r ON r.redemption_id = s.redemption_id AND r.reversal_id <> s.reversal_id
+ON CONFLICT (conflicting_reversal_id) DO NOTHING
+RETURNING redemption_id, first_reversal_id, conflicting_reversal_id"""
+
+
 @dataclass(frozen=True, slots=True)
 class Alarm:
     """A double spend: two redemption ids for one code use."""
@@ -76,6 +104,24 @@ class Alarm:
 
 
 @dataclass(frozen=True, slots=True)
+class ReversalAlarm:
+    """Two reversal ids for one redemption: the first is the ledger's, the conflicting one an alarm."""
+
+    redemption_id: uuid.UUID
+    first_reversal_id: uuid.UUID
+    conflicting_reversal_id: uuid.UUID
+
+
+@dataclass(frozen=True, slots=True)
+class ReversalResult:
+    """What one batch's reversals did to the ledger."""
+
+    inserted: int = 0
+    duplicates: int = 0
+    alarms: list[ReversalAlarm] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
 class BatchResult:
     """What one batch did to the ledger."""
 
@@ -84,19 +130,27 @@ class BatchResult:
     alarms: list[Alarm]
     risk_inserted: int = 0
     risk_duplicates: int = 0
+    reversals: ReversalResult = field(default_factory=ReversalResult)
 
 
 async def write_batch(
-    conn: asyncpg.Connection, rows: Sequence[LedgerRow], risk_rows: Sequence[RiskEventRow] = ()
+    conn: asyncpg.Connection,
+    rows: Sequence[LedgerRow],
+    risk_rows: Sequence[RiskEventRow] = (),
+    reversal_rows: Sequence[ReversalRow] = (),
 ) -> BatchResult:
-    """Record redemptions (distinct redemption ids) and risk events in one transaction; safe to repeat."""
-    staging = [sql for sql, wanted in ((_STAGING, rows), (_RISK_STAGING, risk_rows)) if wanted]
+    """Record redemptions (distinct redemption ids), then reversals (distinct reversal ids), and risk events in
+    one transaction; safe to repeat."""
+    kinds = ((_STAGING, rows), (_REVERSAL_STAGING, reversal_rows), (_RISK_STAGING, risk_rows))
+    staging = [sql for sql, wanted in kinds if wanted]
     if staging:
         await conn.execute(";".join(staging))  # outside the transaction: created once per connection
     async with conn.transaction():
         result = await _write_redemptions(conn, rows) if rows else BatchResult(0, 0, [])
+        reversals = await _write_reversals(conn, reversal_rows) if reversal_rows else ReversalResult()
         risk_inserted = await _write_risk_events(conn, risk_rows) if risk_rows else 0
-    return BatchResult(result.inserted, result.duplicates, result.alarms, risk_inserted, len(risk_rows) - risk_inserted)
+    return BatchResult(result.inserted, result.duplicates, result.alarms, risk_inserted,
+                       len(risk_rows) - risk_inserted, reversals)  # fmt: skip
 
 
 async def _write_redemptions(conn: asyncpg.Connection, rows: Sequence[LedgerRow]) -> BatchResult:
@@ -107,8 +161,20 @@ async def _write_redemptions(conn: asyncpg.Connection, rows: Sequence[LedgerRow]
     return BatchResult(inserted=len(results), duplicates=len(rows) - len(results), alarms=alarms)
 
 
+async def _write_reversals(conn: asyncpg.Connection, rows: Sequence[ReversalRow]) -> ReversalResult:
+    await conn.copy_records_to_table("reversal_staging", records=rows, columns=REVERSAL_COLUMNS)
+    inserted = _row_count(await conn.execute(_REVERSAL_INSERT))
+    # Everything staged was new: no alarm is possible, and the common batch pays no second statement.
+    alarms = [] if inserted == len(rows) else [ReversalAlarm(*a) for a in await conn.fetch(_REVERSAL_ALARMS)]
+    return ReversalResult(inserted, len(rows) - inserted - len(alarms), alarms)
+
+
 async def _write_risk_events(conn: asyncpg.Connection, rows: Sequence[RiskEventRow]) -> int:
     """Newly recorded risk events; a redelivered entry (same brand and stream id) is skipped."""
     await conn.copy_records_to_table("risk_staging", records=rows, columns=RISK_COLUMNS)
-    status: str = await conn.execute(_RISK_INSERT)  # "INSERT 0 <rows>"
+    return _row_count(await conn.execute(_RISK_INSERT))
+
+
+def _row_count(status: str) -> int:
+    """The rows an INSERT command tag ("INSERT 0 <rows>") reports."""
     return int(status.rsplit(" ", 1)[1])

@@ -1,5 +1,6 @@
-"""`rgw writer`: moves redemption events from the Redis outboxes into the Postgres ledger, and risk events from
-the brands' risk-event streams into risk_events (the directory lists both; an entry's field says its kind).
+"""`rgw writer`: moves redemption and reversal events from the Redis outboxes into the Postgres ledger, and risk
+events from the brands' risk-event streams into risk_events (the directory lists both; an entry's field says its
+kind).
 
 At-least-once delivery (consumer groups; entries of dead consumers reclaimed with XAUTOCLAIM) plus idempotent
 inserts make the ledger exactly-once. An entry is acknowledged only after its batch committed. While Postgres is
@@ -21,7 +22,7 @@ import asyncpg
 from redis import exceptions as redis_errors
 
 from gateway.ledger import metrics
-from gateway.ledger.events import LedgerRow, PoisonEntry, parse
+from gateway.ledger.events import LedgerRow, PoisonEntry, ReversalRow, is_reversal_entry, parse, parse_reversal
 from gateway.ledger.outbox import Entry, Outbox
 from gateway.ledger.risk_events import RiskEventRow, is_risk_entry, parse_risk_event
 from gateway.ledger.store import BatchResult, write_batch
@@ -30,7 +31,7 @@ log = logging.getLogger("rgw.writer")
 # Failures of the connection (retry the same batch later) versus failures of the data (isolate the bad row).
 _CONNECTION_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
                       asyncpg.CannotConnectNowError, asyncpg.AdminShutdownError)  # fmt: skip
-Row = LedgerRow | RiskEventRow
+Row = LedgerRow | ReversalRow | RiskEventRow
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,8 +192,9 @@ class LedgerWriter:
 
     def _account(self, result: BatchResult, size: int, seconds: float) -> None:
         metrics.ROWS_WRITTEN.inc(result.inserted)
-        metrics.DUPLICATES.inc(result.duplicates + result.risk_duplicates)
+        metrics.DUPLICATES.inc(result.duplicates + result.risk_duplicates + result.reversals.duplicates)
         metrics.RISK_EVENTS_WRITTEN.inc(result.risk_inserted)
+        metrics.REVERSALS_WRITTEN.inc(result.reversals.inserted)
         metrics.BATCH_ROWS.observe(size)
         metrics.BATCH_SECONDS.observe(seconds)
         for alarm in result.alarms:
@@ -201,6 +203,12 @@ class LedgerWriter:
                 "DOUBLE SPEND: code_ref %s use %d of campaign %d has redemptions %s and %s",
                 alarm.code_ref.hex()[:12], alarm.use_number, alarm.campaign_id,
                 alarm.first_redemption_id, alarm.conflicting_redemption_id,
+            )  # fmt: skip
+        for reversal in result.reversals.alarms:
+            metrics.REVERSAL_ALARMS.inc()
+            log.error(
+                "SECOND REVERSAL: redemption %s is reversed by %s; reversal %s was not applied twice",
+                reversal.redemption_id, reversal.first_reversal_id, reversal.conflicting_reversal_id,
             )  # fmt: skip
 
     async def _write_one_by_one(self, entries: Sequence[Entry], rows: dict[tuple[str, str], Row]) -> None:
@@ -248,22 +256,27 @@ def _parse_all(entries: Sequence[Entry]) -> tuple[dict[tuple[str, str], Row], li
 
 
 def _parse(entry: Entry) -> Row:
-    """An entry's row by its format field: any stream in the directory may hold either kind."""
+    """An entry's row by its format field: any stream in the directory may hold any kind."""
     if is_risk_entry(entry.fields):
         return parse_risk_event(entry.id, entry.fields)
+    if is_reversal_entry(entry.fields):
+        return parse_reversal(entry.id, entry.fields)
     return parse(entry.id, entry.fields)
 
 
-def _by_kind(rows: list[Row]) -> tuple[list[LedgerRow], list[RiskEventRow]]:
-    """Redemptions and risk events apart, each in batch order."""
+def _by_kind(rows: list[Row]) -> tuple[list[LedgerRow], list[RiskEventRow], list[ReversalRow]]:
+    """Redemptions, risk events and reversals apart, each in batch order (write_batch's argument order)."""
     ledger: list[LedgerRow] = []
     risk: list[RiskEventRow] = []
+    reversals: list[ReversalRow] = []
     for row in rows:
-        if isinstance(row, RiskEventRow):
-            risk.append(row)
-        else:
+        if isinstance(row, LedgerRow):
             ledger.append(row)
-    return ledger, risk
+        elif isinstance(row, ReversalRow):
+            reversals.append(row)
+        else:
+            risk.append(row)
+    return ledger, risk, reversals
 
 
 async def _sleep_unless(stop: asyncio.Event | None, seconds: float) -> None:

@@ -67,7 +67,7 @@ async def test_redemption_reaches_the_ledger_with_every_field(
         "d-7",
         f"{client}/t-3",
     )
-    assert (row["client_id"], row["brand_id"]) == (client, 1)
+    assert (row["client_id"], row["brand_id"], row["face_value"]) == (client, 1, 0)  # v3: the face value counted
     assert (row["latitude"], row["longitude"], row["accuracy_m"]) == (31.2304, 121.4737, 12.5)
     assert int(row["redeemed_at"].timestamp() * 1000) == T0_MS
     assert len(row["fingerprint"]) == 32 and row["idempotency_scope"].startswith("i:")
