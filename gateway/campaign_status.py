@@ -40,7 +40,7 @@ from redis.asyncio import Redis
 from gateway import keys
 from gateway.campaigns import stats
 from gateway.campaigns.model import Campaign, get_campaign
-from gateway.ledger.events import VERSION_FIELD, PoisonEntry, decode_event
+from gateway.ledger.events import FORMATS, PoisonEntry, decode_event
 
 # The reasons the decision counters hold, declines after the redemption (lua/redeem.lua "Decision counters").
 REDEEMED = "REDEEMED"
@@ -54,7 +54,7 @@ DECLINE_WINDOWS = (5, 60)  # minutes, also the risk denials'
 # rest are counted as redemptions without reading them, and the figure is marked approximate.
 MAX_ENTRIES_READ = 100_000
 # The outbox fields of a redemption event, current format first (a reversal event is not a redemption).
-_REDEMPTION_FORMATS = (VERSION_FIELD, "v2", "v1")
+_REDEMPTION_FORMATS = tuple(FORMATS)  # every redemption event format (a reversal "x1" is not one)
 _PAGE = 1000
 
 

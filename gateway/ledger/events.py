@@ -20,7 +20,7 @@ EVENT_FIELDS_V1 = ("rid", "ref", "kid", "cid", "shard", "use", "at", "fp", "call
 EVENT_FIELDS_V2 = (*EVENT_FIELDS_V1, "client", "brand")
 EVENT_FIELDS = layout.EVENT_V3
 VERSION_FIELD = "v3"
-_FORMATS = {"v3": EVENT_FIELDS, "v2": EVENT_FIELDS_V2, "v1": EVENT_FIELDS_V1}
+FORMATS = {"v3": EVENT_FIELDS, "v2": EVENT_FIELDS_V2, "v1": EVENT_FIELDS_V1}  # redemption events, newest first
 _OLD_DEFAULTS = {"client": "", "brand": "1", "fv": "0"}
 REQUIRED = ("rid", "ref", "kid", "cid", "shard", "use", "at", "fp", "caller", "store", "term", "brand")
 
@@ -130,7 +130,7 @@ def encode_event(event: Mapping[str, str]) -> dict[str, str]:
 def decode_event(fields: Mapping[str, str]) -> dict[str, str]:
     """The redemption event held by an outbox entry (v3, v2 or v1); PoisonEntry when it is not in a known format
     (a reversal event included: see decode_reversal_event)."""
-    for version, names in _FORMATS.items():
+    for version, names in FORMATS.items():
         packed = fields.get(version)
         if packed is not None:
             values = packed.split("|")

@@ -54,6 +54,8 @@ WRITER_METRICS: frozenset[str] = frozenset(
         "rgw_ledger_risk_events_written_total",
         "rgw_ledger_duplicates_total",
         "rgw_ledger_double_spend_alarms_total",
+        "rgw_ledger_reversal_alarms_total",
+        "rgw_ledger_reversals_written_total",
         "rgw_ledger_dead_letters_total",
         "rgw_ledger_write_retries_total",
         "rgw_ledger_reclaimed_entries_total",

@@ -26,7 +26,7 @@ from gateway import codes, keys
 from gateway.coderefs import KeyRing
 from gateway.dev.servers import free_port
 from gateway.grpc_api.client_auth import authenticated_channel
-from gateway.ledger.events import decode_event
+from gateway.ledger.events import decode_event, is_reversal_entry
 from gateway.pb.redemption.v1 import redemption_pb2 as pb
 from gateway.pb.redemption.v1 import redemption_pb2_grpc as pb_grpc
 from gateway.tenancy import admin_risk, admin_store
@@ -339,7 +339,7 @@ async def held_already_in_ledger(redis: Redis, conn: asyncpg.Connection, stream:
     rids = []
     for entry in held:
         found: Any = await redis.xrange(stream, entry["message_id"], entry["message_id"])
-        rids += [decode_event(fields)["rid"] for _, fields in found]
+        rids += [decode_event(fields)["rid"] for _, fields in found if not is_reversal_entry(fields)]
     query = "SELECT count(*) FROM redemptions WHERE redemption_id = ANY($1::uuid[])"
     return int(await conn.fetchval(query, rids))
 

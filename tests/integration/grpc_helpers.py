@@ -22,7 +22,7 @@ from gateway.dev.servers import RedisServer
 from gateway.durability import mark_initialised
 from gateway.grpc_api.client_auth import authenticated_channel
 from gateway.grpc_api.server import Gateway
-from gateway.ledger.events import decode_event
+from gateway.ledger.events import decode_event, is_reversal_entry
 from gateway.pb.redemption.v1 import redemption_pb2 as pb
 from gateway.redis_store import connect
 from gateway.settings import Settings
@@ -94,7 +94,7 @@ def without_decision_counts(snapshot: Mapping[str, object]) -> dict[str, object]
 async def outbox_events(redis: Redis, campaign_id: int, shard: int = 0) -> list[dict[str, str]]:
     """The events in a campaign shard's outbox, oldest first, decoded."""
     entries: Any = await redis.xrange(keys.outbox_key(campaign_id, shard))
-    return [decode_event(fields) for _, fields in entries]
+    return [decode_event(fields) for _, fields in entries if not is_reversal_entry(fields)]
 
 
 async def health_status(channel: grpc.aio.Channel, service: str = "") -> int:
