@@ -54,6 +54,10 @@ bench: setup
 bench-writer: setup
 	$(BIN)/python -m loadtest.bench_writer
 
+# Issuance: codes generated and loaded per second end to end for 1,000,000 codes, and Redis bytes per code.
+bench-issuance: setup
+	$(BIN)/python -m loadtest.bench_issuance $(BENCH_ISSUANCE_ARGS)
+
 # Locust scenarios (launch peak, hot codes, attacker, mixed) against a throw-away local stack, 30 s by default;
 # CSV and HTML reports in loadtest/results/. E.g. LOADTEST_ARGS="--users 80 --duration 120 --scenarios LaunchPeak".
 loadtest: setup

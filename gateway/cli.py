@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import re
 import signal
 import sys
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from datetime import UTC, datetime
 
 import asyncpg
 import uvloop
@@ -17,7 +15,9 @@ from redis.asyncio import Redis
 
 from gateway import issuance, logs
 from gateway.admin_cli import add_registry_commands
+from gateway.campaign_cli import add_campaign_commands
 from gateway.client_cli import add_client_commands
+from gateway.codes_cli import add_codes_commands
 from gateway.db.migrate import MigrationError, migrate
 from gateway.durability import DurabilityError, is_initialised
 from gateway.rebuild import rebuild_redis
@@ -62,58 +62,6 @@ async def _with_stores(
     finally:
         await redis.aclose()
         await conn.close()
-
-
-async def _campaign_create(args: argparse.Namespace, settings: Settings) -> int:
-    keyring = settings.keyring()
-
-    async def create(conn: asyncpg.Connection, redis: object) -> int:
-        campaign = await issuance.create_campaign(
-            conn, redis, keyring,  # type: ignore[arg-type]
-            name=args.name, valid_from=args.valid_from, valid_until=args.valid_until,
-            uses_per_code=args.uses_per_code, shards=args.shards, brand_id=args.brand,
-        )  # fmt: skip
-        print(campaign.id)
-        return 0
-
-    return await _with_stores(settings, create)
-
-
-def _device_id(text: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", text):
-        raise argparse.ArgumentTypeError("1 to 128 characters of [A-Za-z0-9._:-]")
-    return text
-
-
-async def _codes_generate(args: argparse.Namespace, settings: Settings) -> int:
-    keyring = settings.keyring()
-
-    async def generate(conn: asyncpg.Connection, redis: object) -> int:
-        campaign = await issuance.get_campaign(conn, args.campaign)
-        n = await issuance.issue_codes(
-            conn,
-            redis,  # type: ignore[arg-type]
-            keyring,
-            campaign,
-            count=args.count,
-            out=args.out,
-            bound_device=args.device,
-        )
-        print(f"issued {n} codes for campaign {campaign.id} into {args.out}", file=sys.stderr)
-        return 0
-
-    return await _with_stores(settings, generate)
-
-
-async def _codes_load(args: argparse.Namespace, settings: Settings) -> int:
-    async def load(conn: asyncpg.Connection, redis: object) -> int:
-        campaign = await issuance.get_campaign(conn, args.campaign)
-        await issuance.load_campaign(redis, campaign)  # type: ignore[arg-type]
-        n = await issuance.load_codes(conn, redis, campaign_id=campaign.id)  # type: ignore[arg-type]
-        print(f"loaded {n} codes of campaign {campaign.id} into Redis", file=sys.stderr)
-        return 0
-
-    return await _with_stores(settings, load)
 
 
 class NotInitialised(RuntimeError):
@@ -164,46 +112,11 @@ def _positive(text: str) -> int:
     return value
 
 
-async def _campaign_status(args: argparse.Namespace, settings: Settings) -> int:
-    from gateway.campaign_status import show
-    from gateway.clock import SystemClock
-
-    async def run(conn: asyncpg.Connection, redis: Redis) -> int:
-        print(await show(conn, redis, args.campaign, now_ms=SystemClock().now_ms(), as_json=args.json))
-        return 0
-
-    return await _with_stores(settings, run, needs_initialised=False)
-
-
 def _add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sub.add_parser("serve", help="serve the gRPC API").set_defaults(run=_serve)
     sub.add_parser("migrate", help="apply pending database migrations").set_defaults(run=_migrate)
-    campaign = sub.add_parser("campaign", help="campaigns").add_subparsers(dest="action", required=True)
-    create = campaign.add_parser("create", help="create a campaign; prints its id")
-    create.add_argument("--name", required=True)
-    now = datetime.now(UTC).replace(microsecond=0)
-    create.add_argument("--valid-from", type=_when, default=now, help="ISO 8601 (default: now)")
-    create.add_argument(
-        "--valid-until", type=_when, default=now + timedelta(days=30), help="ISO 8601 (default: +30 days)"
-    )
-    create.add_argument("--uses-per-code", type=_positive, default=1)
-    create.add_argument("--shards", type=_positive, default=1, help="campaign shards (Redis hash tags)")
-    create.add_argument("--brand", type=_positive, default=1, help="the brand's id (default: the default brand, 1)")
-    create.set_defaults(run=_campaign_create)
-    status = campaign.add_parser("status", help="a launch's figures: budget, rate, declines, risk denials, outbox lag")
-    status.add_argument("campaign", type=_positive, help="the campaign's id")
-    status.add_argument("--json", action="store_true", help="machine output: one JSON object")
-    status.set_defaults(run=_campaign_status)
-    code_cmds = sub.add_parser("codes", help="codes").add_subparsers(dest="action", required=True)
-    gen = code_cmds.add_parser("generate", help="issue new codes; plaintext goes only to --out")
-    gen.add_argument("--campaign", type=_positive, required=True)
-    gen.add_argument("--count", type=_positive, required=True)
-    gen.add_argument("--out", type=Path, required=True)
-    gen.add_argument("--device", type=_device_id, help="bind every code of this batch to one customer device")
-    gen.set_defaults(run=_codes_generate)
-    load = code_cmds.add_parser("load", help="(re)load a campaign's issued codes from Postgres into Redis")
-    load.add_argument("--campaign", type=_positive, required=True)
-    load.set_defaults(run=_codes_load)
+    add_campaign_commands(sub)  # rgw campaign ..., rgw store-group ... (gateway/campaign_cli.py)
+    add_codes_commands(sub)  # rgw codes generate|import|resume|load (gateway/codes_cli.py)
     sub.add_parser("writer", help="move outbox events into the Postgres ledger").set_defaults(run=_writer)
     sub.add_parser("rebuild-redis", help="restore Redis from Postgres and mark it initialised").set_defaults(
         run=_rebuild

@@ -1,16 +1,20 @@
-"""Campaigns and code issuance: Postgres first (the system of record), then Redis (live state).
+"""Campaigns and code issuance, as the rest of the tree calls them: Postgres first (the system of record), then
+Redis (live state). The work is in gateway/campaigns/: codegen.py (codes in bulk), issuance.py (batches:
+generation, resume), importing.py (brand-supplied codes), loader.py (the compact Redis layout) and directory.py
+(imported codes' routes).
 
-The plaintext of a code exists only in the output file the operator asked for; Postgres and Redis hold its
-code_ref. Codes are loaded into Redis in pipelined batches, from Postgres, by the same function that restores a
-Redis that lost its data - so issuing and rebuilding cannot drift apart.
+The plaintext of a code exists only in the output the operator asked for (a 0600 file here, or the RPC's
+stream); Postgres and Redis hold its code_ref. Codes are loaded into Redis by the same loader that restores a
+Redis that lost its data, so issuing and rebuilding cannot drift apart.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -18,35 +22,46 @@ from typing import Any
 import asyncpg
 from redis.asyncio import Redis
 
-from gateway import codes, keys
+from gateway import codes
+from gateway.campaigns import loader, model, publish
+from gateway.campaigns.issuance import (
+    BatchCommitted,
+    BatchDone,
+    BatchesLoading,
+    IssuanceError,
+    IssuanceIncomplete,
+    generate_stream,
+)
+from gateway.campaigns.model import Campaign
+from gateway.campaigns.schedule import hours_to_json
 from gateway.coderefs import KeyRing
-from gateway.ledger.outbox import ensure_group
 from gateway.tenancy.model import DEFAULT_BRAND_ID
 
-COPY_BATCH = 10_000
-REDIS_BATCH = 1_000
+__all__ = [
+    "BatchesLoading",
+    "Campaign",
+    "IssuanceError",
+    "IssuanceIncomplete",
+    "create_campaign",
+    "get_campaign",
+    "issue_codes",
+    "issue_to_file",
+    "load_campaign",
+    "load_codes",
+]
+
+# Campaign fields create_campaign takes as keyword arguments, by column (the rest are columns by the same name).
+_RULE_COLUMNS = {"reversal_window_s": "reversal_window_seconds"}
+_RULES = ("status", "valid_days", "budget_count", "budget_value", "face_value", "currency", "time_zone",
+          "redemption_hours", "allowed_stores", "allowed_store_groups", "reversal_window_s")  # fmt: skip
 
 
-class IssuanceIncomplete(RuntimeError):
-    """Codes were recorded in Postgres (and written out) but are not redeemable until loaded into Redis."""
-
-
-@dataclass(frozen=True, slots=True)
-class Campaign:
-    """A campaign's rules as Postgres records them."""
-
-    id: int
-    name: str
-    valid_from: datetime
-    valid_until: datetime
-    uses_per_code: int
-    shards: int
-    key_id: str
-    brand_id: int
-
-
-def _ms(moment: datetime) -> int:
-    return int(moment.timestamp() * 1000)
+def _rule_value(name: str, value: Any) -> object:
+    if name == "redemption_hours":
+        return json.dumps(hours_to_json(value))
+    if name in ("allowed_stores", "allowed_store_groups"):
+        return list(value)
+    return value
 
 
 async def create_campaign(
@@ -60,94 +75,110 @@ async def create_campaign(
     uses_per_code: int = 1,
     shards: int = 1,
     brand_id: int = DEFAULT_BRAND_ID,
+    **rules: object,
 ) -> Campaign:
-    """Record a campaign of `brand_id` and publish its rules to every shard in Redis."""
+    """Record a campaign of `brand_id` and publish its rules to every shard in Redis. `rules` are further Campaign
+    fields (budget_count=..., face_value=..., currency=..., redemption_hours=(HoursWindow, ...), ...), unchecked:
+    the administration API (gateway/campaigns/admin.py) is the checked way."""
     if shards > codes.MAX_SHARDS:
         raise ValueError(f"at most {codes.MAX_SHARDS} shards")
-    row = await conn.fetchrow(
-        """INSERT INTO campaigns (name, valid_from, valid_until, uses_per_code, shards, key_id, brand_id)
-           VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING *""",
-        name, valid_from, valid_until, uses_per_code, shards, keyring.active_id, brand_id,
-    )  # fmt: skip
-    campaign = _campaign(row)
+    unknown = sorted(set(rules) - set(_RULES))
+    if unknown:
+        raise TypeError(f"not campaign rules: {', '.join(unknown)}")
+    columns = ["name", "valid_from", "valid_until", "uses_per_code", "shards", "key_id", "brand_id"]
+    values: list[object] = [name, valid_from, valid_until, uses_per_code, shards, keyring.active_id, brand_id]
+    for rule, value in rules.items():
+        columns.append(_RULE_COLUMNS.get(rule, rule))
+        values.append(_rule_value(rule, value))
+    placeholders = ", ".join(f"${n}" for n in range(1, len(values) + 1))
+    query = f"INSERT INTO campaigns ({', '.join(columns)}) VALUES ({placeholders}) RETURNING *"  # noqa: S608 - names are constants
+    campaign = model.from_row(await conn.fetchrow(query, *values))
     if campaign.id > codes.MAX_CAMPAIGN_ID:
         raise ValueError("campaign ids are exhausted for this code layout")
-    await load_campaign(redis, campaign)
+    await publish.publish_from_postgres(conn, redis, campaign)
     return campaign
-
-
-def _campaign(row: asyncpg.Record) -> Campaign:
-    return Campaign(
-        id=row["id"],
-        name=row["name"],
-        valid_from=row["valid_from"],
-        valid_until=row["valid_until"],
-        uses_per_code=row["uses_per_code"],
-        shards=row["shards"],
-        key_id=row["key_id"],
-        brand_id=row["brand_id"],
-    )
 
 
 async def get_campaign(conn: asyncpg.Connection, campaign_id: int) -> Campaign:
     """A campaign by id; LookupError when there is none."""
-    row = await conn.fetchrow("SELECT * FROM campaigns WHERE id = $1", campaign_id)
-    if row is None:
-        raise LookupError(f"no campaign {campaign_id}")
-    return _campaign(row)
+    return await model.get_campaign(conn, campaign_id)
 
 
 async def load_campaign(redis: Redis, campaign: Campaign) -> None:
-    """Write the campaign's rules into each shard's meta hash and register its outboxes with the writer."""
-    for shard in range(campaign.shards):
-        await ensure_group(redis, keys.outbox_key(campaign.id, shard))
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.sadd(keys.OUTBOXES, *(keys.outbox_key(campaign.id, shard) for shard in range(campaign.shards)))
-        for shard in range(campaign.shards):
-            pipe.hset(
-                keys.meta_key(campaign.id, shard),
-                mapping={
-                    "vf": _ms(campaign.valid_from),
-                    "vu": _ms(campaign.valid_until),
-                    "shards": campaign.shards,
-                    "uses": campaign.uses_per_code,
-                    # the script answers another brand's caller as if the campaign did not exist
-                    "brand": campaign.brand_id,
-                },
-            )
-        await pipe.execute()
+    """Publish the campaign's rules to every shard (gateway/campaigns/publish.py; a restricted store list needs
+    publish_from_postgres)."""
+    await publish.publish(redis, campaign)
 
 
-def _batches(
-    campaign: Campaign, keyring: KeyRing, count: int, batch_id: uuid.UUID, bound_device: str | None
-) -> Iterator[tuple[list[str], list[tuple[Any, ...]]]]:
-    """Codes in batches: their plaintext and their issued_codes rows (shards chosen at random)."""
-    for start in range(0, count, COPY_BATCH):
-        plain: list[str] = []
-        rows: list[tuple[Any, ...]] = []
-        for _ in range(min(COPY_BATCH, count - start)):
-            shard = int.from_bytes(os.urandom(4), "big") % campaign.shards
-            code = codes.generate(codes.Route(campaign.id, shard))
-            ref = keyring.ref(campaign.key_id, campaign.id, code)
-            plain.append(code)
-            rows.append((
-                bytes.fromhex(ref.ref), campaign.key_id, campaign.id, shard, campaign.uses_per_code,
-                campaign.valid_from, campaign.valid_until, batch_id, bound_device,
-            ))  # fmt: skip
-        yield plain, rows
+async def load_codes(
+    conn: asyncpg.Connection, redis: Redis, *, campaign_id: int, batch_id: uuid.UUID | None = None
+) -> int:
+    """Load the issued codes of a campaign (or one batch) from Postgres into Redis, with their overrides and the
+    directory entries of imported ones; returns the codes loaded. Never resets a code's state, and counts each
+    code once in `iss`, so it is safe on a Redis that holds some or all of them already."""
+    loaded = await loader.load_from_postgres(conn, redis, campaign_id=campaign_id, batch_id=batch_id)
+    return loaded.codes
 
 
-_CODE_COLUMNS = [
-    "code_ref",
-    "key_id",
-    "campaign_id",
-    "shard",
-    "uses",
-    "valid_from",
-    "valid_until",
-    "batch_id",
-    "bound_device",
-]
+def _open_exclusive(path: Path) -> int:
+    """A new file of mode 0600 (never an existing one: a file of codes is never overwritten)."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise FileExistsError(
+            f"{path} exists; refusing to overwrite a file of codes (an interrupted run left it: its codes were issued "
+            "only if that run's batch committed - see `rgw codes resume` - otherwise it can be deleted)"
+        ) from None
+
+
+async def issue_to_file(
+    conn: asyncpg.Connection,
+    redis: Redis,
+    keyring: KeyRing,
+    campaign: Campaign,
+    *,
+    count: int,
+    out: Path,
+    face_value: int | None = None,
+    bound_device: str | None = None,
+    actor: str = "",
+    on_generated: Callable[[int], None] | None = None,
+    on_loaded: Callable[[int], None] | None = None,
+) -> BatchDone:
+    """Issue a batch of `count` codes with their plaintext in `out` (one a line, mode 0600): written to
+    `<out>.partial`, synced, and renamed to `out` right after the batch commits - so an interrupted run leaves
+    either no codes at all (the partial file removed, when the process lives to do it) or committed codes in
+    `out`. FileExistsError when `out` (or a partial file of an earlier run) exists."""
+    if os.path.lexists(out):  # noqa: ASYNC240 - a CLI command: nothing else runs on this loop
+        raise FileExistsError(f"{out} exists; refusing to overwrite a file of codes")
+    partial = out.with_name(out.name + ".partial")
+    handle = os.fdopen(_open_exclusive(partial), "wb")
+    committed = False
+    try:
+        written = 0
+        stream = generate_stream(conn, redis, keyring, campaign, count, face_value=face_value,
+                                 bound_device=bound_device, actor=actor, progress=on_loaded)  # fmt: skip
+        async with contextlib.aclosing(stream):
+            async for item in stream:
+                if isinstance(item, list):
+                    handle.write(("\n".join(item) + "\n").encode("ascii"))
+                    written += len(item)
+                    if written == count:  # the last chunk: durable before the commit that follows
+                        handle.flush()
+                        os.fsync(handle.fileno())
+                    if on_generated is not None:
+                        on_generated(len(item))
+                elif isinstance(item, BatchCommitted):
+                    handle.close()
+                    partial.rename(out)
+                    committed = True
+                else:
+                    return item
+        raise IssuanceError("the batch ended without being loaded")  # generate_stream always ends with BatchDone
+    finally:
+        handle.close()
+        if not committed:
+            partial.unlink(missing_ok=True)
 
 
 async def issue_codes(
@@ -159,77 +190,10 @@ async def issue_codes(
     count: int,
     out: Path,
     bound_device: str | None = None,
+    face_value: int | None = None,
 ) -> int:
     """Issue `count` new codes: plaintext to `out` (one per line, mode 0600), code_refs to Postgres and Redis.
     With `bound_device`, each code is bound to that customer device (the device_binding rule enforces it)."""
-    if os.path.lexists(out):  # noqa: ASYNC240 - a CLI command: nothing else runs on this loop
-        raise FileExistsError(f"{out} exists; refusing to overwrite a file of codes")
-    batch_id = uuid.uuid4()
-    partial = out.with_name(out.name + ".partial")
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            async with conn.transaction():
-                for plain, rows in _batches(campaign, keyring, count, batch_id, bound_device):
-                    await conn.copy_records_to_table("issued_codes", records=rows, columns=_CODE_COLUMNS)
-                    handle.write("\n".join(plain) + "\n")
-        # Committed: the codes exist, so their plaintext must survive even if loading Redis fails below.
-        partial.rename(out)
-    finally:
-        partial.unlink(missing_ok=True)
-    try:
-        await load_codes(conn, redis, campaign_id=campaign.id, batch_id=batch_id)
-    except Exception as exc:
-        raise IssuanceIncomplete(
-            f"{count} codes were issued and written to {out}, but loading them into Redis failed ({exc}); "
-            f"run `rgw codes load --campaign {campaign.id}` to finish"
-        ) from exc
-    return count
-
-
-async def load_codes(
-    conn: asyncpg.Connection, redis: Redis, *, campaign_id: int, batch_id: uuid.UUID | None = None
-) -> int:
-    """Load issued codes from Postgres into Redis in pipelined batches. Never resets a code's counters, so it
-    is safe on a Redis that already holds some of them."""
-    query = (
-        "SELECT code_ref, key_id, shard, uses, valid_from, valid_until, bound_device, issued_at FROM issued_codes"
-        " WHERE campaign_id = $1"
-    )
-    args: list[object] = [campaign_id]
-    if batch_id is not None:
-        query += " AND batch_id = $2"
-        args.append(batch_id)
-    loaded = 0
-    async with conn.transaction():
-        cursor = await conn.cursor(query, *args)
-        while rows := await cursor.fetch(REDIS_BATCH):
-            await _load_batch(redis, campaign_id, rows)
-            loaded += len(rows)
-    return loaded
-
-
-async def _load_batch(redis: Redis, campaign_id: int, rows: list[asyncpg.Record]) -> None:
-    async with redis.pipeline(transaction=False) as pipe:
-        for row in rows:
-            ref = row["code_ref"].hex()
-            pipe.hsetnx(
-                keys.bucket_key(campaign_id, row["shard"], ref),
-                keys.bucket_field(ref),
-                int(row["issued_at"].timestamp()),
-            )
-            key = keys.code_key(campaign_id, row["shard"], ref)
-            overrides = {
-                name: value
-                for name, value in (
-                    ("uses", row["uses"]),
-                    ("vf", row["valid_from"] and _ms(row["valid_from"])),
-                    ("vu", row["valid_until"] and _ms(row["valid_until"])),
-                )
-                if value is not None
-            }
-            if overrides:
-                pipe.hset(key, mapping=overrides)
-            if row["bound_device"] is not None:  # never replaces a binding the code already has
-                pipe.hsetnx(key, "dev", row["bound_device"])
-        await pipe.execute()
+    done = await issue_to_file(conn, redis, keyring, campaign, count=count, out=out, bound_device=bound_device,
+                               face_value=face_value)  # fmt: skip
+    return done.codes

@@ -159,6 +159,11 @@ class RedisServer(Managed):
             *("--save", ""),
             *("--appendonly", "yes" if opts.appendonly else "no", "--appendfsync", opts.appendfsync),
             *("--maxmemory-policy", "noeviction", "--protected-mode", "no"),
+            # Issued codes live in 65,536 bucket hashes per campaign shard (gateway/keys.py), ~30 bytes a code while
+            # a bucket stays a listpack. At Redis' default of 128 entries the fullest buckets of a shard turn into
+            # hash tables (~3x the memory) past ~5 million codes; 512 keeps them compact to ~25 million a shard, and
+            # a listpack of 512 short fields is still scanned in microseconds.
+            *("--hash-max-listpack-entries", "512"),
             *opts.extra_args,
         ]
 
