@@ -82,8 +82,8 @@ async def _writer(args: argparse.Namespace, settings: Settings) -> int:
 async def _rebuild(args: argparse.Namespace, settings: Settings) -> int:
     async def rebuild(conn: asyncpg.Connection, redis: Redis) -> int:
         report = await rebuild_redis(conn, redis)
-        print(f"restored {report.campaigns} campaigns, {report.codes} codes, {report.uses_restored} uses; "
-              "Redis is initialised")  # fmt: skip
+        print(f"restored {report.campaigns} campaigns, {report.codes} codes, {report.uses_restored} uses, "
+              f"{report.reversals_restored} reversals; Redis is initialised")  # fmt: skip
         return 0
 
     return await _with_stores(settings, rebuild, needs_initialised=False)
@@ -93,13 +93,8 @@ async def _reconcile(args: argparse.Namespace, settings: Settings) -> int:
     async def run(conn: asyncpg.Connection, redis: Redis) -> int:
         report = await reconcile(conn, redis, args.campaign, repair=args.repair)
         print(report.summary())
-        for use in report.missing_in_ledger[:20]:
-            print(f"  missing in ledger: code_ref {use.code_ref[:12]} use {use.use_number} ({use.redemption_id})")
-        for use in report.missing_in_redis[:20]:
-            print(f"  missing in Redis: code_ref {use.code_ref[:12]} use {use.use_number} ({use.redemption_id})")
-        for mine, theirs in report.conflicting[:20]:
-            print(f"  conflicting: code_ref {mine.code_ref[:12]} use {mine.use_number}: Redis {mine.redemption_id}, "
-                  f"ledger {theirs.redemption_id}")  # fmt: skip
+        for line in report.details():
+            print(line)
         return 1 if report.discrepancies else 0
 
     return await _with_stores(settings, run, needs_initialised=False)

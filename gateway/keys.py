@@ -12,7 +12,7 @@ call can do the whole redemption, on a single Redis and unchanged on Redis Clust
     rgw:{c42.0}:b:<bucket>         hash   issued codes, compactly: field = characters BUCKET_CHARS..REF_CHARS
                                           of the code_ref, value = the code's issue time in seconds (the bucket
                                           is the code_ref's first BUCKET_CHARS hex characters: small hashes
-                                          stay listpacks, ~30 bytes a code instead of ~200 for a key per code)
+                                          stay listpacks, ~38 bytes a code instead of ~200 for a key per code)
     rgw:{c42.0}:code:<code_ref>    hash   one code's own state, once it has any: its overrides of the campaign's
                                           rules (uses, vf, vu, fv, dev), counters, use records (u:<n>), reversal
                                           records (x:<n>) and idempotency records (i:/r:<scope>) - see

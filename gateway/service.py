@@ -244,9 +244,7 @@ class RedemptionService:
         if self._reversals is None:
             raise NotReady("reversals are not served by this gateway")
         result = await self._reversals.reverse(request, caller)
-        log.info(
-            "reverse redemption=%s outcome=%s replayed=%s", request.redemption_id, result.outcome, result.replayed
-        )
+        log.info("reverse redemption=%s outcome=%s replayed=%s", request.redemption_id, result.outcome, result.replayed)
         return result
 
     def _require_ready(self) -> None:

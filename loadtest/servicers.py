@@ -39,7 +39,10 @@ CREATE TABLE IF NOT EXISTS peer_redemptions (
 """
 LOAD_PEER_CODES = """
 INSERT INTO peer_codes (code_ref, campaign_id, uses, valid_from, valid_until)
-SELECT code_ref, campaign_id, uses, valid_from, valid_until FROM issued_codes WHERE campaign_id = $1
+SELECT ic.code_ref, ic.campaign_id, COALESCE(ic.uses, c.uses_per_code), COALESCE(ic.valid_from, c.valid_from),
+       COALESCE(ic.valid_until, c.valid_until)
+FROM issued_codes ic JOIN campaigns c ON c.id = ic.campaign_id  -- NULL: the code follows its campaign's rule
+WHERE ic.campaign_id = $1
 ON CONFLICT DO NOTHING"""
 
 

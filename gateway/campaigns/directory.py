@@ -46,7 +46,7 @@ class Entry:
 async def find_route(redis: Redis, keyring: KeyRing, brand_id: int, normalised_code: str) -> Route | None:
     """The route of the brand's imported code (normalised, see codes.normalise_imported), or None: one HGET per
     key of the keyring, pipelined in one round trip (an import hashes with its campaign's key, which may no longer
-    be the active one). The request path's gateway/campaigns/lookup.py does the same, with Redis errors wrapped."""
+    be the active one). The request path calls it through gateway/campaigns/lookup.py."""
     refs = keyring.dir_candidates(brand_id, normalised_code)
     async with redis.pipeline(transaction=False) as pipe:
         for ref in refs:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from redis.asyncio import Redis
 
-from gateway import keys
+from gateway.campaigns.directory import find_route
 from gateway.coderefs import KeyRing
 from gateway.codes import Route
 from gateway.script_calls import wrap_errors
@@ -25,14 +25,5 @@ class CodeDirectory:
     async def find(self, brand_id: int, code: str) -> Route | None:
         """The route of the brand's imported code `code` (normalised), or None when the brand imported no such
         code. StoreUnavailable when Redis cannot answer."""
-        refs = self._keyring.dir_candidates(brand_id, code)
         with wrap_errors():
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for ref in refs:
-                    pipe.hget(keys.directory_key(brand_id, ref.ref), keys.bucket_field(ref.ref))
-                found: list[str | None] = await pipe.execute()
-        for value in found:
-            if value:
-                campaign, _, shard = value.partition(".")
-                return Route(int(campaign), int(shard))
-        return None
+            return await find_route(self._redis, self._keyring, brand_id, code)

@@ -80,7 +80,7 @@ async def set_rules(db: asyncpg.Connection, redis: Redis, campaign_id: int, rule
     """Change a campaign's columns in Postgres and publish it, as an operator's update does."""
     values = [json.dumps(v) if name == "redemption_hours" else v for name, v in rules.items()]
     assignments = ", ".join(f"{name} = ${i}" for i, name in enumerate(rules, start=2))
-    await db.execute(f"UPDATE campaigns SET {assignments} WHERE id = $1", campaign_id, *values)  # noqa: S608
+    await db.execute(f"UPDATE campaigns SET {assignments} WHERE id = $1", campaign_id, *values)
     campaign = await get_campaign(db, campaign_id)
     await publish_from_postgres(db, redis, campaign)
     return campaign

@@ -45,7 +45,7 @@ def reverse_request(rid: str, key: str, reason: str = "REFUND") -> pb.ReverseReq
 
 
 async def redeemed(gateway: RunningGateway, code: str, key: str) -> pb.RedeemResponse:
-    response = await gateway.stub.Redeem(redeem_request(code, key))
+    response: pb.RedeemResponse = await gateway.stub.Redeem(redeem_request(code, key))
     assert response.outcome == pb.OUTCOME_REDEEMED
     return response
 

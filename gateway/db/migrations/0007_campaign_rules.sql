@@ -65,6 +65,13 @@ ALTER TABLE issued_codes
     ALTER COLUMN valid_until DROP NOT NULL,
     ADD COLUMN face_value bigint CHECK (face_value BETWEEN 0 AND 1000000000000);
 
+-- Codes issued before this migration copied their campaign's rules (campaigns could not change then): they are the
+-- campaign's, so a later change of the campaign's dates or uses applies to them too.
+UPDATE issued_codes ic SET uses = NULL, valid_from = NULL, valid_until = NULL
+FROM campaigns c
+WHERE ic.campaign_id = c.id AND ic.uses = c.uses_per_code AND ic.valid_from = c.valid_from
+  AND ic.valid_until = c.valid_until;
+
 -- Codes a brand supplied (imported): they carry no route, so a redemption finds them by their directory entry,
 -- dir_ref = HMAC(key, brand || 0x00 || normalised code) - never the plaintext. Unique per brand and key.
 CREATE TABLE code_directory (
