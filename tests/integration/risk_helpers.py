@@ -138,10 +138,10 @@ async def window_size(redis: Redis, scope: Scope, subject: str) -> int:
 
 
 async def times_used(redis: Redis, command: RedeemCommand) -> int:
-    """How many uses of the command's code were taken (its hash field `used`)."""
+    """How many uses of the command's code were taken (its hash field `used`; no hash yet: none)."""
     route = command.lookup.route
     used = await redis.hget(gateway_keys.code_key(route.campaign_id, route.shard, command.lookup.refs[0].ref), "used")
-    return int(str(used))
+    return int(used or 0)
 
 
 async def risk_events(redis: Redis) -> list[dict[str, str]]:

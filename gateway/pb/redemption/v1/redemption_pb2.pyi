@@ -348,7 +348,8 @@ class RedeemRequest(_message.Message):
     code: _builtins.str
     """The code as the customer shows it. Required, at most 64 characters: the code alphabet in either case, plus
     spaces (U+0020) and dashes (U+002D), which are ignored. Any other character - a tab, a control character, a
-    look-alike such as U+017F or a ligature, any non-ASCII character - is INVALID_ARGUMENT.
+    look-alike such as U+017F or a ligature, any non-ASCII character - is INVALID_ARGUMENT. For a brand that
+    imported codes of its own, any ASCII letter or digit is accepted too (an imported code: 4 to 64 of them).
     """
     idempotency_key: _builtins.str
     """Chosen by the caller, unique per attempt to redeem; reuse it when retrying the same attempt. Scope: the
