@@ -337,7 +337,7 @@ async def _store_group_set(s: _Session, args: argparse.Namespace) -> None:
 
 
 async def _status(args: argparse.Namespace, settings: Settings) -> int:
-    from gateway.campaign_status import show
+    from gateway.campaigns.status import show
 
     async def work(s: _Session, args: argparse.Namespace) -> None:
         print(await show(s.conn, s.redis, args.campaign, now_ms=SystemClock().now_ms(), as_json=args.json))

@@ -15,8 +15,8 @@ import pytest
 from redis.asyncio import Redis
 
 from gateway import codes, keys
-from gateway.campaign_status import campaign_status, render, to_json
 from gateway.campaigns import admin
+from gateway.campaigns.status import campaign_status, render, to_json
 from gateway.clock import ManualClock
 from gateway.coderefs import KeyRing
 from gateway.domain import Caller, IdempotencyConflict, ItemFailure, Outcome, RedeemInput
