@@ -324,8 +324,12 @@ local function write_counters()
   if #tallied > 0 and redis.call('PTTL', KEYS[3]) == -1 then redis.call('PEXPIRE', KEYS[3], STATS_TTL_MS) end
   -- The totals were read at the start of this atomic call: one HSET of both writes them exactly, and costs the AOF
   -- one command where HINCRBYs would cost two.
-  if new_v > 0 then redis.call('HSET', KEYS[4], 'un', granted_n + new_n, 'uv', granted_v + new_v)
-  elseif new_n > 0 then redis.call('HSET', KEYS[4], 'un', granted_n + new_n) end
+  -- string.format: Redis' Lua would write a number above 1e14 as "1e+14" ("%.14g").
+  if new_v > 0 then
+    redis.call('HSET', KEYS[4], 'un', string.format('%d', granted_n + new_n), 'uv', string.format('%d', granted_v + new_v))
+  elseif new_n > 0 then
+    redis.call('HSET', KEYS[4], 'un', string.format('%d', granted_n + new_n))
+  end
 end
 
 local replies = {}

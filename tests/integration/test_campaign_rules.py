@@ -176,3 +176,13 @@ async def test_a_decline_for_the_code_itself_comes_before_the_budget(
     assert (await till.redeem(issued.codes[0], T0_MS)).outcome is Outcome.ALREADY_REDEEMED
     assert (await till.redeem(issued.codes[1], T0_MS + 2 * DAY_MS)).outcome is Outcome.EXPIRED
     assert said(await till.redeem(issued.codes[1], T0_MS)) == (Outcome.BUDGET_EXHAUSTED, "BUDGET_COUNT_EXHAUSTED")
+
+
+async def test_budget_totals_above_1e14_are_written_as_integers(issue: Issue, redis: Redis, keyring: KeyRing) -> None:
+    # Redis' Lua writes a number as "%.14g": 1.01e14 would become "1.01e+14" unless the script formats it
+    issued = await issue(101, rules={"face_value": 10**12, "currency": "CNY", "budget_value": 10**15})
+    till = Till(redis, keyring)
+    for code in issued.codes:
+        assert (await till.redeem(code, T0_MS)).outcome is Outcome.REDEEMED
+    budget = await redis.hgetall(keys.budget_key(issued.campaign.id, 0))
+    assert (budget["un"], budget["uv"]) == ("101", "101000000000000")
