@@ -58,6 +58,10 @@ bench-writer: setup
 bench-issuance: setup
 	$(BIN)/python -m loadtest.bench_issuance $(BENCH_ISSUANCE_ARGS)
 
+# Inventory: secrets dispensed per second (1 and 10 per order), ours vs a Postgres SKIP LOCKED peer, duplicates checked.
+bench-inventory: setup
+	$(BIN)/python -m loadtest.bench_inventory --markdown $(BENCH_INVENTORY_ARGS)
+
 # Locust scenarios (launch peak, hot codes, attacker, mixed) against a throw-away local stack, 30 s by default;
 # CSV and HTML reports in loadtest/results/. E.g. LOADTEST_ARGS="--users 80 --duration 120 --scenarios LaunchPeak".
 loadtest: setup

@@ -20,6 +20,9 @@ from gateway.client_cli import add_client_commands
 from gateway.codes_cli import add_codes_commands
 from gateway.db.migrate import MigrationError, migrate
 from gateway.durability import DurabilityError, is_initialised
+from gateway.inventory.reconcile import reconcile_inventory
+from gateway.inventory.status_cli import add_status_command
+from gateway.inventory_cli import add_inventory_commands
 from gateway.rebuild import rebuild_redis
 from gateway.reconcile import reconcile
 from gateway.redis_store import connect
@@ -91,6 +94,12 @@ async def _rebuild(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _reconcile(args: argparse.Namespace, settings: Settings) -> int:
     async def run(conn: asyncpg.Connection, redis: Redis) -> int:
+        if args.inventory:
+            stock = await reconcile_inventory(conn, redis, args.brand, repair=args.repair, sku=args.sku)
+            print(stock.summary())
+            for line in stock.details():
+                print(line)
+            return 1 if stock.discrepancies else 0
         report = await reconcile(conn, redis, args.campaign, repair=args.repair)
         print(report.summary())
         for line in report.details():
@@ -112,13 +121,20 @@ def _add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     sub.add_parser("migrate", help="apply pending database migrations").set_defaults(run=_migrate)
     add_campaign_commands(sub)  # rgw campaign ..., rgw store-group ... (gateway/campaign_cli.py)
     add_codes_commands(sub)  # rgw codes generate|import|resume|load (gateway/codes_cli.py)
+    # rgw sku, rgw inventory import|resume|status, rgw keys rotate (inventory_cli.py, inventory/status_cli.py)
+    add_status_command(add_inventory_commands(sub))
     sub.add_parser("writer", help="move outbox events into the Postgres ledger").set_defaults(run=_writer)
     sub.add_parser("rebuild-redis", help="restore Redis from Postgres and mark it initialised").set_defaults(
         run=_rebuild
     )
     rec = sub.add_parser("reconcile", help="compare Redis, the outbox and the ledger; exit 1 on any difference")
-    rec.add_argument("--campaign", type=_positive, required=True)
-    rec.add_argument("--repair", action="store_true", help="re-enqueue missing ledger uses; mark missing uses used")
+    target = rec.add_mutually_exclusive_group(required=True)
+    target.add_argument("--campaign", type=_positive)
+    target.add_argument("--inventory", action="store_true", help="the card-secret inventory instead of a campaign")
+    rec.add_argument("--brand", type=_positive, help="with --inventory: one brand's SKUs (default: every brand's)")
+    rec.add_argument("--sku", help="with --inventory: one SKU's code")
+    rec.add_argument("--repair", action="store_true", help="re-enqueue what the ledger misses; mark in Redis what it "
+                     "misses (fail closed)")  # fmt: skip
     rec.set_defaults(run=_reconcile)
 
 

@@ -17,6 +17,7 @@ What it cannot restore: redemptions acknowledged but still in the lost outbox (n
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ from gateway import issuance, keys
 from gateway.campaigns.model import Campaign, get_campaign, split
 from gateway.campaigns.publish import publish_from_postgres
 from gateway.durability import mark_initialised
+from gateway.inventory.rebuild import rebuild_inventory
 from gateway.uses import History, Reversal, Use, UseRepairs, ledger_reversals, ledger_uses
 
 log = logging.getLogger("rgw.rebuild")
@@ -117,6 +119,7 @@ async def rebuild_redis(conn: asyncpg.Connection, redis: Redis) -> RebuildReport
     for row in rows:
         restored = await rebuild_campaign(conn, redis, await get_campaign(conn, row["id"]))
         codes, uses, reversals = codes + restored[0], uses + restored[1], reversals + restored[2]
+    await rebuild_inventory(conn, redis, now_ms=int(time.time() * 1000))
     await mark_initialised(redis, "rgw rebuild-redis")
     log.info("rebuilt redis: %d campaigns, %d codes, %d uses and %d reversals restored",
              len(rows), codes, uses, reversals)  # fmt: skip

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.coderefs import MIN_KEY_BYTES, KeyRing
+from gateway.inventory import crypto
 
 
 class SettingsError(ValueError):
@@ -34,6 +35,19 @@ SPECS: tuple[Spec, ...] = (
     Spec("RGW_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres", "Postgres: the system of record"),
     Spec("RGW_CODE_KEYS", None, "HMAC keys for code_refs: comma-separated KEY_ID:BASE64 (32+ bytes each)"),
     Spec("RGW_CODE_KEY_ID", "", "key id that hashes new campaigns' codes (default: the first of RGW_CODE_KEYS)"),
+    Spec(
+        "RGW_SECRET_KEYS",
+        "",
+        "AES-256-GCM keys encrypting card secrets: comma-separated KEY_ID:BASE64 (exactly 32 bytes each)",
+    ),
+    Spec("RGW_SECRET_KEYS_FILE", "", "a mounted file holding RGW_SECRET_KEYS' value instead (entries by , or line)"),
+    Spec("RGW_SECRET_KEY_ID", "", "key id that encrypts new secrets (default: the first of RGW_SECRET_KEYS)"),
+    Spec(
+        "RGW_SECRET_DEDUP_KEY",
+        "",
+        "HMAC key (BASE64, 32+ bytes) that detects a card secret imported twice; never change it",
+    ),
+    Spec("RGW_SECRET_DEDUP_KEY_FILE", "", "a mounted file holding RGW_SECRET_DEDUP_KEY's value instead"),
     Spec("RGW_WORKERS", "1", "server processes sharing RGW_GRPC_ADDR (SO_REUSEPORT); needs a fixed port when > 1"),
     Spec("RGW_MAX_MESSAGE_BYTES", "16384", "largest gRPC message accepted or sent"),
     Spec("RGW_MAX_CONCURRENT_RPCS", "1000", "calls in progress at once; more get RESOURCE_EXHAUSTED"),
@@ -55,6 +69,7 @@ SPECS: tuple[Spec, ...] = (
     Spec("RGW_WRITER_HEALTH_ADDR", "127.0.0.1:50052", "host:port of the writer's gRPC health service (empty: off)"),
     Spec("RGW_WRITER_BATCH_SIZE", "2000", "most outbox entries written to Postgres in one transaction"),
     Spec("RGW_WRITER_BATCH_WAIT_MS", "200", "longest wait for a batch to fill once its first entry arrived"),
+    Spec("RGW_INVENTORY_STOCK_SECONDS", "30", "how often the writer refreshes the card-secret stock gauges"),
     Spec("RGW_WRITER_CLAIM_IDLE_MS", "30000", "entries unacknowledged this long by a consumer are reclaimed"),
     Spec("RGW_WRITER_MAX_ATTEMPTS", "5", "tries for an entry Postgres rejects before it is dead-lettered"),
     Spec("RGW_WRITER_BACKOFF_MAX_SECONDS", "10", "cap of the retry backoff while Postgres is unreachable"),
@@ -95,6 +110,9 @@ class Settings:
     database_url: str
     code_keys: Mapping[str, bytes]
     code_key_id: str
+    secret_keys: Mapping[str, bytes]
+    secret_key_id: str
+    secret_dedup_key: bytes
     workers: int
     max_message_bytes: int
     max_concurrent_rpcs: int
@@ -114,6 +132,7 @@ class Settings:
     writer_health_addr: str
     writer_batch_size: int
     writer_batch_wait_ms: int
+    inventory_stock_seconds: float
     writer_claim_idle_ms: int
     writer_max_attempts: int
     writer_backoff_max_seconds: float
@@ -142,6 +161,16 @@ class Settings:
         if not self.code_keys:
             raise SettingsError("RGW_CODE_KEYS is required: comma-separated KEY_ID:BASE64 (32+ random bytes each)")
         return KeyRing(self.code_keys, self.code_key_id or next(iter(self.code_keys)))
+
+    def secret_ring(self) -> crypto.SecretRing:
+        """The card-secret keys (gateway/inventory/crypto.py); SettingsError when they are not configured."""
+        if not self.secret_keys or not self.secret_dedup_key:
+            raise SettingsError(
+                "card secrets need RGW_SECRET_KEYS (or RGW_SECRET_KEYS_FILE): comma-separated KEY_ID:BASE64 of 32 "
+                "random bytes each, and RGW_SECRET_DEDUP_KEY (or RGW_SECRET_DEDUP_KEY_FILE): BASE64 of 32+ bytes"
+            )
+        active = self.secret_key_id or next(iter(self.secret_keys))
+        return crypto.SecretRing(self.secret_keys, active, self.secret_dedup_key)
 
 
 def _positive_int(text: str) -> int:
@@ -197,6 +226,46 @@ def _code_keys(text: str) -> dict[str, bytes]:
     return keys
 
 
+def _secret_keys(text: str) -> dict[str, bytes]:
+    keys: dict[str, bytes] = {}
+    for item in filter(None, (part.strip() for part in text.replace("\n", ",").split(","))):
+        key_id, sep, encoded = item.partition(":")
+        if not sep or not crypto.is_key_id(key_id):
+            raise ValueError(f"each entry must be KEY_ID:BASE64, the id {crypto.KEY_ID_RULE}")
+        try:
+            key = base64.b64decode(encoded, validate=True)
+        except binascii.Error:
+            raise ValueError(f"key {key_id!r} is not valid base64") from None
+        if len(key) != crypto.KEY_BYTES:
+            raise ValueError(f"key {key_id!r} must decode to exactly {crypto.KEY_BYTES} bytes (AES-256)")
+        if key_id in keys:
+            raise ValueError(f"key id {key_id!r} appears twice")
+        keys[key_id] = key
+    return keys
+
+
+def _dedup_key(text: str) -> bytes:
+    if not text.strip():
+        return b""
+    try:
+        key = base64.b64decode(text.strip(), validate=True)
+    except binascii.Error:
+        raise ValueError("is not valid base64") from None
+    if len(key) < crypto.MIN_DEDUP_KEY_BYTES:
+        raise ValueError(f"must decode to at least {crypto.MIN_DEDUP_KEY_BYTES} bytes")
+    return key
+
+
+def _file_text(text: str) -> str:
+    if not text:
+        return ""
+    try:
+        with open(text, encoding="ascii") as handle:
+            return handle.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot be read ({type(exc).__name__})") from None
+
+
 def _optional_host_port(text: str) -> str:
     return _host_port(text) if text else ""
 
@@ -241,6 +310,10 @@ def _log_level(text: str) -> str:
     return text.upper()
 
 
+# Variables whose value is never repeated in an error message.
+_SECRET_VALUES = frozenset({"RGW_CODE_KEYS", "RGW_API_KEY", "RGW_SECRET_KEYS", "RGW_SECRET_DEDUP_KEY"})
+
+
 class _Reader:
     def __init__(self, environ: Mapping[str, str]) -> None:
         self._environ = environ
@@ -252,8 +325,22 @@ class _Reader:
         try:
             return parse(text)
         except ValueError as exc:
-            secret = name in ("RGW_CODE_KEYS", "RGW_API_KEY")
+            secret = name in _SECRET_VALUES
             self.errors.append(f"{name}: {exc}" if secret else f"{name}={text[:40]!r}: {exc}")
+            return None
+
+    def _from_env_or_file(self, name: str, parse: Callable[[str], Any]) -> Any:
+        """A secret from the variable `name` or from the file `name`_FILE names (one of them, never both)."""
+        path = self.get(f"{name}_FILE", str)
+        if path and self._environ.get(name):
+            self.errors.append(f"{name} and {name}_FILE: set one of them, not both")
+            return parse("")
+        if not path:
+            return self.get(name, parse)
+        try:
+            return parse(_file_text(path))
+        except ValueError as exc:
+            self.errors.append(f"{name}_FILE={path[:80]!r}: {exc}")
             return None
 
     def settings(self) -> Settings:
@@ -263,6 +350,9 @@ class _Reader:
             database_url=self.get("RGW_DATABASE_URL", _url("postgresql", "postgres")),
             code_keys=self.get("RGW_CODE_KEYS", _code_keys),
             code_key_id=self.get("RGW_CODE_KEY_ID", str),
+            secret_keys=self._from_env_or_file("RGW_SECRET_KEYS", _secret_keys),
+            secret_key_id=self.get("RGW_SECRET_KEY_ID", str),
+            secret_dedup_key=self._from_env_or_file("RGW_SECRET_DEDUP_KEY", _dedup_key),
             workers=self.get("RGW_WORKERS", _positive_int),
             max_message_bytes=self.get("RGW_MAX_MESSAGE_BYTES", _positive_int),
             max_concurrent_rpcs=self.get("RGW_MAX_CONCURRENT_RPCS", _positive_int),
@@ -282,6 +372,7 @@ class _Reader:
             writer_health_addr=self.get("RGW_WRITER_HEALTH_ADDR", _optional_host_port),
             writer_batch_size=self.get("RGW_WRITER_BATCH_SIZE", _positive_int),
             writer_batch_wait_ms=self.get("RGW_WRITER_BATCH_WAIT_MS", _positive_int),
+            inventory_stock_seconds=self.get("RGW_INVENTORY_STOCK_SECONDS", _positive_float),
             writer_claim_idle_ms=self.get("RGW_WRITER_CLAIM_IDLE_MS", _positive_int),
             writer_max_attempts=self.get("RGW_WRITER_MAX_ATTEMPTS", _positive_int),
             writer_backoff_max_seconds=self.get("RGW_WRITER_BACKOFF_MAX_SECONDS", _positive_float),
@@ -303,6 +394,8 @@ class _Reader:
         self._check_tls(values)
         if values.code_keys and values.code_key_id and values.code_key_id not in values.code_keys:
             self.errors.append(f"RGW_CODE_KEY_ID={values.code_key_id!r}: not a key id of RGW_CODE_KEYS")
+        if values.secret_keys and values.secret_key_id and values.secret_key_id not in values.secret_keys:
+            self.errors.append(f"RGW_SECRET_KEY_ID={values.secret_key_id[:40]!r}: not a key id of RGW_SECRET_KEYS")
         if values.workers and values.workers > 1 and values.grpc_addr and values.grpc_addr.endswith(":0"):
             self.errors.append("RGW_WORKERS > 1 needs a fixed port in RGW_GRPC_ADDR (port 0 differs per process)")
         if self.errors:

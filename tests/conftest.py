@@ -28,6 +28,9 @@ from gateway.redis_store import connect
 # 2026-06-01T00:00:00Z: tests run on a fixed clock so validity windows are deterministic.
 T0_MS = 1_780_272_000_000
 TEST_KEYS = {"k2": bytes(range(32)), "k1": bytes(range(100, 132))}
+# The card-secret keys of a gateway under test (AES-256-GCM, and the dedup key); tests of their own use others.
+TEST_SECRET_KEYS = {"s1": bytes(range(32)), "s2": bytes(range(100, 132))}
+TEST_DEDUP_KEY = bytes(range(200, 232))
 
 
 # An API key anywhere in a log line (the format scanners look for): no test of the suite may produce one.
@@ -117,7 +120,7 @@ async def db(migrated: str) -> AsyncIterator[asyncpg.Connection]:
     await conn.execute(
         "TRUNCATE issued_codes, campaigns, redemptions, code_uses, double_spend_alarms, brands, stores, terminals,"
         " api_clients, api_keys, audit_log, registry_version, reversals, reversal_alarms, store_groups, code_batches,"
-        " code_directory RESTART IDENTITY CASCADE;"
+        " code_directory, inventory_events, dispenses, dispense_alarms RESTART IDENTITY CASCADE;"
         # what migration 0003 seeds: the default brand (id 1; the identity starts at 2) and the registry version
         " INSERT INTO brands (id, slug, name, status, row_version) OVERRIDING SYSTEM VALUE"
         " VALUES (1, 'default', 'Default brand', 'active', 1);"
@@ -140,6 +143,7 @@ def clock() -> ManualClock:
 def gateway_environ(redis_url: str, database_url: str, **extra: str) -> dict[str, str]:
     """An RGW_ environment for a gateway under test (settings never read os.environ in tests)."""
     keys = ",".join(f"{kid}:{base64.b64encode(key).decode()}" for kid, key in TEST_KEYS.items())
+    secret_keys = ",".join(f"{kid}:{base64.b64encode(key).decode()}" for kid, key in TEST_SECRET_KEYS.items())
     return {
         "RGW_GRPC_ADDR": "127.0.0.1:0",
         "RGW_REDIS_URL": redis_url,
@@ -152,6 +156,9 @@ def gateway_environ(redis_url: str, database_url: str, **extra: str) -> dict[str
         "RGW_METRICS_ADDR": "",
         "RGW_WRITER_METRICS_ADDR": "",
         "RGW_WRITER_HEALTH_ADDR": "",
+        "RGW_SECRET_KEYS": secret_keys,
+        "RGW_SECRET_KEY_ID": "s1",
+        "RGW_SECRET_DEDUP_KEY": base64.b64encode(TEST_DEDUP_KEY).decode(),
         **extra,
     }
 

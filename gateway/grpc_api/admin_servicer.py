@@ -30,9 +30,13 @@ from gateway.domain import Caller, PermissionDenied
 from gateway.grpc_api import admin_messages as msg
 from gateway.grpc_api.admin_access import RegistryAccess
 from gateway.grpc_api.admin_campaigns import CampaignRpcs
+from gateway.grpc_api.admin_inventory import InventoryRpcs
+from gateway.grpc_api.admin_inventory_status import get_inventory_status
 from gateway.grpc_api.auth import ALL_BRANDS, BRAND_METADATA, current_caller
 from gateway.grpc_api.errors import fault_for, request_id_of, rpc_boundary, status_for, to_status
 from gateway.grpc_api.stream_replies import send_limit
+from gateway.inventory.crypto import SecretRing
+from gateway.inventory.importing import ImportIncomplete, SecretImportError
 from gateway.pb.redemption.v1 import admin_pb2 as pb
 from gateway.pb.redemption.v1 import admin_pb2_grpc as pb_grpc
 from gateway.settings import Settings
@@ -112,14 +116,18 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         risk_redis: Redis | None = None,
         keyring: KeyRing,
         clock: Clock | None = None,
+        secret_ring: SecretRing | None = None,
     ) -> None:
         self._registry = RegistryAccess(pool, redis)
+        self._stock_redis = redis
+        self._clock = clock or SystemClock()
         self._redis = risk_redis or redis  # where the risk engine's lockouts live (RGW_RISK_REDIS_URL)
         self._key_env = key_env
         self._rotation_grace = rotation_grace
         self._budget = reply_limit - 64  # room for the reply's own fields beside its list
         self._campaigns = CampaignRpcs(self._registry, pool, redis, keyring=keyring, clock=clock or SystemClock(),
                                        reply_budget=self._budget)  # fmt: skip
+        self._inventory = InventoryRpcs(self._registry, redis, ring=secret_ring, reply_budget=self._budget)
 
     @classmethod
     def from_settings(
@@ -137,8 +145,10 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         (default: the wall clock)."""
         grace = timedelta(seconds=settings.key_rotation_grace_seconds)
         limit = send_limit(settings.max_message_bytes, settings.stream_max_items)
+        ring = settings.secret_ring() if settings.secret_keys else None
         return cls(pool, redis, key_env=settings.key_env, rotation_grace=grace, reply_limit=limit,
-                   risk_redis=risk_redis, keyring=keyring or settings.keyring(), clock=clock)  # fmt: skip
+                   risk_redis=risk_redis, keyring=keyring or settings.keyring(), clock=clock,
+                   secret_ring=ring)  # fmt: skip
 
     async def close(self) -> None:
         """Stop announcing committed changes in the background."""
@@ -433,6 +443,45 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
             await context.abort_with_status(to_status(code_pb2.FAILED_PRECONDITION, str(exc)))
         except Exception as exc:
             await context.abort_with_status(status_for(fault_for(exc, request_id_of(context))))
+
+    # ------------------------------------------------------------------------------------------------ inventory
+
+    @rpc_boundary
+    async def CreateSku(self, request: pb.CreateSkuRequest, context: grpc.aio.ServicerContext) -> pb.CreateSkuResponse:
+        return await self._inventory.create_sku(request, brand_id=_named_brand(current_caller()))
+
+    @rpc_boundary
+    async def ListSkus(self, request: pb.ListSkusRequest, context: grpc.aio.ServicerContext) -> pb.ListSkusResponse:
+        return await self._inventory.list_skus(request, brand_id=_scope(current_caller()))
+
+    async def ImportSecrets(
+        self, request_iterator: AsyncIterator[pb.ImportSecretsRequest], context: grpc.aio.ServicerContext
+    ) -> pb.ImportSecretsResponse:
+        """A client stream: the boundary is here. Imported but not all loaded is UNAVAILABLE (`rgw inventory
+        resume` finishes it); an import the keys do not allow is FAILED_PRECONDITION."""
+        try:
+            caller = current_caller()
+            return await self._inventory.import_secrets(
+                request_iterator, actor=_actor(caller), brand_id=_named_brand(caller)
+            )
+        except grpc.aio.AbortError:
+            raise
+        except ImportIncomplete as exc:
+            await context.abort_with_status(to_status(code_pb2.UNAVAILABLE, str(exc)))
+        except SecretImportError as exc:
+            await context.abort_with_status(to_status(code_pb2.FAILED_PRECONDITION, str(exc)))
+        except Exception as exc:
+            await context.abort_with_status(status_for(fault_for(exc, request_id_of(context))))
+        raise AssertionError("unreachable: abort_with_status raises")
+
+    @rpc_boundary
+    async def GetInventoryStatus(
+        self, request: pb.GetInventoryStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetInventoryStatusResponse:
+        return await get_inventory_status(
+            request, registry=self._registry, redis=self._stock_redis, clock=self._clock,
+            brand_id=_scope(current_caller()),
+        )  # fmt: skip
 
 
 def register_admin_service(server: grpc.aio.Server, servicer: AdminServicer) -> None:

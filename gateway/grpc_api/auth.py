@@ -27,6 +27,7 @@ from gateway.validation import FieldViolation, InvalidRequest
 
 _REDEMPTION = "/redemption.v1.RedemptionService/"
 _ADMIN = "/redemption.v1.AdminService/"
+_INVENTORY = "/redemption.v1.InventoryService/"
 OPEN_METHODS = frozenset({
     "/grpc.health.v1.Health/Check",
     "/grpc.health.v1.Health/Watch",
@@ -41,6 +42,11 @@ ROLES_BY_METHOD: dict[str, frozenset[Role]] = {
     _REDEMPTION + "GetCode": _TILL,
     _REDEMPTION + "RedeemStream": frozenset({Role.INTERNAL, Role.PLATFORM}),
     _REDEMPTION + "Reverse": _TILL,
+    # order systems: their own brand (internal) or the brand named in x-rgw-brand (platform)
+    **{
+        _INVENTORY + name: frozenset({Role.INTERNAL, Role.PLATFORM})
+        for name in ("Dispense", "Hold", "Confirm", "Release")
+    },
 }
 ADMIN_ROLES = frozenset({Role.ADMIN, Role.PLATFORM})
 BRAND_METADATA = "x-rgw-brand"

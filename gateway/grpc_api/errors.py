@@ -34,6 +34,7 @@ from gateway.domain import (
     Throttled,
     Unauthenticated,
 )
+from gateway.inventory.service import OrderIdReused
 from gateway.ratelimited_log import RateLimitedLog
 from gateway.tenancy.model import AlreadyExists, NotFoundError
 from gateway.validation import FieldViolation, InvalidRequest, UndecodableRequest
@@ -86,6 +87,7 @@ _UNAUTHENTICATED = (
     "certificate where mTLS is configured)"
 )
 _REUSED_KEY = FieldViolation("idempotency_key", "was used for this code with a different request")
+_REUSED_ORDER = FieldViolation("order_id", "was used in this brand with a different request")
 
 
 # Every call fails the same way during an outage, a garbage flood or a bug on the hot path: logs must not drown.
@@ -133,6 +135,8 @@ _FAULTS: tuple[tuple[type[Exception] | tuple[type[Exception], ...], Callable[[An
         v.field for v in e.violations), "INVALID_REQUEST", e.violations)),
     (IdempotencyConflict, lambda e: Fault(code_pb2.INVALID_ARGUMENT, "idempotency key reused with a different "
                                           "request", "IDEMPOTENCY_KEY_REUSED", [_REUSED_KEY])),
+    (OrderIdReused, lambda e: Fault(code_pb2.INVALID_ARGUMENT, "order id used before with a different request",
+                                    "ORDER_ID_REUSED", [_REUSED_ORDER])),
     (NotReady, lambda e: Fault(code_pb2.UNAVAILABLE, f"redis is not ready ({e}); retry with the same idempotency "
                                "key", "REDIS_NOT_READY", retry=True)),
     (Throttled, _throttled),

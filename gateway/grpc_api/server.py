@@ -28,11 +28,14 @@ from gateway.grpc_api.admin_servicer import AdminServicer, register_admin_servic
 from gateway.grpc_api.auth import Authenticator, AuthInterceptor, RegistrySource
 from gateway.grpc_api.health_checks import LIVE, Check, ComponentHealth
 from gateway.grpc_api.interceptors import DecodeGuard
+from gateway.grpc_api.inventory_servicer import register_inventory_service
 from gateway.grpc_api.observe import Observe
 from gateway.grpc_api.servicer import RedemptionServicer
 from gateway.grpc_api.stream_replies import send_limit
 from gateway.grpc_api.tls import client_id_from_context, server_credentials
-from gateway.pb.redemption.v1 import admin_pb2
+from gateway.inventory.service import InventoryService, SecretKeyRing, SkuDirectory
+from gateway.inventory.store import InventoryStore
+from gateway.pb.redemption.v1 import admin_pb2, inventory_pb2
 from gateway.pb.redemption.v1 import redemption_pb2 as pb
 from gateway.pb.redemption.v1 import redemption_pb2_grpc as pb_grpc
 from gateway.pipelined_redis import PipelinedRedis
@@ -40,7 +43,7 @@ from gateway.redis_store import RedisCodeStore, connect
 from gateway.risk_counters import SeparateCounters
 from gateway.risk_facts import RegistryRiskFacts
 from gateway.service import RedemptionService
-from gateway.settings import Settings
+from gateway.settings import Settings, SettingsError
 from gateway.tenancy.sightings import Sightings, flush_every, stop_flushing
 from gateway.tenancy.watcher import RegistryWatcher
 from risk.engine import RiskEngine
@@ -48,6 +51,7 @@ from risk.engine import RiskEngine
 log = logging.getLogger("rgw.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RedemptionService"].full_name
 ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
+INVENTORY_SERVICE_NAME = inventory_pb2.DESCRIPTOR.services_by_name["InventoryService"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -120,6 +124,9 @@ class Gateway:
     risk_redis: Redis | None = field(init=False, default=None)
     risk_pipelined: PipelinedRedis | None = field(init=False, default=None)
     _risk_task: asyncio.Task[None] | None = field(init=False, default=None)
+    # Decrypts card secrets for InventoryService's answers (gateway/inventory/crypto.py, from settings).
+    secret_keys: SecretKeyRing | None = None
+    inventory: InventoryService | None = field(init=False, default=None)
 
     async def start(self) -> int:
         """Bind, start serving, and return the bound port (RGW_GRPC_ADDR may name port 0)."""
@@ -184,10 +191,17 @@ class Gateway:
             s, self.pool, self.redis, self.risk_redis, keyring=self.keyring, clock=self.clock
         )
         register_admin_service(self.server, self.admin)
+        self.inventory = InventoryService(
+            store=InventoryStore(self.redis), skus=SkuDirectory(self.pool), clock=self.clock,
+            secret_keys=self.secret_keys if self.secret_keys is not None else _secret_keys(s),
+        )  # fmt: skip
+        register_inventory_service(self.server, self.inventory)
+        self.inventory.start()
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+            (SERVICE_NAME, ADMIN_SERVICE_NAME, INVENTORY_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            self.server,
         )
         credentials = server_credentials(s)
         if credentials is None:
@@ -289,6 +303,8 @@ class Gateway:
                 with contextlib.suppress(RegistryNotReady):
                     await self.risk_facts.flush_binds(self.pool, self.redis)
         await self.admin.close()
+        if self.inventory is not None:
+            await self.inventory.close()
         if self._sightings_task is not None:
             await stop_flushing(self._sightings_task, self.sightings, self.pool)
         await self.pool.close()
@@ -299,6 +315,21 @@ class Gateway:
         if self.risk_redis is not None:
             await self.risk_redis.aclose()
         await self.redis.aclose()
+
+
+class _NoSecretKeys:
+    """Without RGW_SECRET_KEYS: a dispense is decided, its answer is INTERNAL (a retry with keys replays it)."""
+
+    def decrypt(self, key_id: str, nonce: bytes, ciphertext: bytes, aad: bytes) -> str:
+        raise RuntimeError("no card-secret keys configured (RGW_SECRET_KEYS)")
+
+
+def _secret_keys(settings: Settings) -> SecretKeyRing:
+    """The card-secret key ring from settings; a gateway without one serves everything else."""
+    try:
+        return settings.secret_ring()
+    except SettingsError:
+        return _NoSecretKeys()
 
 
 async def serve(settings: Settings) -> None:

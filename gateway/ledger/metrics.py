@@ -1,4 +1,6 @@
-"""Prometheus metrics of the ledger writer (no per-campaign labels: cardinality stays bounded)."""
+"""Prometheus metrics of the ledger writer (no per-campaign, per-order or per-secret labels: cardinality stays
+bounded). The inventory stock gauges carry (brand, sku) labels: SKUs are few per brand, and the exporter
+(gateway/inventory/status.py export_stock_metrics) caps the series, summing the rest under sku="_other"."""
 
 from __future__ import annotations
 
@@ -17,6 +19,23 @@ DOUBLE_SPENDS = Counter(
 REVERSAL_ALARMS = Counter(
     "rgw_ledger_reversal_alarms_total",
     "Different reversal ids recorded for one redemption (the second is an alarm row, never a second reversal)",
+)
+INVENTORY_EVENTS_WRITTEN = Counter(
+    "rgw_ledger_inventory_events_written_total", "Inventory events (holds, dispenses, ...) newly recorded"
+)
+DISPENSES_WRITTEN = Counter("rgw_ledger_dispenses_written_total", "Secret uses newly recorded as given to an order")
+DISPENSE_ALARMS = Counter(
+    "rgw_ledger_dispense_alarms_total",
+    "A secret use recorded for a second, different order (an alarm row, never a second dispense)",
+)
+INVENTORY_AVAILABLE = Gauge(
+    "rgw_inventory_available", "Secrets that can be dispensed now, by brand and SKU", ["brand", "sku"]
+)
+INVENTORY_LOW = Gauge(
+    "rgw_inventory_low", "1 while a SKU's available stock is at or below its low_stock threshold", ["brand", "sku"]
+)
+INVENTORY_STOCK_AGE = Gauge(
+    "rgw_inventory_stock_refreshed_timestamp_seconds", "Unix time the inventory stock gauges were last refreshed"
 )
 DEAD_LETTERS = Counter("rgw_ledger_dead_letters_total", "Outbox entries moved to a dead-letter stream")
 WRITE_RETRIES = Counter("rgw_ledger_write_retries_total", "Batches retried because Postgres failed")

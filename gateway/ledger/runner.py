@@ -12,7 +12,9 @@ from functools import partial
 import asyncpg
 from redis.asyncio import Redis
 
+from gateway.clock import SystemClock
 from gateway.gateway_metrics import set_build_info, start_metrics_server
+from gateway.inventory.status import run_stock_exporter
 from gateway.ledger.outbox import Outbox
 from gateway.ledger.writer import LedgerWriter, WriterConfig
 from gateway.redis_store import connect
@@ -48,7 +50,15 @@ async def run_writer(settings: Settings, stop: asyncio.Event, *, serve_metrics: 
     }
     try:
         async with _health(settings, clients, enabled=serve_metrics):
-            await asyncio.gather(*(_run_one(settings, redis, stop) for redis in clients.values()))
+            # the inventory's stock gauges are exported by the writer: one process per deployment, beside the ledger
+            exporter = run_stock_exporter(
+                partial(asyncpg.connect, settings.database_url, timeout=10),
+                clients["redis"],
+                stop,
+                clock=SystemClock(),
+                interval_s=settings.inventory_stock_seconds,
+            )
+            await asyncio.gather(exporter, *(_run_one(settings, redis, stop) for redis in clients.values()))
     finally:
         for redis in clients.values():
             await redis.aclose()

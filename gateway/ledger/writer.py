@@ -1,6 +1,6 @@
-"""`rgw writer`: moves redemption and reversal events from the Redis outboxes into the Postgres ledger, and risk
-events from the brands' risk-event streams into risk_events (the directory lists both; an entry's field says its
-kind).
+"""`rgw writer`: moves redemption and reversal events from the Redis outboxes into the Postgres ledger, risk
+events from the brands' risk-event streams into risk_events, and inventory events from the SKU shards' outboxes
+into inventory_events and dispenses (the directory lists them all; an entry's field says its kind).
 
 At-least-once delivery (consumer groups; entries of dead consumers reclaimed with XAUTOCLAIM) plus idempotent
 inserts make the ledger exactly-once. An entry is acknowledged only after its batch committed. While Postgres is
@@ -23,6 +23,7 @@ from redis import exceptions as redis_errors
 
 from gateway.ledger import metrics
 from gateway.ledger.events import LedgerRow, PoisonEntry, ReversalRow, is_reversal_entry, parse, parse_reversal
+from gateway.ledger.inventory_events import InventoryEntry, is_inventory_entry, parse_inventory_event
 from gateway.ledger.outbox import Entry, Outbox
 from gateway.ledger.risk_events import RiskEventRow, is_risk_entry, parse_risk_event
 from gateway.ledger.store import BatchResult, write_batch
@@ -31,7 +32,8 @@ log = logging.getLogger("rgw.writer")
 # Failures of the connection (retry the same batch later) versus failures of the data (isolate the bad row).
 _CONNECTION_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
                       asyncpg.CannotConnectNowError, asyncpg.AdminShutdownError)  # fmt: skip
-Row = LedgerRow | ReversalRow | RiskEventRow
+Row = LedgerRow | ReversalRow | RiskEventRow | InventoryEntry
+Batch = tuple[list[LedgerRow], list[RiskEventRow], list[ReversalRow], list[InventoryEntry]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +212,7 @@ class LedgerWriter:
                 "SECOND REVERSAL: redemption %s is reversed by %s; reversal %s was not applied twice",
                 reversal.redemption_id, reversal.first_reversal_id, reversal.conflicting_reversal_id,
             )  # fmt: skip
+        _account_inventory(result)
 
     async def _write_one_by_one(self, entries: Sequence[Entry], rows: dict[tuple[str, str], Row]) -> None:
         """Isolate the entries Postgres rejects; each gets max_attempts tries before the dead-letter stream."""
@@ -232,6 +235,17 @@ class LedgerWriter:
         await self.outbox.dead_letter(entry, reason)
         metrics.DEAD_LETTERS.inc()
         log.error("dead-lettered outbox entry %s of %s: %s", entry.id, entry.stream, reason)
+
+
+def _account_inventory(result: BatchResult) -> None:
+    stock = result.inventory
+    metrics.DUPLICATES.inc(stock.event_duplicates)
+    metrics.INVENTORY_EVENTS_WRITTEN.inc(stock.events_inserted)
+    metrics.DISPENSES_WRITTEN.inc(stock.dispenses_inserted)
+    for alarm in stock.alarms:
+        metrics.DISPENSE_ALARMS.inc()
+        log.error("SECRET IN TWO ORDERS: secret %d use %d belongs to order %s; order %s was recorded as an alarm",
+                  alarm.secret_id, alarm.use_number, alarm.first_order_id, alarm.conflicting_order)  # fmt: skip
 
 
 def _distinct(entries: list[Entry]) -> list[Entry]:
@@ -261,22 +275,26 @@ def _parse(entry: Entry) -> Row:
         return parse_risk_event(entry.id, entry.fields)
     if is_reversal_entry(entry.fields):
         return parse_reversal(entry.id, entry.fields)
+    if is_inventory_entry(entry.fields):
+        return parse_inventory_event(entry.id, entry.fields)
     return parse(entry.id, entry.fields)
 
 
-def _by_kind(rows: list[Row]) -> tuple[list[LedgerRow], list[RiskEventRow], list[ReversalRow]]:
-    """Redemptions, risk events and reversals apart, each in batch order (write_batch's argument order)."""
-    ledger: list[LedgerRow] = []
-    risk: list[RiskEventRow] = []
-    reversals: list[ReversalRow] = []
+def _by_kind(rows: list[Row]) -> Batch:
+    """Redemptions, risk events, reversals and inventory events apart, each in batch order (write_batch's
+    argument order)."""
+    batch: Batch = ([], [], [], [])
+    ledger, risk, reversals, inventory = batch
     for row in rows:
         if isinstance(row, LedgerRow):
             ledger.append(row)
         elif isinstance(row, ReversalRow):
             reversals.append(row)
+        elif isinstance(row, InventoryEntry):
+            inventory.append(row)
         else:
             risk.append(row)
-    return ledger, risk, reversals
+    return batch
 
 
 async def _sleep_unless(stop: asyncio.Event | None, seconds: float) -> None:

@@ -4,6 +4,8 @@ the config and the Secret, base and prod Secrets are placeholders that fail clos
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import re
 
@@ -40,7 +42,7 @@ def rgw_config(docs: list[Doc]) -> dict[str, str]:
     return dict(config["data"])
 
 
-SECRET_SETTINGS = {"RGW_CODE_KEYS", "RGW_DATABASE_URL", "RGW_API_KEY"}
+SECRET_SETTINGS = {"RGW_CODE_KEYS", "RGW_SECRET_KEYS", "RGW_SECRET_DEDUP_KEY", "RGW_DATABASE_URL", "RGW_API_KEY"}
 
 
 @pytest.mark.parametrize("kustomization", ALL)
@@ -80,6 +82,8 @@ def test_base_and_prod_secrets_hold_placeholders_only(kustomization: str) -> Non
         for key, value in values.items():
             assert PLACEHOLDER in value, f"{secret['metadata']['name']}.{key} is not a placeholder"
         assert values["RGW_CODE_KEYS"] == PLACEHOLDER
+        assert values["RGW_SECRET_KEYS"] == PLACEHOLDER
+        assert values["RGW_SECRET_DEDUP_KEY"] == PLACEHOLDER
         password = re.match(r"^postgres(?:ql)?://[^:/@]+:([^@]*)@", values["RGW_DATABASE_URL"])
         assert password and password.group(1) == PLACEHOLDER
         assert PLACEHOLDER in json.dumps(secret["metadata"].get("annotations", {}))
@@ -90,8 +94,23 @@ def test_placeholder_secrets_fail_closed(kustomization: str) -> None:
     """Deployed unfilled, the rgw processes refuse to start instead of running with a made-up key."""
     docs = render(kustomization)
     _, container = workload_container(docs, "Deployment", "rgw-gateway")
-    with pytest.raises(SettingsError, match="RGW_CODE_KEYS"):
+    with pytest.raises(SettingsError, match="RGW_CODE_KEYS") as refused:
         Settings.from_env(container_env(docs, container))
+    # the card-secret keys too: an unfilled template never runs with a made-up inventory key
+    assert "RGW_SECRET_KEYS:" in str(refused.value)
+    assert "RGW_SECRET_DEDUP_KEY:" in str(refused.value)
+    assert PLACEHOLDER not in str(refused.value)  # secret settings' values are never repeated
+
+
+def _says_dev(value: str) -> bool:
+    """A demo value names itself: in its text, or (a bare base64 key) in the text it decodes to."""
+    if any(marker in value for marker in DEV_MARKERS):
+        return True
+    try:
+        decoded = base64.b64decode(value, validate=True).decode("ascii").lower()
+    except (binascii.Error, UnicodeDecodeError):
+        return False
+    return any(marker in decoded for marker in DEV_MARKERS) and "not-a-secret" in decoded
 
 
 def test_dev_configuration_is_complete_and_valid() -> None:
@@ -101,9 +120,13 @@ def test_dev_configuration_is_complete_and_valid() -> None:
         _, container = workload_container(docs, kind, name)
         settings = Settings.from_env(container_env(docs, container))
         assert settings.keyring()
+        assert settings.secret_ring()  # the inventory's card-secret keys are demo keys too
     [secret] = of_kind(docs, "Secret")
     values = secret_values(secret)
-    assert all(any(marker in value for marker in DEV_MARKERS) for value in values.values()), values
+    assert all(_says_dev(value) for value in values.values()), values
+    for entry in values["RGW_SECRET_KEYS"].split(","):
+        _, key = entry.split(":", 1)
+        assert "NOT-A-SECRET" in base64.b64decode(key).decode("ascii"), entry
     url = re.match(r"^postgresql://([^:]+):([^@]+)@([^:/]+):5432/(\w+)$", values["RGW_DATABASE_URL"])
     assert url, values["RGW_DATABASE_URL"]
     user, password, host, database = url.groups()

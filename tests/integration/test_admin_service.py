@@ -116,7 +116,7 @@ async def spare_client(db: asyncpg.Connection) -> str:
 
 def every_rpc(
     store: Store, terminal: Terminal, client_id: str, tag: str, campaign_id: int
-) -> list[tuple[str, Message]]:
+) -> list[tuple[str, Message | list[Message]]]:
     """One valid request for each AdminService method, unique per `tag` (`campaign_id`: one of brand 1's)."""
     day = pb.Campaign(name=f"campaign {tag}", valid_from=timestamp_pb2.Timestamp(seconds=T0_MS // 1000),
                       valid_until=timestamp_pb2.Timestamp(seconds=T0_MS // 1000 + 86_400))  # fmt: skip
@@ -150,6 +150,10 @@ def every_rpc(
         ("GetCampaignStats", pb.GetCampaignStatsRequest(campaign_id=campaign_id)),
         ("GenerateCodes", pb.GenerateCodesRequest(campaign_id=campaign_id, count=1)),
         ("SetStoreGroup", pb.SetStoreGroupRequest(name=f"group-{tag}", stores=["store-1"])),
+        ("CreateSku", pb.CreateSkuRequest(sku=pb.Sku(code=f"sku-{tag}", name="A month card"))),
+        ("ListSkus", pb.ListSkusRequest()),
+        ("ImportSecrets", [pb.ImportSecretsRequest(options=pb.ImportOptions(all_or_nothing=True))]),
+        ("GetInventoryStatus", pb.GetInventoryStatusRequest()),
     ]  # fmt: skip
 
 

@@ -29,6 +29,7 @@ from gateway import codes
 from gateway.coderefs import KeyRing
 from gateway.dev.processes import HOST, free_port
 from gateway.grpc_api.client_auth import authenticated_channel
+from gateway.inventory.model import create_sku
 from gateway.pb.redemption.v1 import redemption_pb2 as pb
 from gateway.pb.redemption.v1 import redemption_pb2_grpc as pb_grpc
 from tests.conftest import gateway_environ
@@ -112,6 +113,7 @@ async def stack(redis_url: str, migrated: str, tmp_path: Path) -> AsyncIterator[
             redis_url, migrated, RGW_GRPC_ADDR=f"{HOST}:{port}", RGW_WORKERS="2", RGW_METRICS_ADDR=f"{HOST}:{metrics}",
             RGW_WRITER_METRICS_ADDR=f"{HOST}:{writer_metrics}", RGW_WRITER_HEALTH_ADDR=f"{HOST}:{writer_health}",
             RGW_LOG_FORMAT="json", RGW_HEALTH_INTERVAL_SECONDS="0.2", RGW_WRITER_BATCH_WAIT_MS="20",
+            RGW_INVENTORY_STOCK_SECONDS="0.2",
         ),
     }  # fmt: skip
     logs = [tmp_path / "gateway.log", tmp_path / "writer.log"]
@@ -139,6 +141,8 @@ async def test_two_workers_and_a_writer_export_what_operations_rely_on(
         valid_until_ms=now_ms + DAY_MS,
     )
     key = tenants.keys["internal"]
+    # a SKU, so that the writer's stock gauges have a series to export
+    await create_sku(db, redis, brand_id=1, code="live-month", name="Live month card")
     await _until(lambda: _all_up(stack), "both workers' metrics and the writer's health")
     await _until(lambda: _serving(stack.target), "the gateway to serve")
 
@@ -171,6 +175,11 @@ async def test_two_workers_and_a_writer_export_what_operations_rely_on(
         return total(scrape(stack.writer_metrics), "rgw_ledger_rows_written_total") == 20
 
     await _until(drained, "the writer to record the 20 redemptions")
+
+    async def stock_exported() -> bool:
+        return any(name == "rgw_inventory_low" for name, _, _ in scrape(stack.writer_metrics))
+
+    await _until(stock_exported, "the writer to export the stock gauges")
     writer = scrape(stack.writer_metrics)
     exported = {name for name, _, _ in [*both, *writer]}
     used = alert_metric_names() | dashboard_metric_names()

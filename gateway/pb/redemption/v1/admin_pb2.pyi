@@ -2178,3 +2178,453 @@ class SetStoreGroupResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetStoreGroupResponse: _TypeAlias = SetStoreGroupResponse  # noqa: Y015
+
+@_typing.final
+class Sku(_message.Message):
+    """Sku is a kind of card secret a brand sells, such as a Mango TV month card."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    BRAND_ID_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    REUSE_FIELD_NUMBER: _builtins.int
+    SHARDS_FIELD_NUMBER: _builtins.int
+    MAX_PER_ORDER_FIELD_NUMBER: _builtins.int
+    LOW_STOCK_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """The SKU's id."""
+    brand_id: _builtins.int
+    """The brand it belongs to."""
+    code: _builtins.str
+    """Unique within the brand: 1 to 64 characters of a-z, 0-9, '.', '_' and '-', not starting with a symbol. The
+    value InventoryService requests carry.
+    """
+    name: _builtins.str
+    """Display name, 1 to 200 characters."""
+    reuse: _builtins.int
+    """A reusable secret (循环卡) is dispensed up to this many times; 1: each secret once. 1 to 1000."""
+    shards: _builtins.int
+    """Redis shards (hash tags) its stock is spread over, 1 to 64. Fixed at creation."""
+    max_per_order: _builtins.int
+    """Secrets one order may take, 1 to 1000; default 100."""
+    low_stock: _builtins.int
+    """Available stock at or below this is low; 0: no threshold."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        brand_id: _builtins.int = ...,
+        code: _builtins.str = ...,
+        name: _builtins.str = ...,
+        reuse: _builtins.int = ...,
+        shards: _builtins.int = ...,
+        max_per_order: _builtins.int = ...,
+        low_stock: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["brand_id", b"brand_id", "code", b"code", "id", b"id", "low_stock", b"low_stock", "max_per_order", b"max_per_order", "name", b"name", "reuse", b"reuse", "shards", b"shards"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Sku: _TypeAlias = Sku  # noqa: Y015
+
+@_typing.final
+class CreateSkuRequest(_message.Message):
+    """CreateSkuRequest describes a new SKU of the caller's brand."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SKU_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def sku(self) -> Global___Sku:
+        """The SKU; id and brand_id are ignored; code and name are required, unset numbers take their defaults."""
+
+    def __init__(
+        self,
+        *,
+        sku: Global___Sku | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["sku", b"sku"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sku", b"sku"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateSkuRequest: _TypeAlias = CreateSkuRequest  # noqa: Y015
+
+@_typing.final
+class CreateSkuResponse(_message.Message):
+    """CreateSkuResponse is the new SKU."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SKU_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def sku(self) -> Global___Sku:
+        """The SKU."""
+
+    def __init__(
+        self,
+        *,
+        sku: Global___Sku | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["sku", b"sku"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sku", b"sku"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateSkuResponse: _TypeAlias = CreateSkuResponse  # noqa: Y015
+
+@_typing.final
+class ListSkusRequest(_message.Message):
+    """ListSkusRequest asks for the brand's SKUs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """As ListBrandsRequest.page_size."""
+    page_token: _builtins.str
+    """As ListBrandsRequest.page_token."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSkusRequest: _TypeAlias = ListSkusRequest  # noqa: Y015
+
+@_typing.final
+class ListSkusResponse(_message.Message):
+    """ListSkusResponse is a page of SKUs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SKUS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """As ListBrandsResponse.next_page_token."""
+    @_builtins.property
+    def skus(self) -> _containers.RepeatedCompositeFieldContainer[Global___Sku]:
+        """Ordered by id."""
+
+    def __init__(
+        self,
+        *,
+        skus: _abc.Iterable[Global___Sku] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "skus", b"skus"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSkusResponse: _TypeAlias = ListSkusResponse  # noqa: Y015
+
+@_typing.final
+class ImportOptions(_message.Message):
+    """ImportOptions opens an ImportSecrets stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALL_OR_NOTHING_FIELD_NUMBER: _builtins.int
+    all_or_nothing: _builtins.bool
+    """Refuse the whole import when any record is bad (otherwise the good records are imported, the bad listed)."""
+    def __init__(
+        self,
+        *,
+        all_or_nothing: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_or_nothing", b"all_or_nothing"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportOptions: _TypeAlias = ImportOptions  # noqa: Y015
+
+@_typing.final
+class SecretRecord(_message.Message):
+    """SecretRecord is one secret from a supplier."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SKU_FIELD_NUMBER: _builtins.int
+    SUPPLIER_FIELD_NUMBER: _builtins.int
+    SECRET_FIELD_NUMBER: _builtins.int
+    COST_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    sku: _builtins.str
+    """The SKU's code."""
+    supplier: _builtins.str
+    """The supplier, 1 to 64 characters of [A-Za-z0-9._:-]."""
+    secret: _builtins.str
+    """The card secret, 1 to 256 printable ASCII characters. Never echoed back or logged."""
+    cost: _builtins.int
+    """What it cost, in minor units of `currency`."""
+    currency: _builtins.str
+    """ISO 4217 code, such as CNY."""
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """When it expires; an expired secret is never dispensed."""
+
+    def __init__(
+        self,
+        *,
+        sku: _builtins.str = ...,
+        supplier: _builtins.str = ...,
+        secret: _builtins.str = ...,
+        cost: _builtins.int = ...,
+        currency: _builtins.str = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "currency", b"currency", "expires_at", b"expires_at", "secret", b"secret", "sku", b"sku", "supplier", b"supplier"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecretRecord: _TypeAlias = SecretRecord  # noqa: Y015
+
+@_typing.final
+class ImportSecretsRequest(_message.Message):
+    """ImportSecretsRequest is one message of an import: the options first, then records."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    RECORD_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def options(self) -> Global___ImportOptions:
+        """The first message."""
+
+    @_builtins.property
+    def record(self) -> Global___SecretRecord:
+        """Every later message."""
+
+    def __init__(
+        self,
+        *,
+        options: Global___ImportOptions | None = ...,
+        record: Global___SecretRecord | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["item", b"item", "options", b"options", "record", b"record"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["item", b"item", "options", b"options", "record", b"record"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_item: _TypeAlias = _typing.Literal["options", "record"]  # noqa: Y015
+    _WhichOneofArgType_item: _TypeAlias = _typing.Literal["item", b"item"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_item) -> _WhichOneofReturnType_item | None: ...
+
+Global___ImportSecretsRequest: _TypeAlias = ImportSecretsRequest  # noqa: Y015
+
+@_typing.final
+class RefusedRecord(_message.Message):
+    """RefusedRecord names a record that was not imported."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POSITION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    FIELD_FIELD_NUMBER: _builtins.int
+    position: _builtins.int
+    """The record's position in the stream, from 1 (the options message is not counted)."""
+    reason: _builtins.str
+    """Why: MALFORMED (with the field), DUPLICATE (imported before, or earlier in this import), UNKNOWN_SKU, EXPIRED."""
+    field: _builtins.str
+    """The field at fault, for MALFORMED."""
+    def __init__(
+        self,
+        *,
+        position: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        field: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["field", b"field", "position", b"position", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RefusedRecord: _TypeAlias = RefusedRecord  # noqa: Y015
+
+@_typing.final
+class ImportSecretsResponse(_message.Message):
+    """ImportSecretsResponse is what the import did."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    IMPORTED_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_NUMBER: _builtins.int
+    REFUSED_COUNT_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.str
+    """The import's batch id; empty when nothing was imported."""
+    imported: _builtins.int
+    """Secrets imported (available now)."""
+    refused_count: _builtins.int
+    """How many records were refused in all."""
+    @_builtins.property
+    def refused(self) -> _containers.RepeatedCompositeFieldContainer[Global___RefusedRecord]:
+        """The records refused (at most 1000 listed; `refused_count` counts them all)."""
+
+    def __init__(
+        self,
+        *,
+        batch_id: _builtins.str = ...,
+        imported: _builtins.int = ...,
+        refused: _abc.Iterable[Global___RefusedRecord] | None = ...,
+        refused_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "imported", b"imported", "refused", b"refused", "refused_count", b"refused_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportSecretsResponse: _TypeAlias = ImportSecretsResponse  # noqa: Y015
+
+@_typing.final
+class GetInventoryStatusRequest(_message.Message):
+    """GetInventoryStatusRequest asks for stock figures."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SKU_FIELD_NUMBER: _builtins.int
+    EXPIRING_WITHIN_FIELD_NUMBER: _builtins.int
+    sku: _builtins.str
+    """One SKU's code; empty: every SKU of the brand."""
+    @_builtins.property
+    def expiring_within(self) -> _duration_pb2.Duration:
+        """"Expiring soon" means within this; unset: 7 days."""
+
+    def __init__(
+        self,
+        *,
+        sku: _builtins.str = ...,
+        expiring_within: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expiring_within", b"expiring_within"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expiring_within", b"expiring_within", "sku", b"sku"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetInventoryStatusRequest: _TypeAlias = GetInventoryStatusRequest  # noqa: Y015
+
+@_typing.final
+class SupplierStock(_message.Message):
+    """SupplierStock is one SKU's stock of one supplier."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUPPLIER_FIELD_NUMBER: _builtins.int
+    AVAILABLE_FIELD_NUMBER: _builtins.int
+    HELD_FIELD_NUMBER: _builtins.int
+    DISPENSED_FIELD_NUMBER: _builtins.int
+    EXPIRED_FIELD_NUMBER: _builtins.int
+    EXPIRING_FIELD_NUMBER: _builtins.int
+    supplier: _builtins.str
+    """The supplier."""
+    available: _builtins.int
+    """Secrets that can be dispensed now (unexpired, not held, dispenses left)."""
+    held: _builtins.int
+    """Secrets held for unpaid orders."""
+    dispensed: _builtins.int
+    """Secret dispenses given to orders."""
+    expired: _builtins.int
+    """Secrets that expired before they were used up."""
+    expiring: _builtins.int
+    """Available secrets that expire within `expiring_within`."""
+    def __init__(
+        self,
+        *,
+        supplier: _builtins.str = ...,
+        available: _builtins.int = ...,
+        held: _builtins.int = ...,
+        dispensed: _builtins.int = ...,
+        expired: _builtins.int = ...,
+        expiring: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "dispensed", b"dispensed", "expired", b"expired", "expiring", b"expiring", "held", b"held", "supplier", b"supplier"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SupplierStock: _TypeAlias = SupplierStock  # noqa: Y015
+
+@_typing.final
+class SkuStock(_message.Message):
+    """SkuStock is one SKU's stock."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SKU_FIELD_NUMBER: _builtins.int
+    SUPPLIERS_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    LOW_FIELD_NUMBER: _builtins.int
+    sku: _builtins.str
+    """The SKU's code."""
+    low: _builtins.bool
+    """True when the available stock is at or below the SKU's low_stock threshold."""
+    @_builtins.property
+    def suppliers(self) -> _containers.RepeatedCompositeFieldContainer[Global___SupplierStock]:
+        """By supplier, ordered by supplier."""
+
+    @_builtins.property
+    def total(self) -> Global___SupplierStock:
+        """Sums over the suppliers."""
+
+    def __init__(
+        self,
+        *,
+        sku: _builtins.str = ...,
+        suppliers: _abc.Iterable[Global___SupplierStock] | None = ...,
+        total: Global___SupplierStock | None = ...,
+        low: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["total", b"total"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["low", b"low", "sku", b"sku", "suppliers", b"suppliers", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SkuStock: _TypeAlias = SkuStock  # noqa: Y015
+
+@_typing.final
+class GetInventoryStatusResponse(_message.Message):
+    """GetInventoryStatusResponse holds the stock figures."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SKUS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def skus(self) -> _containers.RepeatedCompositeFieldContainer[Global___SkuStock]:
+        """By SKU code."""
+
+    def __init__(
+        self,
+        *,
+        skus: _abc.Iterable[Global___SkuStock] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["skus", b"skus"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetInventoryStatusResponse: _TypeAlias = GetInventoryStatusResponse  # noqa: Y015

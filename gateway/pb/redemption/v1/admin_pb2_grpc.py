@@ -165,6 +165,26 @@ class AdminServiceStub:
                 request_serializer=redemption_dot_v1_dot_admin__pb2.SetStoreGroupRequest.SerializeToString,
                 response_deserializer=redemption_dot_v1_dot_admin__pb2.SetStoreGroupResponse.FromString,
                 _registered_method=True)
+        self.CreateSku = channel.unary_unary(
+                '/redemption.v1.AdminService/CreateSku',
+                request_serializer=redemption_dot_v1_dot_admin__pb2.CreateSkuRequest.SerializeToString,
+                response_deserializer=redemption_dot_v1_dot_admin__pb2.CreateSkuResponse.FromString,
+                _registered_method=True)
+        self.ListSkus = channel.unary_unary(
+                '/redemption.v1.AdminService/ListSkus',
+                request_serializer=redemption_dot_v1_dot_admin__pb2.ListSkusRequest.SerializeToString,
+                response_deserializer=redemption_dot_v1_dot_admin__pb2.ListSkusResponse.FromString,
+                _registered_method=True)
+        self.ImportSecrets = channel.stream_unary(
+                '/redemption.v1.AdminService/ImportSecrets',
+                request_serializer=redemption_dot_v1_dot_admin__pb2.ImportSecretsRequest.SerializeToString,
+                response_deserializer=redemption_dot_v1_dot_admin__pb2.ImportSecretsResponse.FromString,
+                _registered_method=True)
+        self.GetInventoryStatus = channel.unary_unary(
+                '/redemption.v1.AdminService/GetInventoryStatus',
+                request_serializer=redemption_dot_v1_dot_admin__pb2.GetInventoryStatusRequest.SerializeToString,
+                response_deserializer=redemption_dot_v1_dot_admin__pb2.GetInventoryStatusResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -363,6 +383,36 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateSku(self, request, context):
+        """Card-secret inventory (README, "Inventory"): a SKU of the brand, and the SKUs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSkus(self, request, context):
+        """The brand's SKUs, by id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportSecrets(self, request_iterator, context):
+        """Imports secrets from a supplier integration: the first message carries the options, every later one a
+        record. The reply lists each refused record by its position (never its secret). With `all_or_nothing`, any
+        refused record refuses the whole import and nothing is imported.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetInventoryStatus(self, request, context):
+        """Stock by SKU and supplier: available, held, dispensed, expired, expiring soon, and whether it is low.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -495,6 +545,26 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.SetStoreGroup,
                     request_deserializer=redemption_dot_v1_dot_admin__pb2.SetStoreGroupRequest.FromString,
                     response_serializer=redemption_dot_v1_dot_admin__pb2.SetStoreGroupResponse.SerializeToString,
+            ),
+            'CreateSku': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSku,
+                    request_deserializer=redemption_dot_v1_dot_admin__pb2.CreateSkuRequest.FromString,
+                    response_serializer=redemption_dot_v1_dot_admin__pb2.CreateSkuResponse.SerializeToString,
+            ),
+            'ListSkus': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSkus,
+                    request_deserializer=redemption_dot_v1_dot_admin__pb2.ListSkusRequest.FromString,
+                    response_serializer=redemption_dot_v1_dot_admin__pb2.ListSkusResponse.SerializeToString,
+            ),
+            'ImportSecrets': grpc.stream_unary_rpc_method_handler(
+                    servicer.ImportSecrets,
+                    request_deserializer=redemption_dot_v1_dot_admin__pb2.ImportSecretsRequest.FromString,
+                    response_serializer=redemption_dot_v1_dot_admin__pb2.ImportSecretsResponse.SerializeToString,
+            ),
+            'GetInventoryStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetInventoryStatus,
+                    request_deserializer=redemption_dot_v1_dot_admin__pb2.GetInventoryStatusRequest.FromString,
+                    response_serializer=redemption_dot_v1_dot_admin__pb2.GetInventoryStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1200,6 +1270,114 @@ class AdminService:
             '/redemption.v1.AdminService/SetStoreGroup',
             redemption_dot_v1_dot_admin__pb2.SetStoreGroupRequest.SerializeToString,
             redemption_dot_v1_dot_admin__pb2.SetStoreGroupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSku(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/redemption.v1.AdminService/CreateSku',
+            redemption_dot_v1_dot_admin__pb2.CreateSkuRequest.SerializeToString,
+            redemption_dot_v1_dot_admin__pb2.CreateSkuResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSkus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/redemption.v1.AdminService/ListSkus',
+            redemption_dot_v1_dot_admin__pb2.ListSkusRequest.SerializeToString,
+            redemption_dot_v1_dot_admin__pb2.ListSkusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportSecrets(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/redemption.v1.AdminService/ImportSecrets',
+            redemption_dot_v1_dot_admin__pb2.ImportSecretsRequest.SerializeToString,
+            redemption_dot_v1_dot_admin__pb2.ImportSecretsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetInventoryStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/redemption.v1.AdminService/GetInventoryStatus',
+            redemption_dot_v1_dot_admin__pb2.GetInventoryStatusRequest.SerializeToString,
+            redemption_dot_v1_dot_admin__pb2.GetInventoryStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -136,6 +136,17 @@ class AdminServiceStub:
     """Names a set of the brand's stores that campaigns may allow as a whole (replaces the group's stores;
     campaigns allowing it follow at once).
     """
+    CreateSku: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CreateSkuRequest, _admin_pb2.CreateSkuResponse]
+    """Card-secret inventory (README, "Inventory"): a SKU of the brand, and the SKUs."""
+    ListSkus: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListSkusRequest, _admin_pb2.ListSkusResponse]
+    """The brand's SKUs, by id."""
+    ImportSecrets: _grpc.StreamUnaryMultiCallable[_admin_pb2.ImportSecretsRequest, _admin_pb2.ImportSecretsResponse]
+    """Imports secrets from a supplier integration: the first message carries the options, every later one a
+    record. The reply lists each refused record by its position (never its secret). With `all_or_nothing`, any
+    refused record refuses the whole import and nothing is imported.
+    """
+    GetInventoryStatus: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetInventoryStatusRequest, _admin_pb2.GetInventoryStatusResponse]
+    """Stock by SKU and supplier: available, held, dispensed, expired, expiring soon, and whether it is low."""
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -212,6 +223,17 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """Names a set of the brand's stores that campaigns may allow as a whole (replaces the group's stores;
     campaigns allowing it follow at once).
     """
+    CreateSku: _aio.UnaryUnaryMultiCallable[_admin_pb2.CreateSkuRequest, _admin_pb2.CreateSkuResponse]  # type: ignore[assignment]
+    """Card-secret inventory (README, "Inventory"): a SKU of the brand, and the SKUs."""
+    ListSkus: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListSkusRequest, _admin_pb2.ListSkusResponse]  # type: ignore[assignment]
+    """The brand's SKUs, by id."""
+    ImportSecrets: _aio.StreamUnaryMultiCallable[_admin_pb2.ImportSecretsRequest, _admin_pb2.ImportSecretsResponse]  # type: ignore[assignment]
+    """Imports secrets from a supplier integration: the first message carries the options, every later one a
+    record. The reply lists each refused record by its position (never its secret). With `all_or_nothing`, any
+    refused record refuses the whole import and nothing is imported.
+    """
+    GetInventoryStatus: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetInventoryStatusRequest, _admin_pb2.GetInventoryStatusResponse]  # type: ignore[assignment]
+    """Stock by SKU and supplier: available, held, dispensed, expired, expiring soon, and whether it is low."""
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """AdminService administers the tenant registry (roles admin and platform; see the file comment)."""
@@ -441,5 +463,40 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         """Names a set of the brand's stores that campaigns may allow as a whole (replaces the group's stores;
         campaigns allowing it follow at once).
         """
+
+    @_abc_1.abstractmethod
+    def CreateSku(
+        self,
+        request: _admin_pb2.CreateSkuRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.CreateSkuResponse, _abc.Awaitable[_admin_pb2.CreateSkuResponse]]:
+        """Card-secret inventory (README, "Inventory"): a SKU of the brand, and the SKUs."""
+
+    @_abc_1.abstractmethod
+    def ListSkus(
+        self,
+        request: _admin_pb2.ListSkusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListSkusResponse, _abc.Awaitable[_admin_pb2.ListSkusResponse]]:
+        """The brand's SKUs, by id."""
+
+    @_abc_1.abstractmethod
+    def ImportSecrets(
+        self,
+        request_iterator: _MaybeAsyncIterator[_admin_pb2.ImportSecretsRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ImportSecretsResponse, _abc.Awaitable[_admin_pb2.ImportSecretsResponse]]:
+        """Imports secrets from a supplier integration: the first message carries the options, every later one a
+        record. The reply lists each refused record by its position (never its secret). With `all_or_nothing`, any
+        refused record refuses the whole import and nothing is imported.
+        """
+
+    @_abc_1.abstractmethod
+    def GetInventoryStatus(
+        self,
+        request: _admin_pb2.GetInventoryStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.GetInventoryStatusResponse, _abc.Awaitable[_admin_pb2.GetInventoryStatusResponse]]:
+        """Stock by SKU and supplier: available, held, dispensed, expired, expiring soon, and whether it is low."""
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,148 @@
+"""The Redis side of the inventory: the brand's order registry and the SKU shard script (lua/inventory.lua), its
+argument layout defined once, its replies as plain results, and Redis' failures as StoreUnavailable."""
+
+from __future__ import annotations
+
+import base64
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+
+from gateway.gateway_metrics import script_observer
+from gateway.inventory import layout
+from gateway.script_calls import load_lua, wrap_errors
+
+# lua/inventory.lua's KEYS and ARGV, in order (a test holds them against the script's header).
+SCRIPT_KEYS = ("meta", "exp", "cost", "sec", "holds", "outbox", "order")
+SCRIPT_ARGS = ("op", "now_ms", "brand", "order", "fp", "quantity", "strategy", "supplier", "ttl_ms", "event_id",
+               "client", "expire_bound", "sku", "shard")  # fmt: skip
+# Due holds a call expires before its own op: enough to keep up with abandoned orders, few enough to bound a call.
+EXPIRE_BOUND = 32
+_HEAD = 6  # reply values before the secrets
+_PER_SECRET = 7
+_SECONDS = script_observer("inventory")
+
+
+@dataclass(frozen=True, slots=True)
+class ShardCall:
+    """One call of the SKU shard script."""
+
+    op: str
+    now_ms: int
+    brand_id: int
+    sku_id: int
+    shard: int
+    order_id: str = ""
+    fingerprint: str = ""
+    quantity: int = 0
+    strategy: str = "expiry"
+    supplier: str = ""
+    ttl_ms: int = 0
+    event_id: str = ""
+    client_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TakenSecret:
+    """A secret (use) an order took, as Redis holds it: ciphertext only."""
+
+    secret_id: int
+    use_number: int
+    supplier: str
+    expires_at_ms: int
+    key_id: str
+    nonce: bytes
+    ciphertext: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ShardAnswer:
+    """The script's decision (status: see lua/inventory.lua's header)."""
+
+    status: str
+    replayed: bool = False
+    late: bool = False
+    hold_expires_ms: int = 0
+    released: int = 0
+    holds_left: int = 0
+    secrets: tuple[TakenSecret, ...] = ()
+
+
+def shard_keys(sku_id: int, shard: int, order_id: str) -> list[str]:
+    """SCRIPT_KEYS of one order on one SKU shard (any order id names a key of the tag for a sweep)."""
+    return [
+        layout.meta_key(sku_id, shard),
+        layout.by_expiry_key(sku_id, shard),
+        layout.by_cost_key(sku_id, shard),
+        layout.secrets_key(sku_id, shard),
+        layout.holds_key(sku_id, shard),
+        layout.outbox_key(sku_id, shard),
+        layout.order_key(sku_id, shard, order_id),
+    ]
+
+
+def shard_args(call: ShardCall) -> list[str | int]:
+    """SCRIPT_ARGS of a call."""
+    return [call.op, call.now_ms, call.brand_id, call.order_id, call.fingerprint, call.quantity, call.strategy,
+            call.supplier, call.ttl_ms, call.event_id, call.client_id, EXPIRE_BOUND, call.sku_id,
+            call.shard]  # fmt: skip
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def to_answer(reply: list[Any]) -> ShardAnswer:
+    """The one mapping from the script's reply to a result."""
+    head = [_text(v) for v in reply[:_HEAD]]
+    secrets = tuple(
+        TakenSecret(
+            secret_id=int(_text(reply[i])),
+            use_number=int(_text(reply[i + 1])),
+            supplier=_text(reply[i + 2]),
+            expires_at_ms=int(_text(reply[i + 3])),
+            key_id=_text(reply[i + 4]),
+            nonce=base64.b64decode(_text(reply[i + 5])),
+            ciphertext=base64.b64decode(_text(reply[i + 6])),
+        )
+        for i in range(_HEAD, len(reply), _PER_SECRET)
+    )
+    return ShardAnswer(head[0], head[1] == "1", head[2] == "1", int(head[3]), int(head[4]), int(head[5]), secrets)
+
+
+class InventoryStore:
+    """Calls on Redis for the inventory; every Redis failure leaves as StoreUnavailable."""
+
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+        self._script: Any = redis.register_script(load_lua("inventory.lua"))
+
+    async def register_order(self, brand_id: int, order_id: str, route: str) -> str:
+        """Record the order's route ("<sku>.<shard>|<fingerprint>") in the brand's registry unless it has one:
+        returns the route it has now (the given one, or the first request's)."""
+        key = layout.orders_key(brand_id)
+        with wrap_errors():
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hsetnx(key, order_id, route)
+                pipe.hget(key, order_id)
+                _, found = await pipe.execute()
+        return _text(found)
+
+    async def find_order(self, brand_id: int, order_id: str) -> str | None:
+        """The order's route in the brand's registry, or None."""
+        with wrap_errors():
+            found = await self._redis.hget(layout.orders_key(brand_id), order_id)
+        return None if found is None else _text(found)
+
+    async def call(self, call: ShardCall) -> ShardAnswer:
+        """Run one op of the shard script."""
+        started = time.perf_counter()
+        try:
+            with wrap_errors():
+                reply = await self._script(keys=shard_keys(call.sku_id, call.shard, call.order_id),
+                                           args=shard_args(call))  # fmt: skip
+        finally:
+            _SECONDS(time.perf_counter() - started)
+        return to_answer(reply)
