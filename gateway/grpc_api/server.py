@@ -192,7 +192,7 @@ class Gateway:
         )
         register_admin_service(self.server, self.admin)
         self.inventory = InventoryService(
-            store=InventoryStore(self.redis), skus=SkuDirectory(self.pool), clock=self.clock,
+            store=InventoryStore(self.redis, self.pipelined), skus=SkuDirectory(self.pool), clock=self.clock,
             secret_keys=self.secret_keys if self.secret_keys is not None else _secret_keys(s),
         )  # fmt: skip
         register_inventory_service(self.server, self.inventory)

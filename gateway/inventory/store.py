@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 
 from gateway.gateway_metrics import script_observer
 from gateway.inventory import layout
+from gateway.pipelined_redis import PipelinedRedis, Script
 from gateway.script_calls import load_lua, wrap_errors
 
 # lua/inventory.lua's KEYS and ARGV, in order (a test holds them against the script's header).
@@ -113,27 +114,40 @@ def to_answer(reply: list[Any]) -> ShardAnswer:
 
 
 class InventoryStore:
-    """Calls on Redis for the inventory; every Redis failure leaves as StoreUnavailable."""
+    """Calls on Redis for the inventory; every Redis failure leaves as StoreUnavailable. With a PipelinedRedis the
+    hot calls (the registry and the script) run on it, as Redeem's do; otherwise on redis-py."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, pipelined: PipelinedRedis | None = None) -> None:
         self._redis = redis
-        self._script: Any = redis.register_script(load_lua("inventory.lua"))
+        self._pipelined = pipelined
+        source = load_lua("inventory.lua")
+        self._script: Any = Script(pipelined, source) if pipelined is not None else redis.register_script(source)
+
+    async def _hsetnx(self, key: str, field: str, value: str) -> int:
+        if self._pipelined is not None:
+            return int(await self._pipelined.call("HSETNX", key, field, value))
+        return int(await self._redis.hsetnx(key, field, value))
+
+    async def _hget(self, key: str, field: str) -> Any:
+        if self._pipelined is not None:
+            return await self._pipelined.call("HGET", key, field)
+        return await self._redis.hget(key, field)
 
     async def register_order(self, brand_id: int, order_id: str, route: str) -> str:
         """Record the order's route ("<sku>.<shard>|<fingerprint>") in the brand's registry unless it has one:
-        returns the route it has now (the given one, or the first request's)."""
+        returns the route it has now (the given one, or the first request's). A new order costs one round trip
+        (HSETNX answers 1); only a repeated order id reads the route it has (set once, it never changes)."""
         key = layout.orders_key(brand_id)
         with wrap_errors():
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.hsetnx(key, order_id, route)
-                pipe.hget(key, order_id)
-                _, found = await pipe.execute()
+            if await self._hsetnx(key, order_id, route) == 1:
+                return route
+            found = await self._hget(key, order_id)
         return _text(found)
 
     async def find_order(self, brand_id: int, order_id: str) -> str | None:
         """The order's route in the brand's registry, or None."""
         with wrap_errors():
-            found = await self._redis.hget(layout.orders_key(brand_id), order_id)
+            found = await self._hget(layout.orders_key(brand_id), order_id)
         return None if found is None else _text(found)
 
     async def call(self, call: ShardCall) -> ShardAnswer:
