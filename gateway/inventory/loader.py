@@ -10,8 +10,10 @@ indexes it in the same atomic step, so loading is idempotent (a rerun, a resume 
 never undoes a dispense: the inventory script keeps a used-up secret's record (left = 0), so a reload leaves it.
 
 A rebuild (Redis lost) passes `exclude`: the uses already taken per secret id (dispensed, or held for an order,
-from the ledger). A secret then starts with left = reuse - taken and used = taken, and one with nothing left is
-not loaded at all.
+from the ledger), and `last_use`: the highest use number taken per secret id (a hold released or expired may
+have given back a use below a dispensed one, so the count taken is not the next use number). A secret then starts
+with left = reuse - taken and used = its last use taken (the count without `last_use`), and one with nothing left
+is not loaded at all.
 """
 
 from __future__ import annotations
@@ -178,6 +180,7 @@ async def load_secrets(
     sku_id: int | None = None,
     batch_id: uuid.UUID | None = None,
     exclude: Taken | None = None,
+    last_use: Mapping[int, int] | None = None,
     progress: Progress | None = None,
 ) -> Loaded:
     """Load the secrets of one SKU, one batch, or both filters, from Postgres into Redis. Idempotent; see the
@@ -189,8 +192,9 @@ async def load_secrets(
         cursor = await conn.cursor(_SECRETS, sku_id, batch_id)
         while rows := await cursor.fetch(FETCH):
             for row in rows:
-                used = taken(row["id"])
-                left = row["reuse"] - used
+                count = taken(row["id"])
+                left = row["reuse"] - count
+                used = max(count, (last_use or {}).get(row["id"], 0))
                 if left <= 0:
                     skipped += 1
                     continue
@@ -212,11 +216,12 @@ async def load_sku(
     sku: Sku,
     *,
     exclude: Taken | None = None,
+    last_use: Mapping[int, int] | None = None,
     progress: Progress | None = None,
 ) -> Loaded:
     """Publish the SKU and load every secret of it that has dispenses left (after `exclude`). Idempotent."""
     await publish_sku(redis, sku)
-    return await load_secrets(conn, redis, sku_id=sku.id, exclude=exclude, progress=progress)
+    return await load_secrets(conn, redis, sku_id=sku.id, exclude=exclude, last_use=last_use, progress=progress)
 
 
 async def load_batch(

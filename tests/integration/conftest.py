@@ -27,6 +27,7 @@ from gateway.settings import Settings
 from gateway.tenancy import admin_risk, admin_store, notify
 from gateway.tenancy.model import Store, Terminal
 from tests.conftest import T0_MS, gateway_environ
+from tests.integration.inventory_order_helpers import InventoryGateway, inventory_gateway
 
 DAY_MS = 86_400_000
 
@@ -194,3 +195,12 @@ async def gateway(
     yield RunningGateway(gw, target, channel, pb_grpc.RedemptionServiceStub(channel), tenants)
     await channel.close()
     await gw.stop()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def inv(
+    redis_url: str, migrated: str, clock: ManualClock, redis: Redis, tenants: Tenants
+) -> AsyncIterator[InventoryGateway]:
+    """The real server stack with InventoryService, on the test clock, decrypting with the order helpers' ring."""
+    async with inventory_gateway(redis_url, migrated, clock, tenants) as running:
+        yield running

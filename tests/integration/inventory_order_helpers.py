@@ -8,7 +8,7 @@ import base64
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import grpc
@@ -26,7 +26,9 @@ from gateway.pb.redemption.v1 import inventory_pb2 as pb
 from gateway.pb.redemption.v1 import inventory_pb2_grpc as pb_grpc
 from gateway.settings import Settings
 from tests.conftest import T0_MS, gateway_environ
-from tests.integration.conftest import Tenants
+
+if TYPE_CHECKING:  # the conftest imports this module for its `inv` fixture
+    from tests.integration.conftest import Tenants
 
 DAY_MS = 86_400_000
 FAR = T0_MS + 365 * DAY_MS

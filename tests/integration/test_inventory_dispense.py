@@ -5,12 +5,10 @@ isolated."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import asyncpg
 import grpc
 import pytest
-import pytest_asyncio
 from redis.asyncio import Redis
 
 from gateway.clock import ManualClock
@@ -19,7 +17,6 @@ from gateway.inventory import layout
 from gateway.pb.redemption.v1 import inventory_pb2 as pb
 from gateway.pb.redemption.v1 import inventory_pb2_grpc as pb_grpc
 from tests.conftest import T0_MS
-from tests.integration.conftest import Tenants
 from tests.integration.grpc_helpers import field_violations
 from tests.integration.inventory_order_helpers import (
     DAY_MS,
@@ -29,20 +26,11 @@ from tests.integration.inventory_order_helpers import (
     dispense,
     error_reason,
     event_secrets,
-    inventory_gateway,
     outbox_events,
     taken,
 )
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def inv(
-    redis_url: str, migrated: str, clock: ManualClock, redis: Redis, tenants: Tenants
-) -> AsyncIterator[InventoryGateway]:
-    async with inventory_gateway(redis_url, migrated, clock, tenants) as running:
-        yield running
 
 
 async def test_race_stock_50_orders_200_over_20_channels(inv: InventoryGateway, db: asyncpg.Connection,

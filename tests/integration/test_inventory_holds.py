@@ -4,19 +4,15 @@ from the stock there is then or answers HOLD_EXPIRED."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import asyncpg
 import grpc
 import pytest
-import pytest_asyncio
 from redis.asyncio import Redis
 
 from gateway.clock import ManualClock
 from gateway.inventory import layout
 from gateway.pb.redemption.v1 import inventory_pb2 as pb
 from tests.conftest import T0_MS
-from tests.integration.conftest import Tenants
 from tests.integration.grpc_helpers import field_violations
 from tests.integration.inventory_order_helpers import (
     InventoryGateway,
@@ -25,20 +21,11 @@ from tests.integration.inventory_order_helpers import (
     dispense,
     event_secrets,
     hold,
-    inventory_gateway,
     outbox_events,
     taken,
 )
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def inv(
-    redis_url: str, migrated: str, clock: ManualClock, redis: Redis, tenants: Tenants
-) -> AsyncIterator[InventoryGateway]:
-    async with inventory_gateway(redis_url, migrated, clock, tenants) as running:
-        yield running
 
 
 async def held_ids(redis: Redis, sku_id: int, order: str) -> list[int]:
