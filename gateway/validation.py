@@ -149,10 +149,13 @@ def check_redeem(
     )
 
 
-def check_stream_message(batch_id: str, items: int, max_items: int) -> None:
-    """A RedeemStream message as a whole, before any item is looked at: InvalidRequest ends the stream."""
+def check_stream_message(batch_id: str, items: int, max_items: int, *, secrets: int = 0, max_secrets: int = 0) -> None:
+    """A RedeemStream or DispenseStream message as a whole, before any item is looked at: InvalidRequest ends the
+    stream. `secrets`: what a DispenseStream message's orders ask for in all (at most `max_secrets`)."""
     violations = check_id(batch_id, "batch_id", MAX_BATCH_ID_CHARS, required=False)
     if items > max_items:
         violations.append(FieldViolation("items", f"at most {max_items} items per message"))
+    if max_secrets and secrets > max_secrets:
+        violations.append(FieldViolation("items", f"at most {max_secrets} secrets (quantities) in all per message"))
     if violations:
         raise InvalidRequest(violations)

@@ -1,7 +1,9 @@
-"""Inventory benchmark: card secrets dispensed per second by InventoryService.Dispense - the gateway (one atomic
-Redis script per order, AOF appendfsync always) against the design well-built peers use (a Postgres transaction
-per order with SELECT ... FOR UPDATE SKIP LOCKED, fsync on: loadtest/inventory_peer.py) - on the same gRPC server
-stack, the same stock, the same load generator, with zero duplicates checked in both.
+"""Inventory benchmark: card secrets dispensed per second by InventoryService - the gateway (one atomic Redis
+script per order, AOF appendfsync always) against the design well-built peers use (a Postgres transaction per
+order with SELECT ... FOR UPDATE SKIP LOCKED, fsync on: loadtest/inventory_peer.py) - on the same gRPC server
+stack, the same stock, the same load generator, with zero duplicates checked in both. Each design is measured on
+both paths: Dispense (one call per order) and DispenseStream (its batch path: ITEMS orders per message, each
+decided on its own - the peer runs a message's orders concurrently, a transaction each).
 
 Usage: python -m loadtest.bench_inventory [--smoke] [--secrets N] [--workers N] [--out FILE] [--markdown]
 
@@ -11,9 +13,9 @@ creates one SKU of the default brand and imports N secrets (200,000) through the
 peer's table gets a copy of the same rows (the same ciphertexts). Then, per design, server processes of the
 gateway's own stack (`ours`: loadtest/bench_server.py redeem, the real InventoryService; `peer`:
 loadtest/inventory_peer.py) are driven by loadtest/h2gen.mjs (Node, its own process) with Dispense requests of
-unique order ids, 1 and 10 secrets per order:
-  - saturation: a closed loop at each concurrency of the ramp (the generator keeps at most C calls in flight;
-    it offers far more) - the best secrets/s is the maximum;
+unique order ids, 1 and 10 secrets per order, on each path:
+  - saturation: a closed loop at each concurrency of the ramp (the generator keeps at most C calls - stream
+    messages - in flight; it offers far more) - the best secrets/s is the maximum;
   - half: an open loop at half the maximum order rate - p50/p99/p999 from each request's scheduled send time;
   - CPU of every process (server, Redis, Postgres with its backends, the generator) per run, from /proc.
 After each design: ours - its outboxes drained into the ledger by the ledger writer (gateway/ledger), and
@@ -62,6 +64,9 @@ from loadtest.stack import Stack, _wait_serving, start_stack
 
 GENERATOR = Path(__file__).with_name("h2gen.mjs")
 DISPENSE_PATH = "/redemption.v1.InventoryService/Dispense"
+STREAM_PATH = "/redemption.v1.InventoryService/DispenseStream"
+ITEMS = 32  # orders per DispenseStream message (within the server's 64 items and 1,000 secrets)
+STREAMS = 16  # DispenseStream calls the generator keeps open, over its connections
 DISPENSED, OUT_OF_STOCK = "1", "3"  # InventoryOutcome values as h2gen counts them
 SKU_CODE = "bench-card"
 SUPPLIERS = ("sup-a", "sup-b", "sup-c")
@@ -91,35 +96,54 @@ class Profile:
     warmup: float
     concurrencies: tuple[int, ...]
     offered: int  # orders/s the saturation runs offer (far above what either design serves)
+    stream_concurrencies: tuple[int, ...]  # messages in flight
+    stream_offered: int  # orders/s the stream's saturation runs offer
     quantities: tuple[int, ...] = (1, 10)
+    paths: tuple[str, ...] = ("unary", "stream")
 
 
-FULL = Profile(secrets=200_000, workers=2, duration=3, warmup=0.5, concurrencies=(16, 64, 192), offered=12_000)
-SMOKE = Profile(secrets=6_000, workers=1, duration=0.6, warmup=0.2, concurrencies=(8,), offered=400)
+FULL = Profile(secrets=640_000, workers=2, duration=3, warmup=0.5, concurrencies=(16, 64, 192), offered=12_000,
+               stream_concurrencies=(8, 32), stream_offered=48_000)  # fmt: skip
+SMOKE = Profile(secrets=12_000, workers=1, duration=0.6, warmup=0.2, concurrencies=(8,), offered=400,
+                stream_concurrencies=(4,), stream_offered=256)  # fmt: skip
 
 
-def frame(message: pb.DispenseRequest) -> bytes:
+def frame(message: pb.DispenseRequest | pb.DispenseStreamRequest) -> bytes:
     """One length-prefixed gRPC message (as loadtest/frames.py)."""
     data = message.SerializeToString()
     return b"\x00" + len(data).to_bytes(4, "big") + data
 
 
-def write_orders(path: Path, tag: str, count: int, quantity: int) -> Path:
-    """`count` Dispense requests, each of its own order id, earliest expiry first."""
-    path.write_bytes(b"".join(
-        frame(pb.DispenseRequest(order_id=f"{tag}-{n}", sku=SKU_CODE, quantity=quantity,
-                                 strategy=pb.STRATEGY_EARLIEST_EXPIRY))
-        for n in range(count)
-    ))  # fmt: skip
+def order(tag: str, n: int, quantity: int) -> pb.DispenseRequest:
+    return pb.DispenseRequest(order_id=f"{tag}-{n}", sku=SKU_CODE, quantity=quantity,
+                              strategy=pb.STRATEGY_EARLIEST_EXPIRY)  # fmt: skip
+
+
+def write_orders(path: Path, tag: str, frames: int, quantity: int, items: int) -> Path:
+    """`frames` Dispense requests (items 1) or DispenseStream messages of `items` orders, every order its own id,
+    earliest expiry first."""
+    if items == 1:
+        data = b"".join(frame(order(tag, n, quantity)) for n in range(frames))
+    else:
+        data = b"".join(
+            frame(pb.DispenseStreamRequest(batch_id=str(m), items=[order(tag, m * items + i, quantity)
+                                                                  for i in range(items)]))
+            for m in range(frames)
+        )  # fmt: skip
+    path.write_bytes(data)
     return path
 
 
-def run_generator(target: str, frames: Path, rate: int, p: Profile, in_flight: int, api_key: str) -> dict[str, Any]:
-    """h2gen once: `rate` orders/s offered, at most `in_flight` calls outstanding (a closed loop when the rate is
-    above what the server serves); its JSON report."""
-    command = ["node", str(GENERATOR), "--target", target, "--path", DISPENSE_PATH, "--frames", str(frames),
-               "--rate", str(rate), "--duration", str(p.duration), "--warmup", str(p.warmup), "--mode", "unary",
-               "--connections", str(min(32, in_flight)), "--max-inflight", str(in_flight)]  # fmt: skip
+def run_generator(target: str, frames: Path, rate: int, p: Profile, in_flight: int, api_key: str, *,
+                  stream: bool) -> dict[str, Any]:  # fmt: skip
+    """h2gen once: `rate` calls (stream messages) per second offered, at most `in_flight` outstanding (a closed
+    loop when the rate is above what the server serves); its JSON report."""
+    mode = ["--mode", "stream", "--path", STREAM_PATH, "--streams", str(min(STREAMS, in_flight)),
+            "--connections", str(min(8, in_flight))] if stream else [
+            "--mode", "unary", "--path", DISPENSE_PATH, "--connections", str(min(32, in_flight))]  # fmt: skip
+    command = ["node", str(GENERATOR), "--target", target, "--frames", str(frames), "--rate", str(rate),
+               "--duration", str(p.duration), "--warmup", str(p.warmup), "--max-inflight", str(in_flight),
+               *mode]  # fmt: skip
     env = {**os.environ, "RGW_API_KEY": api_key}  # not on argv, which any `ps` shows
     done = subprocess.run(command, capture_output=True, text=True, timeout=p.duration + p.warmup + 90, check=True,  # noqa: S603
                           env=env)  # fmt: skip
@@ -203,51 +227,57 @@ class InventoryBench:
         _wait_serving(target, started, self.stack.logs)
         return target, [p.pid for p in started]
 
-    def one_run(self, design: str, target: str, pids: list[int], quantity: int, rate: int, in_flight: int) -> dict[
-        str, Any
-    ]:  # fmt: skip
-        """One generator run with the CPU of every process."""
+    def one_run(self, design: str, target: str, pids: list[int], quantity: int, rate: int, in_flight: int,
+                items: int) -> dict[str, Any]:  # fmt: skip
+        """One generator run with the CPU of every process; `rate` in orders/s (items per call: 1 unary, else
+        DispenseStream messages of `items` orders)."""
         p = self.profile
         self.runs += 1
+        calls = max(1, rate // items)
         frames = write_orders(self.stack.workdir / "orders.bin", f"{design}-q{quantity}-r{self.runs}",
-                              int(rate * (p.duration + p.warmup)) + 1, quantity)  # fmt: skip
+                              int(calls * (p.duration + p.warmup)) + 1, quantity, items)  # fmt: skip
         os.sync()  # the frame file's writeback must not stall the AOF fsyncs measured next
         meter = CpuMeter({"server": pids, "redis": [self.stack.redis.pid], "postgres": [self.stack.postgres.pid or 0]},
                          with_children=("postgres",))  # fmt: skip
         meter.start()
-        out = run_generator(target, frames, rate, p, in_flight, self.api_key)
+        out = run_generator(target, frames, calls, p, in_flight, self.api_key, stream=items > 1)
         cpu = meter.stop()
         cpu["generator"] = round(out["generator_cpu_s"], 3)
-        orders_per_s = out["achieved_rate"]
-        dispensed = out["outcomes"].get(DISPENSED, 0)
+        orders_per_s = out["achieved_rate"] * items
+        dispensed = out["outcomes"].get(DISPENSED, 0)  # orders (stream: per item)
         return {
-            "in_flight": in_flight, "offered_orders_per_s": rate, "orders_per_s": round(orders_per_s, 1),
+            "in_flight": in_flight, "items_per_call": items, "offered_orders_per_s": calls * items,
+            "orders_per_s": round(orders_per_s, 1),
             "secrets_per_s": round(orders_per_s * quantity), "latency_ms": _rounded(out["latency_ms"]),
             "sent": out["sent"], "completed": out["completed"], "errors": out["errors"], "statuses": out["statuses"],
             "outcomes": out["outcomes"], "secrets_dispensed": dispensed * quantity, "cpu_s": cpu,
             "cpu_us_per_secret": {k: round(v * 1e6 / max(dispensed * quantity, 1), 1) for k, v in cpu.items()},
         }  # fmt: skip
 
-    def measure(self, design: str, target: str, pids: list[int], quantity: int) -> dict[str, Any]:
-        """The saturation ramp and the half-saturation run of one design and order size."""
+    def measure(self, design: str, target: str, pids: list[int], quantity: int, path: str) -> dict[str, Any]:
+        """The saturation ramp and the half-saturation run of one design, order size and path."""
         p = self.profile
-        ramp = [self.one_run(design, target, pids, quantity, p.offered, c) for c in p.concurrencies]
+        items = ITEMS if path == "stream" else 1
+        offered = p.stream_offered if path == "stream" else p.offered
+        concurrencies = p.stream_concurrencies if path == "stream" else p.concurrencies
+        ramp = [self.one_run(design, target, pids, quantity, offered, c, items) for c in concurrencies]
         best = max(ramp, key=lambda r: r["orders_per_s"])
-        half_rate = max(1, round(best["orders_per_s"] / 2))
-        half = self.one_run(design, target, pids, quantity, half_rate, 4000)
+        half_rate = max(items, round(best["orders_per_s"] / 2))
+        half = self.one_run(design, target, pids, quantity, half_rate, 4000, items)
         for step in [*ramp, half]:
-            print(f"bench-inventory: {design} x{quantity} in_flight={step['in_flight']} "
+            print(f"bench-inventory: {design} {path} x{quantity} in_flight={step['in_flight']} "
                   f"offered={step['offered_orders_per_s']}/s -> {step['secrets_per_s']} secrets/s "
                   f"p99={step['latency_ms']['p99']} ms outcomes={step['outcomes']}",
                   file=sys.stderr, flush=True)  # fmt: skip
-        return {"quantity": quantity, "ramp": ramp, "max_secrets_per_s": best["secrets_per_s"],
+        return {"quantity": quantity, "path": path, "ramp": ramp, "max_secrets_per_s": best["secrets_per_s"],
                 "max_orders_per_s": best["orders_per_s"], "best_in_flight": best["in_flight"],
                 "half": half}  # fmt: skip
 
     async def run_design(self, design: str) -> dict[str, Any]:
         target, pids = self.start_servers(design)
         try:
-            results = {f"x{q}": self.measure(design, target, pids, q) for q in self.profile.quantities}
+            results = {f"{path}-x{q}": self.measure(design, target, pids, q, path)
+                       for path in self.profile.paths for q in self.profile.quantities}  # fmt: skip
         finally:
             self.stack.stop_servers()
         began = time.perf_counter()
@@ -341,26 +371,32 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"Measured {report['date']} on {report['machine']} with `make bench-inventory`: InventoryService.Dispense on",
         f"the gateway's own gRPC stack ({p['workers']} server processes), unique order ids, earliest expiry first,",
+        f"on both paths: `Dispense` (one call per order) and `DispenseStream` ({ITEMS} orders per message, {STREAMS}",
+        "streams; each order decided on its own - the peer's a transaction each, concurrently),",
         f"one SKU of {stock['secrets']:,} secrets imported through the real import path "
         f"({stock['import_secrets_per_second']:,} secrets/s).",
         f"**ours**: one atomic Redis script per order (appendfsync {stock['redis_appendfsync']}); **peer**: one",
         "Postgres transaction per order, `SELECT ... FOR UPDATE SKIP LOCKED` + UPDATE + INSERT order (fsync",
         f"{stock['postgres_fsync']}), the same stock and ciphertexts. Maximum: the best of closed loops at",
-        f"{', '.join(str(c) for c in p['concurrencies'])} calls in flight; latency: an open loop at half of it.",
+        f"{', '.join(str(c) for c in p['concurrencies'])} calls (stream: "
+        f"{', '.join(str(c) for c in p['stream_concurrencies'])} messages) in flight; latency: an open loop at half",
+        "of it (stream: per message).",
         "",
-        "| secrets per order | design | max secrets/s | max orders/s | p50 / p99 at half (ms) | "
+        "| path | secrets per order | design | max secrets/s | max orders/s | p50 / p99 at half (ms) | "
         "server CPU µs/secret at max | duplicates |",
-        "|---:|---|---:|---:|---:|---:|---:|",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for name in ours["results"]:
         for design, data in (("ours", ours), ("peer", peer)):
             r = data["results"][name]
             best = next(s for s in r["ramp"] if s["in_flight"] == r["best_in_flight"])
             lat = r["half"]["latency_ms"]
-            lines.append(f"| {r['quantity']} | {design} | {r['max_secrets_per_s']:,} | {r['max_orders_per_s']:,} | "
+            lines.append(f"| {r['path']} | {r['quantity']} | {design} | {r['max_secrets_per_s']:,} | "
+                         f"{r['max_orders_per_s']:,} | "
                          f"{lat['p50']} / {lat['p99']} | {best['cpu_us_per_secret']['server']} | "
                          f"{data['check']['duplicates']} |")  # fmt: skip
-    ratios = ", ".join(f"{k[1:]} per order {v}x" for k, v in report["ratio_ours_over_peer"].items())
+    ratios = ", ".join(f"{k.partition('-x')[0]} at {k.partition('-x')[2]} per order {v}x"
+                       for k, v in report["ratio_ours_over_peer"].items())  # fmt: skip
     lines += [
         "",
         f"Ours over peer in secrets/s: {ratios} (target: {report['target_ratio']:g}x). Duplicates checked after each",
@@ -379,11 +415,15 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="seconds, tiny stock: proves the harness, not the speed")
     parser.add_argument("--secrets", type=int, help="stock imported (default 200,000; smoke 6,000)")
     parser.add_argument("--workers", type=int, help="server processes per design (default 2; smoke 1)")
+    parser.add_argument("--paths", help="comma-separated: unary, stream (default both)")
     parser.add_argument("--out", type=Path, help="JSON report (default loadtest/results/inventory.json)")
     parser.add_argument("--markdown", action="store_true", help="update the inventory section of BENCHMARKS.md")
     args = parser.parse_args()
     profile = SMOKE if args.smoke else FULL
-    changes = {k: v for k, v in (("secrets", args.secrets), ("workers", args.workers)) if v is not None}
+    paths = tuple(args.paths.split(",")) if args.paths else None
+    changes = {
+        k: v for k, v in (("secrets", args.secrets), ("workers", args.workers), ("paths", paths)) if v is not None
+    }
     profile = Profile(**{**asdict(profile), **changes}) if changes else profile
     out = args.out or (SMOKE_OUT if args.smoke else Path("loadtest/results/inventory.json"))
     with tempfile.TemporaryDirectory(prefix="rgw-bench-inventory-") as tmp:

@@ -8,6 +8,8 @@ well-built peers do it, in Postgres (fsync and synchronous_commit on), one trans
 - served by InventoryService.Dispense on the gateway's own server stack (same interceptors, auth, logging, process
 model), with the same validation, SKU lookup, fingerprint and answers as the real servicer: its secrets are the
 very ciphertexts the import sealed (copied from `secrets`), decrypted for the order's answer as the gateway does.
+DispenseStream, its batch path, is the real servicer's shape too: a message's orders run concurrently, each its
+own transaction on the pool (an order is the unit of atomicity in this design), answered in order.
 
 Run as a server process: RGW_... python -m loadtest.inventory_peer (the gateway's settings, RGW_SECRET_KEYS).
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -23,11 +26,12 @@ import grpc
 import uvloop
 
 from gateway import logs
-from gateway.grpc_api import server as server_module
+from gateway.domain import Caller, ItemFailure
 from gateway.grpc_api.auth import current_caller
-from gateway.grpc_api.errors import rpc_boundary
-from gateway.grpc_api.inventory_servicer import dispense_response, order_input
+from gateway.grpc_api.errors import fault_for, request_id_of, rpc_boundary, status_for
+from gateway.grpc_api.inventory_servicer import dispense_response, order_input, stream_result
 from gateway.grpc_api.server import Gateway
+from gateway.grpc_api.stream_replies import DISPENSE_STREAM_MAX_SECRETS
 from gateway.inventory.loader import expiry_ms
 from gateway.inventory.service import (
     UNKNOWN_SKU,
@@ -35,6 +39,7 @@ from gateway.inventory.service import (
     InventoryOutcome,
     InventoryService,
     OrderIdReused,
+    OrderInput,
     OrderResult,
     SecretKeyRing,
     SkuDirectory,
@@ -45,6 +50,7 @@ from gateway.inventory.service import (
 from gateway.pb.redemption.v1 import inventory_pb2 as pb
 from gateway.pb.redemption.v1 import inventory_pb2_grpc as pb_grpc
 from gateway.settings import Settings
+from gateway.validation import check_stream_message
 
 POOL_SIZE = 16  # Postgres connections per server process, as the redemption peer (loadtest/bench_server.py)
 
@@ -76,27 +82,52 @@ OUT_OF_STOCK = OrderResult(InventoryOutcome.OUT_OF_STOCK, "OUT_OF_STOCK")
 
 
 class PeerInventoryServicer(pb_grpc.InventoryServiceServicer):
-    """Dispense as a Postgres SKIP LOCKED transaction per order (Hold, Confirm, Release: not benchmarked)."""
+    """Dispense as a Postgres SKIP LOCKED transaction per order (Hold, Confirm, Release: not benchmarked, so they
+    answer UNIMPLEMENTED as the generated base class does)."""
 
-    def __init__(self, pool: asyncpg.Pool, skus: SkuDirectory, secret_keys: SecretKeyRing) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, skus: SkuDirectory, secret_keys: SecretKeyRing, stream_max_items: int
+    ) -> None:
+        self._stream_max_items = stream_max_items
         self._pool = pool
         self._skus = skus
         self._keys = secret_keys
 
     @rpc_boundary
     async def Dispense(self, request: pb.DispenseRequest, context: grpc.aio.ServicerContext) -> pb.DispenseResponse:
-        order = order_input(request)
-        check_order(order, hold=False)
+        return dispense_response(await self._order(order_input(request), current_caller()), "Dispense")
+
+    async def DispenseStream(
+        self, request_iterator: AsyncIterator[pb.DispenseStreamRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.DispenseStreamResponse]:
+        request_id = request_id_of(context)
         caller = current_caller()
+        try:
+            async for message in request_iterator:
+                asked = sum(max(item.quantity, 0) for item in message.items)
+                check_stream_message(message.batch_id, len(message.items), self._stream_max_items, secrets=asked,
+                                     max_secrets=DISPENSE_STREAM_MAX_SECRETS)  # fmt: skip
+                orders = [self._order(order_input(item), caller) for item in message.items]
+                done = await asyncio.gather(*orders, return_exceptions=True)
+                results = [r if isinstance(r, OrderResult) else ItemFailure(r) for r in done]  # type: ignore[arg-type]
+                yield pb.DispenseStreamResponse(
+                    batch_id=message.batch_id, results=[stream_result(r, request_id) for r in results]
+                )
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await context.abort_with_status(status_for(fault_for(exc, request_id)))
+
+    async def _order(self, order: OrderInput, caller: Caller) -> OrderResult:
+        check_order(order, hold=False)
         sku = await self._skus.get(caller.brand_id, order.sku)
         if sku is None:
-            return dispense_response(UNKNOWN_SKU, "Dispense")
+            return UNKNOWN_SKU
         fingerprint = order_fingerprint("dispense", order)
         try:
-            result = await self._dispense(caller.brand_id, sku.id, order.order_id, fingerprint, order.quantity)
+            return await self._dispense(caller.brand_id, sku.id, order.order_id, fingerprint, order.quantity)
         except asyncpg.UniqueViolationError:  # the same order committed meanwhile by a concurrent call: replay it
-            result = await self._dispense(caller.brand_id, sku.id, order.order_id, fingerprint, order.quantity)
-        return dispense_response(result, "Dispense")
+            return await self._dispense(caller.brand_id, sku.id, order.order_id, fingerprint, order.quantity)
 
     async def _dispense(
         self, brand_id: int, sku_id: int, order_id: str, fingerprint: str, quantity: int
@@ -136,14 +167,13 @@ async def serve(settings: Settings) -> None:
     pool: Any = await asyncpg.create_pool(settings.database_url, min_size=POOL_SIZE, max_size=POOL_SIZE)
     ring = settings.secret_ring()
 
-    def register_peer(server: grpc.aio.Server, service: InventoryService) -> None:
-        peer = PeerInventoryServicer(pool, SkuDirectory(pool), ring)  # type: ignore[abstract]  # Dispense only
+    def register_peer(server: grpc.aio.Server, service: InventoryService, settings: Settings) -> None:
+        peer = PeerInventoryServicer(pool, SkuDirectory(pool), ring, settings.stream_max_items)  # type: ignore[abstract]
         pb_grpc.add_InventoryServiceServicer_to_server(peer, server)
 
-    # The gateway registers its InventoryService itself; in this process the peer's takes its place, on the same
-    # server, interceptors and settings (bench only).
-    vars(server_module)["register_inventory_service"] = register_peer
-    gateway = Gateway(settings=settings, keyring=settings.keyring())
+    # The peer's servicer takes the place of the gateway's InventoryService, on the same server, interceptors and
+    # settings.
+    gateway = Gateway(settings=settings, keyring=settings.keyring(), register_inventory=register_peer)
     await gateway.start()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

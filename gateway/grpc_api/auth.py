@@ -45,7 +45,7 @@ ROLES_BY_METHOD: dict[str, frozenset[Role]] = {
     # order systems: their own brand (internal) or the brand named in x-rgw-brand (platform)
     **{
         _INVENTORY + name: frozenset({Role.INTERNAL, Role.PLATFORM})
-        for name in ("Dispense", "Hold", "Confirm", "Release")
+        for name in ("Dispense", "DispenseStream", "Hold", "Confirm", "Release")
     },
 }
 ADMIN_ROLES = frozenset({Role.ADMIN, Role.PLATFORM})

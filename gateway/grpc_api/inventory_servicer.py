@@ -3,14 +3,20 @@ A plaintext secret goes into the response of its own order and nowhere else (nev
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable
+
 import grpc
 
+from gateway.domain import ItemFailure
 from gateway.grpc_api.auth import current_caller
-from gateway.grpc_api.errors import rpc_boundary
-from gateway.grpc_api.observe import note
+from gateway.grpc_api.errors import fault_for, request_id_of, rpc_boundary, status_for
+from gateway.grpc_api.observe import item_failed, note
+from gateway.grpc_api.stream_replies import DISPENSE_STREAM_MAX_SECRETS, item_error
 from gateway.inventory.service import InventoryOutcome, InventoryService, OrderInput, OrderResult, Strategy
 from gateway.pb.redemption.v1 import inventory_pb2 as pb
 from gateway.pb.redemption.v1 import inventory_pb2_grpc as pb_grpc
+from gateway.settings import Settings
+from gateway.validation import check_stream_message
 
 OUTCOMES: dict[InventoryOutcome, pb.InventoryOutcome.ValueType] = {
     InventoryOutcome.DISPENSED: pb.INVENTORY_OUTCOME_DISPENSED,
@@ -67,23 +73,44 @@ def confirm_response(result: OrderResult) -> pb.ConfirmResponse:
 
 
 def _add_secrets(response: pb.DispenseResponse | pb.ConfirmResponse, result: OrderResult) -> None:
+    add = response.secrets.add
     for secret in result.secrets:
-        item = response.secrets.add(
-            secret_id=secret.secret_id, secret=secret.secret, supplier=secret.supplier, use_number=secret.use_number
-        )
-        item.expires_at.FromMilliseconds(secret.expires_at_ms)
+        item = add(secret_id=secret.secret_id, secret=secret.secret, supplier=secret.supplier,
+                   use_number=secret.use_number)  # fmt: skip
+        ms = secret.expires_at_ms  # as Timestamp.FromMilliseconds, without its call per secret
+        item.expires_at.seconds, item.expires_at.nanos = ms // 1000, ms % 1000 * 1_000_000
 
 
 class InventoryServicer(pb_grpc.InventoryServiceServicer):
     """The gRPC face of InventoryService."""
 
-    def __init__(self, service: InventoryService) -> None:
+    def __init__(self, service: InventoryService, *, stream_max_items: int = 64) -> None:
         self._service = service
+        self._stream_max_items = stream_max_items
 
     @rpc_boundary
     async def Dispense(self, request: pb.DispenseRequest, context: grpc.aio.ServicerContext) -> pb.DispenseResponse:
         result = await self._service.dispense(order_input(request), current_caller())
         return dispense_response(result, "Dispense")
+
+    async def DispenseStream(
+        self, request_iterator: AsyncIterator[pb.DispenseStreamRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.DispenseStreamResponse]:
+        request_id = request_id_of(context)
+        caller = current_caller()
+        try:
+            async for message in request_iterator:
+                asked = sum(max(item.quantity, 0) for item in message.items)
+                check_stream_message(message.batch_id, len(message.items), self._stream_max_items, secrets=asked,
+                                     max_secrets=DISPENSE_STREAM_MAX_SECRETS)  # fmt: skip
+                results = await self._service.dispense_many([order_input(item) for item in message.items], caller)
+                yield pb.DispenseStreamResponse(
+                    batch_id=message.batch_id, results=[stream_result(r, request_id) for r in results]
+                )
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # the stream's boundary: every failure leaves as a precise status
+            await context.abort_with_status(status_for(fault_for(exc, request_id)))
 
     @rpc_boundary
     async def Hold(self, request: pb.HoldRequest, context: grpc.aio.ServicerContext) -> pb.HoldResponse:
@@ -106,6 +133,16 @@ class InventoryServicer(pb_grpc.InventoryServiceServicer):
         )  # fmt: skip
 
 
-def register_inventory_service(server: grpc.aio.Server, service: InventoryService) -> None:
+def stream_result(result: OrderResult | ItemFailure, request_id: Callable[[], str]) -> pb.DispenseStreamResult:
+    """One order's result in a DispenseStream reply: its DispenseResponse, or the error Dispense would raise."""
+    if isinstance(result, ItemFailure):
+        error = item_error(fault_for(result.error, request_id))
+        item_failed(error.code)
+        return pb.DispenseStreamResult(error=error)
+    return pb.DispenseStreamResult(response=dispense_response(result, "DispenseStream"))
+
+
+def register_inventory_service(server: grpc.aio.Server, service: InventoryService, settings: Settings) -> None:
     """InventoryService on the gateway's server."""
-    pb_grpc.add_InventoryServiceServicer_to_server(InventoryServicer(service), server)
+    servicer = InventoryServicer(service, stream_max_items=settings.stream_max_items)
+    pb_grpc.add_InventoryServiceServicer_to_server(servicer, server)

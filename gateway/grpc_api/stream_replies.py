@@ -1,4 +1,4 @@
-"""The reply to an accepted RedeemStream message always fits the server's send limit.
+"""The reply to an accepted RedeemStream or DispenseStream message always fits the server's send limit.
 
 Rule (README, "RedeemStream replies"): what a reply can carry is bounded by construction — an item's result is a
 RedeemResponse (fixed-size fields) or an ItemError whose message, reason and field violations are capped here;
@@ -6,6 +6,8 @@ RedeemResponse (fixed-size fields) or an ItemError whose message, reason and fie
 checked before anything is decided. So the largest possible reply to an accepted message is known at start-up
 (`worst_reply_bytes`), and the server's send limit is set to at least that (`send_limit`). A message whose items
 were decided can therefore always be answered: no redemption is made that its caller cannot learn of.
+DispenseStream the same way: a message's orders take at most DISPENSE_STREAM_MAX_SECRETS secrets in all, each at
+most MAX_SECRET_BYTES (the import's limit), so its worst reply is known too (`worst_dispense_reply_bytes`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 import functools
 
 from gateway.grpc_api.errors import Fault
+from gateway.inventory.importing import MAX_SECRET as MAX_SECRET_BYTES
+from gateway.pb.redemption.v1 import inventory_pb2 as inventory_pb
 from gateway.pb.redemption.v1 import redemption_pb2 as pb
 from gateway.validation import MAX_BATCH_ID_CHARS, FieldViolation
 
@@ -25,6 +29,9 @@ MAX_DESCRIPTION_BYTES = 96
 MAX_SUBJECT_BYTES = 160
 # The longest wait a reply names: a lockout's longest cool-down (risk/policy.py allows 7 days); longer is capped.
 MAX_RETRY_MS = 7 * 24 * 3600 * 1000
+# Secrets one DispenseStream message's orders may take in all (what SKUs allow per order is checked per order).
+DISPENSE_STREAM_MAX_SECRETS = 1000
+MAX_SUPPLIER_BYTES = 64
 
 
 def retry_after_ms(value: int) -> int:
@@ -64,7 +71,7 @@ def _violation(violation: FieldViolation) -> pb.FieldViolation:
     )
 
 
-def _worst_error() -> pb.RedeemStreamResult:
+def _worst_item_error() -> pb.ItemError:
     violation = pb.FieldViolation(field="f" * MAX_FIELD_BYTES, description="d" * MAX_DESCRIPTION_BYTES)
     error = pb.ItemError(
         code=-1,  # a negative int32 is the longest varint (10 bytes)
@@ -74,7 +81,7 @@ def _worst_error() -> pb.RedeemStreamResult:
         quota_subject="s" * MAX_SUBJECT_BYTES,
     )
     error.retry_after.FromMilliseconds(MAX_RETRY_MS - 1)
-    return pb.RedeemStreamResult(error=error)
+    return error
 
 
 def _worst_response() -> pb.RedeemStreamResult:
@@ -95,7 +102,7 @@ def _worst_response() -> pb.RedeemStreamResult:
 @functools.cache
 def worst_item_bytes() -> int:
     """The most one item's result adds to a reply: its field tag, length prefix and bytes."""
-    size = max(_worst_error().ByteSize(), _worst_response().ByteSize())
+    size = max(pb.RedeemStreamResult(error=_worst_item_error()).ByteSize(), _worst_response().ByteSize())
     return 1 + _varint_bytes(size) + size  # the tag of `results` (field 2) is one byte
 
 
@@ -109,7 +116,31 @@ def worst_reply_bytes(items: int) -> int:
     return envelope + items * worst_item_bytes()
 
 
+def _worst_secret_bytes() -> int:
+    secret = inventory_pb.DispensedSecret(secret_id=-1, secret="s" * MAX_SECRET_BYTES,
+                                          supplier="s" * MAX_SUPPLIER_BYTES, use_number=-1)  # fmt: skip
+    secret.expires_at.seconds, secret.expires_at.nanos = _INT64_MAX, 999_999_999
+    size = secret.ByteSize()
+    return 1 + _varint_bytes(size) + size  # the tag of `secrets` (field 3) is one byte
+
+
+@functools.cache
+def _worst_dispense_item_bytes() -> int:
+    """What one order's result adds to a reply besides its secrets; the +10 covers the two length prefixes
+    (result, response) growing with the secrets inside (5 bytes each at most)."""
+    response = inventory_pb.DispenseResponse(outcome=-1, reason="r" * MAX_REASON_BYTES, replayed=True)  # type: ignore[arg-type]
+    size = max(inventory_pb.DispenseStreamResult(error=_worst_item_error()).ByteSize(),
+               inventory_pb.DispenseStreamResult(response=response).ByteSize())  # fmt: skip
+    return 1 + _varint_bytes(size) + size + 10
+
+
+def worst_dispense_reply_bytes(items: int, secrets: int = DISPENSE_STREAM_MAX_SECRETS) -> int:
+    """An upper bound of the serialized size of the reply to any accepted DispenseStream message."""
+    envelope = inventory_pb.DispenseStreamResponse(batch_id="b" * MAX_BATCH_ID_CHARS).ByteSize()
+    return envelope + items * _worst_dispense_item_bytes() + secrets * _worst_secret_bytes()
+
+
 def send_limit(max_message_bytes: int, stream_max_items: int) -> int:
-    """The server's send limit: the configured message limit, raised to the worst reply an accepted message can
-    need (so a decided message is always answered)."""
-    return max(max_message_bytes, worst_reply_bytes(stream_max_items))
+    """The server's send limit: the configured message limit, raised to the worst reply an accepted message of
+    either stream can need (so a decided message is always answered)."""
+    return max(max_message_bytes, worst_reply_bytes(stream_max_items), worst_dispense_reply_bytes(stream_max_items))

@@ -77,7 +77,11 @@ ORDER = ("fp", "st", "ids", "exp", "at", "late", "strat", "sup")
 ORDER_STATES = ("held", "dispensed", "released", "expired")
 
 # Outbox event: field EVENT_FORMAT = EVENT joined by "|"; secrets = "<id>;<use>;<supplier>;<cost>;<currency>,..."
-# (";" and "," never occur in a supplier name: [A-Za-z0-9._:-])
+# (";" and "," never occur in a supplier name: [A-Za-z0-9._:-]). Every event of an order carries the order's
+# own fields (ORDER's fp, exp, strat, sup: the request fingerprint, the hold expiry ms - 0 when not a hold -, the
+# strategy and supplier), so the ledger's last event of an order is enough to restore it (gateway/inventory/
+# rebuild.py). They were appended: an event of EVENT_V1's length (written before them) still parses, without them.
 EVENT_FORMAT = "i1"
-EVENT = ("event_id", "kind", "brand", "sku", "shard", "order", "secrets", "at", "client")
+EVENT_V1 = ("event_id", "kind", "brand", "sku", "shard", "order", "secrets", "at", "client")
+EVENT = (*EVENT_V1, "order_fp", "order_exp", "order_strat", "order_sup")
 EVENT_KINDS = ("dispense", "hold", "confirm", "release", "expire")

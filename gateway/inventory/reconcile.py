@@ -10,9 +10,10 @@
   leaves the outbox only after the ledger committed it).
 - dispense_alarms rows (a secret use the writer saw for a second order) are reported.
 Repair: re-enqueues the events missing in the ledger (one dispense event per order, with a deterministic event id,
-so a repeated repair is one event) and rebuilds the indexes of the reported secrets from their records, atomically
-per call (a script re-reads each record: a dispense meanwhile is never undone). Missing in Redis and conflicts are
-reported only (`rgw rebuild-redis` restores a lost Redis; a conflict needs an operator).
+so a repeated repair is one event; it carries the order's fingerprint, hold expiry, strategy and supplier, which
+`rgw rebuild-redis` restores the order with) and rebuilds the indexes of the reported secrets from their records,
+atomically per call (a script re-reads each record: a dispense meanwhile is never undone). Missing in Redis and
+conflicts are reported only (`rgw rebuild-redis` restores a lost Redis; a conflict needs an operator).
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ class InventoryReconcile:
 class _Shard:
     records: dict[int, list[str]]
     indexes: dict[str, dict[int, float]]  # "exp", "cost", "sup:<name>" -> id: score
-    orders: dict[str, tuple[str, list[Use], str]]  # order -> (state, uses, at)
+    orders: dict[str, tuple[str, list[Use], str, dict[str, str]]]  # order -> (state, uses, at, the order's fields)
 
 
 async def _read_shard(redis: Redis, sku: Sku, shard: int) -> _Shard:
@@ -115,9 +116,11 @@ async def _read_shard(redis: Redis, sku: Sku, shard: int) -> _Shard:
     orders = {}
     prefix = layout.order_key(sku.id, shard, "")
     async for key in redis.scan_iter(match=prefix.replace("{", "\\{").replace("}", "\\}") + "*", count=1000):
-        found: Any = await redis.hmget(key, ["st", "ids", "at"])
+        found: Any = await redis.hmget(key, ["st", "ids", "at", "fp", "exp", "strat", "sup"])
         uses = [(int(i.split(";")[0]), int(i.split(";")[1])) for i in (found[1] or "").split(",") if i]
-        orders[str(key)[len(prefix) :]] = (found[0] or "", uses, found[2] or "0")
+        own = {"order_fp": found[3] or "", "order_exp": found[4] or "0", "order_strat": found[5] or "",
+               "order_sup": found[6] or ""}  # fmt: skip
+        orders[str(key)[len(prefix) :]] = (found[0] or "", uses, found[2] or "0", own)
     return _Shard(records, indexes, orders)
 
 
@@ -149,7 +152,7 @@ def _check_indexes(report: InventoryReconcile, sku: Sku, shard: int, state: _Sha
 
 def _check_orders(report: InventoryReconcile, sku: Sku, state: _Shard) -> dict[Use, str]:
     owners: dict[Use, str] = {}
-    for order, (st, uses, _) in state.orders.items():
+    for order, (st, uses, _, _) in state.orders.items():
         if st not in ("held", "dispensed"):
             continue
         for use in uses:
@@ -183,7 +186,7 @@ async def _check_sku(conn: asyncpg.Connection, redis: Redis, sku: Sku, report: I
         report.secrets += len(state.records)
         _check_indexes(report, sku, shard, state)
         _check_orders(report, sku, state)
-        for order, (st, uses, _) in state.orders.items():
+        for order, (st, uses, _, _) in state.orders.items():
             for use in uses if st == "dispensed" else []:
                 redis_dispensed[use] = order
                 theirs = ledger.get(use)
@@ -222,7 +225,7 @@ async def _reenqueue(redis: Redis, sku: Sku, shards: dict[int, _Shard], report: 
         event_id = uuid.uuid5(_NAMESPACE, f"{sku.id}|{order}|{secrets}")
         event = {"event_id": str(event_id), "kind": "dispense", "brand": str(sku.brand_id), "sku": str(sku.id),
                  "shard": str(shard), "order": order, "secrets": secrets, "at": shards[shard].orders[order][2],
-                 "client": "reconcile"}  # fmt: skip
+                 "client": "reconcile", **shards[shard].orders[order][3]}  # fmt: skip
         await redis.xadd(layout.outbox_key(sku.id, shard), encode_inventory_event(event))  # type: ignore[arg-type]
     return sum(len(uses) for uses in by_order.values())
 

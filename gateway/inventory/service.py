@@ -14,18 +14,19 @@ import hashlib
 import logging
 import re
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import asyncpg
 
 from gateway.clock import Clock
-from gateway.domain import Caller, LedgerUnavailable, StoreUnavailable
+from gateway.domain import Caller, ItemFailure, LedgerUnavailable, StoreUnavailable
 from gateway.ids import uuid7
 from gateway.inventory import layout
 from gateway.inventory.crypto import associated_data
-from gateway.inventory.store import InventoryStore, ShardAnswer, ShardCall, TakenSecret
+from gateway.inventory.store import InventoryStore, ShardAnswer, ShardCall
 from gateway.validation import FieldViolation, InvalidRequest, check_id
 
 log = logging.getLogger("rgw.inventory")
@@ -87,15 +88,19 @@ class OrderInput:
     ttl_ms: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class DispensedSecret:
-    """One secret given to the order, in plaintext: for the order's answer only (kept out of repr)."""
+class DispensedSecret(NamedTuple):
+    """One secret given to the order, in plaintext: for the order's answer only (kept out of repr). A NamedTuple:
+    an answer makes one per secret."""
 
     secret_id: int
-    secret: str = field(repr=False)
+    secret: str
     supplier: str
     expires_at_ms: int
     use_number: int
+
+    def __repr__(self) -> str:
+        return (f"DispensedSecret(secret_id={self.secret_id}, supplier={self.supplier!r}, "
+                f"expires_at_ms={self.expires_at_ms}, use_number={self.use_number})")  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +216,21 @@ class InventoryService:
     async def dispense(self, request: OrderInput, caller: Caller) -> OrderResult:
         return await self._new_order("dispense", request, caller)
 
+    async def dispense_many(self, requests: Sequence[OrderInput], caller: Caller) -> list[OrderResult | ItemFailure]:
+        """DispenseStream's batch: every order exactly as Dispense (checks, registry, one atomic script call), all of
+        them concurrently, so their Redis calls share the pipelined connections' writes. An order that fails
+        (malformed, its id reused, Redis unavailable) fails alone, as an ItemFailure of what Dispense raises."""
+        decided = await asyncio.gather(*(self.dispense(r, caller) for r in requests), return_exceptions=True)
+        results: list[OrderResult | ItemFailure] = []
+        for outcome in decided:
+            if isinstance(outcome, OrderResult):
+                results.append(outcome)
+            elif isinstance(outcome, Exception):
+                results.append(ItemFailure(outcome))
+            else:  # CancelledError and the like end the stream, as they would end a unary call
+                raise outcome
+        return results
+
     async def hold(self, request: OrderInput, caller: Caller) -> OrderResult:
         return await self._new_order("hold", request, caller)
 
@@ -267,13 +287,14 @@ class InventoryService:
                                released=answer.released)  # fmt: skip
         if answer.status != "DISPENSED":
             raise RuntimeError(f"unexpected inventory script status {answer.status!r}")
-        secrets = tuple(self._reveal(s, brand_id, sku_id) for s in answer.secrets)
+        aad = associated_data(brand_id, sku_id)  # the same for every secret of the SKU
+        decrypt = self._keys.decrypt
+        secrets = tuple(
+            DispensedSecret(t.secret_id, decrypt(t.key_id, t.nonce, t.ciphertext, aad), t.supplier, t.expires_at_ms,
+                            t.use_number)
+            for t in answer.secrets
+        )  # fmt: skip
         return OrderResult(InventoryOutcome.DISPENSED, "DISPENSED", secrets, answer.replayed, answer.late)
-
-    def _reveal(self, taken: TakenSecret, brand_id: int, sku_id: int) -> DispensedSecret:
-        aad = secret_aad(brand_id, sku_id, taken.secret_id)
-        plain = self._keys.decrypt(taken.key_id, taken.nonce, taken.ciphertext, aad)
-        return DispensedSecret(taken.secret_id, plain, taken.supplier, taken.expires_at_ms, taken.use_number)
 
     # The sweeper ---------------------------------------------------------------------------------------------
 

@@ -1,19 +1,23 @@
 """Inventory outbox entries (field layout.EVENT_FORMAT, "i1") as ledger rows: one inventory_events row per entry
 and, for a dispense or a confirm, one dispenses row per secret use it gave the order. An entry that cannot be
-parsed is a poison entry: it goes to the dead-letter stream, never silently away."""
+parsed is a poison entry: it goes to the dead-letter stream, never silently away.
+
+An event carries its order's fingerprint, hold expiry, strategy and supplier in trailing fields (layout.EVENT); one
+written before they were added (layout.EVENT_V1's length) still parses, with "" and no hold expiry for them."""
 
 from __future__ import annotations
 
 import re
 import uuid
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import NamedTuple
 
 from gateway.inventory import layout
 from gateway.ledger.events import PoisonEntry
 
 EVENT_FIELDS = layout.EVENT
+EVENT_FIELDS_V1 = layout.EVENT_V1
 VERSION_FIELD = layout.EVENT_FORMAT
 KINDS = frozenset(layout.EVENT_KINDS)
 # The kinds whose secrets an order now owns for good: each secret use becomes a dispenses row.
@@ -22,6 +26,9 @@ _SUPPLIER = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _CURRENCY = re.compile(r"[A-Z]{3}")
 _MAX_COST = 1_000_000_000_000
 _REQUIRED = ("event_id", "kind", "brand", "sku", "shard", "order", "at")
+_STRATEGY = re.compile(r"[a-z]{0,16}")
+_MAX_FINGERPRINT = 128
+_EPOCH = datetime.fromtimestamp(0, UTC)
 
 
 class InventoryEventRow(NamedTuple):
@@ -37,6 +44,10 @@ class InventoryEventRow(NamedTuple):
     client_id: str
     at: datetime
     outbox_id: str
+    fingerprint: str = ""  # the order's request fingerprint ("": an event from before it was carried)
+    hold_expires_at: datetime | None = None  # the order's hold expiry (None: not a hold, or not carried)
+    strategy: str = ""
+    supplier: str = ""
 
 
 class DispenseRow(NamedTuple):
@@ -90,13 +101,16 @@ def encode_inventory_event(event: Mapping[str, str]) -> dict[str, str]:
 
 
 def decode_inventory_event(fields: Mapping[str, str]) -> dict[str, str]:
-    """The values of an i1 entry by name; PoisonEntry when it is not one of the right length."""
+    """The values of an i1 entry by name, every name of EVENT_FIELDS (the order's fields "" in an entry of
+    EVENT_FIELDS_V1's length, written before they were carried); PoisonEntry when it is of neither length."""
     packed = fields.get(VERSION_FIELD)
     if packed is None:
         raise PoisonEntry(f"not an inventory event (fields: {', '.join(sorted(fields))[:100]})")
     values = packed.split("|")
-    if len(values) != len(EVENT_FIELDS):
-        raise PoisonEntry(f"expected {len(EVENT_FIELDS)} inventory event values, found {len(values)}")
+    if len(values) not in (len(EVENT_FIELDS_V1), len(EVENT_FIELDS)):
+        raise PoisonEntry(f"expected {len(EVENT_FIELDS)} (or {len(EVENT_FIELDS_V1)}) inventory event values, "
+                          f"found {len(values)}")  # fmt: skip
+    values += [""] * (len(EVENT_FIELDS) - len(values))
     return dict(zip(EVENT_FIELDS, values, strict=True))
 
 
@@ -135,6 +149,10 @@ def parse_inventory_event(entry_id: str, fields: Mapping[str, str]) -> Inventory
             client_id=event["client"],
             at=datetime.fromtimestamp(int(event["at"]) / 1000, UTC),
             outbox_id=entry_id,
+            fingerprint=_limited(event["order_fp"], _MAX_FINGERPRINT),
+            hold_expires_at=_hold_expiry(event["order_exp"]),
+            strategy=_checked(_STRATEGY, event["order_strat"]),
+            supplier=_checked(_SUPPLIER, event["order_sup"]) if event["order_sup"] else "",
         )
         uses = parse_secrets(event["secrets"])
     except (ValueError, OverflowError, OSError) as exc:  # OSError: a timestamp beyond the platform's range
@@ -153,6 +171,18 @@ def _bounded(text: str, low: int, high: int) -> int:
     if not low <= value < high:
         raise ValueError(f"{text[:20]} out of range")
     return value
+
+
+def _limited(text: str, most: int) -> str:
+    if len(text) > most:
+        raise ValueError(f"value longer than {most} characters")
+    return text
+
+
+def _hold_expiry(text: str) -> datetime | None:
+    """The hold expiry of an event's ms ("" or 0: none); exact to the ms."""
+    ms = _bounded(text, 0, 2**63) if text else 0
+    return _EPOCH + timedelta(milliseconds=ms) if ms else None
 
 
 def _checked(pattern: re.Pattern[str], text: str) -> str:

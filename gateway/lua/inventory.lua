@@ -9,7 +9,7 @@ KEYS[2]  rgw:{k.s}:exp      zset: available secret ids by expiry ms
 KEYS[3]  rgw:{k.s}:cost     zset: available secret ids by cost
 KEYS[4]  rgw:{k.s}:sec      hash: secret id -> layout.SECRET_RECORD joined by '|'
 KEYS[5]  rgw:{k.s}:holds    zset: held order ids by hold expiry ms
-KEYS[6]  rgw:{k.s}:outbox   stream: field i1 = layout.EVENT joined by '|'
+KEYS[6]  rgw:{k.s}:outbox   stream: field i1 = layout.EVENT joined by '|' (with the order's fp, exp, strat, sup)
 KEYS[7]  rgw:{k.s}:order:<order id>   this call's order (layout.ORDER); any key of the tag for op sweep
 The supplier indexes (rgw:{k.s}:sup:<supplier>) of the secrets a call takes or returns, and the orders of expired
 holds, are named by the data (a secret's supplier, a hold's order id): the script builds those keys from KEYS[1]'s
@@ -74,22 +74,6 @@ end
 
 local function save(id, r)
   redis.call('HSET', KEYS[4], id, table.concat(r, '|'))
-end
-
-local function unindex(id, r)
-  redis.call('ZREM', KEYS[2], id)
-  redis.call('ZREM', KEYS[3], id)
-  redis.call('ZREM', prefix .. 'sup:' .. r[1], id)
-end
-
-local function take(id)
-  local r = record(id)
-  local use = tonumber(r[6]) + 1
-  local left = tonumber(r[5]) - 1
-  r[5], r[6] = left, use
-  save(id, r)
-  if left <= 0 then unindex(id, r) end
-  return {id = id, use = use, r = r}
 end
 
 local function give_back(id, use)
@@ -159,9 +143,36 @@ local function choose(how, sup, q)
   return by_expiry(KEYS[2], q)
 end
 
+-- Every secret of `ids` (distinct) taken once, in order: one HMGET and one HSET for all, and one ZREM per index
+-- for those used up (per supplier for the supplier indexes) - a ten-secret order is a handful of commands.
 local function take_all(ids)
-  local taken = {}
-  for _, id in ipairs(ids) do taken[#taken + 1] = take(id) end
+  local records = redis.call('HMGET', KEYS[4], unpack(ids))
+  local taken, writes, gone, sups, by_sup = {}, {}, {}, {}, {}
+  for i, id in ipairs(ids) do
+    local r = split(records[i], '|')
+    local use = tonumber(r[6]) + 1
+    local left = tonumber(r[5]) - 1
+    r[5], r[6] = left, use
+    writes[#writes + 1] = id
+    writes[#writes + 1] = table.concat(r, '|')
+    if left <= 0 then
+      gone[#gone + 1] = id
+      local members = by_sup[r[1]]
+      if not members then
+        members = {}
+        by_sup[r[1]] = members
+        sups[#sups + 1] = r[1]
+      end
+      members[#members + 1] = id
+    end
+    taken[#taken + 1] = {id = id, use = use, r = r}
+  end
+  redis.call('HSET', KEYS[4], unpack(writes))
+  if #gone > 0 then
+    redis.call('ZREM', KEYS[2], unpack(gone))
+    redis.call('ZREM', KEYS[3], unpack(gone))
+    for _, sup in ipairs(sups) do redis.call('ZREM', prefix .. 'sup:' .. sup, unpack(by_sup[sup])) end
+  end
   return taken
 end
 
@@ -173,13 +184,16 @@ local function event_id()
   return id
 end
 
-local function emit(kind, order, secrets, who)
+-- o: the order's own fields (fp, exp, strat, sup), carried by each of its events: its last event restores it.
+local function emit(kind, order, secrets, who, o)
   local parts = {}
   for _, s in ipairs(secrets) do
     parts[#parts + 1] = table.concat({s.id, s.use, s.r[1], s.r[2], s.r[3]}, ';')
   end
   local secrets_ = table.concat(parts, ',')
-  local event = {event_id(), kind, brand, sku, shard, order, secrets_, now, who} -- layout.EVENT, in order
+  local order_fp, order_exp, order_strat, order_sup = o.fp or '', o.exp or 0, o.strat or '', o.sup or ''
+  local event = {event_id(), kind, brand, sku, shard, order, secrets_, now, who,
+    order_fp, order_exp, order_strat, order_sup} -- layout.EVENT, in order
   redis.call('XADD', KEYS[6], '*', 'i1', table.concat(event, '|'))
 end
 
@@ -187,13 +201,13 @@ end
 
 -- An expired (or released) hold gives its secrets back.
 local function end_hold(order, key, state, kind, who)
-  local ids = redis.call('HGET', key, 'ids')
-  local pairs_ = parse_ids(ids)
+  local f = redis.call('HMGET', key, 'ids', 'fp', 'exp', 'strat', 'sup')
+  local pairs_ = parse_ids(f[1])
   local secrets = with_records(pairs_)
   for _, p in ipairs(pairs_) do give_back(p[1], p[2]) end
   redis.call('HSET', key, 'st', state, 'at', now)
   redis.call('ZREM', KEYS[5], order)
-  emit(kind, order, secrets, who)
+  emit(kind, order, secrets, who, {fp = f[2], exp = f[3], strat = f[4], sup = f[5]})
   return #pairs_
 end
 
@@ -239,7 +253,7 @@ local function new_order(meta)
   redis.call('HSET', KEYS[7], 'fp', fp, 'st', state, 'ids', format_ids(taken), 'exp', exp, 'at', now,
     'strat', strategy, 'sup', supplier)
   if op == 'hold' then redis.call('ZADD', KEYS[5], exp, order_id) end
-  emit(kind, order_id, taken, client)
+  emit(kind, order_id, taken, client, {fp = fp, exp = exp, strat = strategy, sup = supplier})
   if op == 'hold' then return reply('HELD', 0, 0, exp) end
   return reply('DISPENSED', 0, 0, 0, 0, 0, taken)
 end
@@ -251,7 +265,7 @@ local function late_confirm(o)
   if not ids then return reply('HOLD_EXPIRED') end
   local taken = take_all(ids)
   redis.call('HSET', KEYS[7], 'st', 'dispensed', 'ids', format_ids(taken), 'at', now, 'late', 1)
-  emit('confirm', order_id, taken, client)
+  emit('confirm', order_id, taken, client, o)
   return reply('DISPENSED', 0, 1, 0, 0, 0, taken)
 end
 
@@ -276,7 +290,7 @@ local function confirm()
   if o.st == 'expired' then return late_confirm(o) end
   redis.call('HSET', KEYS[7], 'st', 'dispensed', 'at', now)
   redis.call('ZREM', KEYS[5], order_id)
-  emit('confirm', order_id, secrets, client)
+  emit('confirm', order_id, secrets, client, o)
   return reply('DISPENSED', 0, 0, 0, 0, 0, secrets)
 end
 

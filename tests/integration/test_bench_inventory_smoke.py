@@ -33,13 +33,13 @@ def test_bench_inventory_smoke_run_has_no_duplicates(tmp_path: Path) -> None:
         check = data["check"]
         assert check["duplicates"] == 0, (design, check)
         assert check["distinct_secrets"] == check["recorded_secrets"] == check["acknowledged_secrets"] > 0, check
-        for name, quantity in (("x1", 1), ("x10", 10)):
+        for name, quantity in (("unary-x1", 1), ("unary-x10", 10), ("stream-x1", 1), ("stream-x10", 10)):
             result = data["results"][name]
             assert result["max_secrets_per_s"] > 0, (design, name)
             for step in [*result["ramp"], result["half"]]:
                 assert set(step["outcomes"]) == {"1"}, (design, name, step["outcomes"])  # DISPENSED only
                 assert step["secrets_dispensed"] == step["outcomes"]["1"] * quantity
     assert report["designs"]["ours"]["check"]["alarms"] == 0
-    assert set(report["ratio_ours_over_peer"]) == {"x1", "x10"}
+    assert set(report["ratio_ours_over_peer"]) == {"unary-x1", "unary-x10", "stream-x1", "stream-x10"}
     report.update(date="today", machine="here")
-    assert "| 10 | peer |" in markdown(report)
+    assert "| stream | 10 | peer |" in markdown(report)

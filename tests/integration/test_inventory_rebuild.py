@@ -1,11 +1,14 @@
 """`rgw rebuild-redis` restores the card-secret inventory after Redis lost everything (FLUSHALL): the same stock
-(counts and ids), no secret use given out before given out again, the dispensed orders and the open hold as
-gateway/inventory/rebuild.py documents them; `rgw reconcile --inventory` finds a planted difference and --repair
-fixes it.
+(counts and ids), no secret use given out before given out again, and every order as
+gateway/inventory/rebuild.py documents them - a retried request gets its first answer (another request under the
+order id is refused), a hold keeps its expiry, a released or expired order answers as before the loss (a late
+confirm by the order's own strategy and supplier); `rgw reconcile --inventory` finds a planted difference and
+--repair fixes it.
 
 Stock comes in through the real import path (importing.import_csv); orders go through the real gateway on a
-manual clock an hour behind the wall clock (the rebuild stamps an open hold's expiry with the wall clock, so the
-test decides when it comes due); the ledger writer drains the outboxes before the loss."""
+manual clock an hour behind the wall clock (the rebuild's own time, the wall clock, is then far from every
+expiry the orders have: a hold restored with the rebuild's time would show); the ledger writer drains the
+outboxes before the loss."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -47,7 +51,7 @@ Use = tuple[int, int]  # (secret id, use number)
 
 @pytest.fixture
 def clock() -> ManualClock:
-    """An hour behind the wall clock: the rebuild's wall-clock hold expiry is then an hour ahead of the gateway."""
+    """An hour behind the wall clock: a hold restored as expiring at the rebuild (wall clock) would show."""
     return ManualClock(int(time.time() * 1000) - HOUR_MS)
 
 
@@ -194,9 +198,7 @@ async def test_rebuild_after_flushall_restores_stock_orders_and_holds(
     assert [s.total.available for s in stock_before] == [24 - 9 - 2, 3]  # ids; the reusable one's X has 1 use left
     await redis.flushall()
 
-    started = int(time.time() * 1000)
     rebuilt = rgw(redis_url, migrated, "rebuild-redis")
-    finished = int(time.time() * 1000)
     assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
     assert await redis.exists(keys.INITIALISED)
 
@@ -209,21 +211,26 @@ async def test_rebuild_after_flushall_restores_stock_orders_and_holds(
     given_uses = {use for uses in given.values() for use in uses}
     assert not {sid for sid, _ in given_uses if sid not in loop_ids} & ids_before
     assert not {sid for sid, _ in held_uses} & ids_before
-    # The orders as the docstring has them: a dispensed order's state and secret uses, with no fingerprint.
+    # The orders as the docstring has them: a dispensed order's state, secret uses and fingerprint.
     for order_id, before in dispensed_before.items():
         sku = loop if order_id == "l-one" else card
         after = await order(redis, sku, layout.order_shard(order_id, sku.shards), order_id)
-        assert (after["st"], uses_of(after), after["fp"]) == ("dispensed", uses_of(before), ""), order_id
+        assert (after["st"], uses_of(after), after["fp"]) == ("dispensed", uses_of(before), before["fp"]), order_id
+        assert after["fp"], order_id
     restored = await order(redis, card, big, h_open)
     assert (restored["st"], uses_of(restored)) == ("held", uses_of(open_before))
-    assert started <= int(restored["exp"]) <= finished  # expiring at the rebuild
+    assert int(restored["exp"]) == int(open_before["exp"]) == held.expires_at.ToMilliseconds()  # its own expiry
     assert await redis.zscore(layout.holds_key(card.id, big), h_open) == int(restored["exp"])
     assert (reconciled := rgw(redis_url, migrated, "reconcile", "--inventory")).returncode == 0, reconciled.stdout
 
-    # Retries under restored order ids are refused as a different request (the fingerprint is not in the ledger).
-    assert await refused_as_reused(inv, requests[names[1]]) == "ORDER_ID_REUSED"
-    assert await refused_as_reused(inv, loop_request) == "ORDER_ID_REUSED"
-    assert await refused_as_reused(inv, open_request) == "ORDER_ID_REUSED"
+    # Retries under restored order ids get their first answer; another request under one is refused.
+    for request in (requests[names[1]], loop_request):
+        again = await inv.stub.Dispense(request)
+        assert again.replayed and taken(again) == given[request.order_id], request.order_id
+    again_held = await inv.stub.Hold(open_request)
+    assert again_held.replayed and again_held.expires_at == held.expires_at
+    assert await refused_as_reused(inv, dispense(names[1], "card", 2)) == "ORDER_ID_REUSED"
+    assert await refused_as_reused(inv, hold(h_open, "card", 1, ttl_s=900)) == "ORDER_ID_REUSED"
 
     # New orders take the stock left, never a use given out before; then the card is out of stock.
     fresh: list[Use] = []
@@ -244,7 +251,7 @@ async def test_rebuild_after_flushall_restores_stock_orders_and_holds(
     assert len(fresh) == len(set(fresh)) == len(ids_before - set(loop_ids)) + 5
     assert not set(fresh) & given_uses and not set(fresh) & set(held_uses)
 
-    # The open hold expires at the rebuild's time: its stock returns, a confirm is late (no stock left: refund).
+    # The open hold expires at its own time: its stock returns, a confirm is late (no stock left: refund).
     clock.value = int(restored["exp"])
     back = await inv.stub.Dispense(dispense(order_on(big, 2, "n-back"), "card", 2))
     assert back.outcome == pb.INVENTORY_OUTCOME_DISPENSED and sorted(taken(back)) == sorted(held_uses)
@@ -279,3 +286,176 @@ async def test_reconcile_inventory_finds_a_planted_difference_and_repairs_it(
     assert after.returncode == 0 and "repaired: 0" in after.stdout, after.stdout
     assert await redis.zscore(layout.by_cost_key(card.id, 0), str(victim)) == 100
     assert await redis.zscore(layout.by_expiry_key(card.id, 0), str(victim)) == score
+
+
+# Every kind of order, lost and rebuilt ------------------------------------------------------------------------
+
+
+@dataclass
+class Lost:
+    """One SKU (one shard: 5 secrets of sup-a, expiring first, then 3 of sup-b) and its orders, before the loss:
+    d1 dispensed (2); h-exp (1 of sup-b) and h-exp2 (2 of sup-b) expired; h-rel released; h-in held (TTL 900 s),
+    h-past held (TTL 60 s); then the ledger drained, FLUSHALL and `rgw rebuild-redis`."""
+
+    sku: Sku
+    requests: dict[str, pb.DispenseRequest | pb.HoldRequest]
+    held: dict[str, pb.HoldResponse]
+    given: dict[str, list[Use]]
+    before: dict[str, dict[str, str]]  # order -> its hash
+    routes: dict[str, str]  # order -> its registry entry
+    sup_a: list[int]
+    sup_b: list[int]
+
+
+async def lose_and_rebuild(
+    inv: InventoryGateway, db: asyncpg.Connection, redis: Redis, redis_url: str, migrated: str, clock: ManualClock
+) -> Lost:
+    card = await create_sku(db, redis, brand_id=1, code="card", name="Card", shards=1)
+    await import_stock(db, redis, migrated, [
+        *(csv_row("card", n, supplier="sup-a", cost=100) for n in range(5)),
+        *(csv_row("card", 10 + n, supplier="sup-b", cost=200) for n in range(3)),
+    ])  # fmt: skip
+    ids = {s: [r["id"] for r in await db.fetch("SELECT id FROM secrets WHERE supplier = $1 ORDER BY id", s)]
+           for s in ("sup-a", "sup-b")}  # fmt: skip
+    requests: dict[str, pb.DispenseRequest | pb.HoldRequest] = {
+        "d1": dispense("d1", "card", 2),
+        "h-exp": hold("h-exp", "card", 1, ttl_s=60, strategy=pb.STRATEGY_SUPPLIER, supplier="sup-b"),
+        "h-exp2": hold("h-exp2", "card", 2, ttl_s=60, strategy=pb.STRATEGY_SUPPLIER, supplier="sup-b"),
+        "h-rel": hold("h-rel", "card", 1, ttl_s=900),
+        "h-in": hold("h-in", "card", 1, ttl_s=900),
+        "h-past": hold("h-past", "card", 1, ttl_s=60),
+    }
+    given = {"d1": taken(await inv.stub.Dispense(requests["d1"]))}
+    held = {}
+    for name in ("h-exp", "h-exp2"):
+        held[name] = await inv.stub.Hold(requests[name])
+    clock.advance(61_000)  # the next call on the shard expires h-exp and h-exp2 first
+    for name in ("h-rel", "h-in", "h-past"):
+        held[name] = await inv.stub.Hold(requests[name])
+        if name == "h-rel":
+            assert (await inv.stub.Release(pb.ReleaseRequest(order_id=name))).outcome == pb.INVENTORY_OUTCOME_RELEASED
+    assert all(h.outcome == pb.INVENTORY_OUTCOME_HELD for h in held.values())
+    before = {name: await order(redis, card, 0, name) for name in requests}
+    assert {name: o["st"] for name, o in before.items()} == {
+        "d1": "dispensed", "h-exp": "expired", "h-exp2": "expired", "h-rel": "released", "h-in": "held",
+        "h-past": "held"}  # fmt: skip
+    routes: Any = await redis.hgetall(layout.orders_key(1))
+    await drain(redis, migrated)
+    await redis.flushall()
+    rebuilt = rgw(redis_url, migrated, "rebuild-redis")
+    assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
+    return Lost(card, requests, held, given, before, {str(k): str(v) for k, v in routes.items()}, ids["sup-a"],
+                ids["sup-b"])  # fmt: skip
+
+
+async def test_every_order_is_restored_as_it_was(
+    inv: InventoryGateway, db: asyncpg.Connection, redis: Redis, redis_url: str, migrated: str, clock: ManualClock
+) -> None:
+    lost = await lose_and_rebuild(inv, db, redis, redis_url, migrated, clock)
+    for name, before in lost.before.items():
+        after = await order(redis, lost.sku, 0, name)
+        assert {k: v for k, v in after.items() if k != "ids"} == {k: v for k, v in before.items() if k != "ids"}, name
+        assert uses_of(after) == uses_of(before), name
+    routes: Any = await redis.hgetall(layout.orders_key(1))
+    assert {str(k): str(v) for k, v in routes.items()} == lost.routes
+    assert all(route.split("|")[1] for route in lost.routes.values())  # each with its fingerprint
+    held: Any = await redis.zrange(layout.holds_key(lost.sku.id, 0), 0, -1, withscores=True)
+    assert {str(o): int(exp) for o, exp in held} == {o: int(lost.before[o]["exp"]) for o in ("h-in", "h-past")}
+    assert (reconciled := rgw(redis_url, migrated, "reconcile", "--inventory")).returncode == 0, reconciled.stdout
+
+
+async def test_a_dispensed_order_answers_its_retry_and_refuses_another_request(
+    inv: InventoryGateway, db: asyncpg.Connection, redis: Redis, redis_url: str, migrated: str, clock: ManualClock
+) -> None:
+    lost = await lose_and_rebuild(inv, db, redis, redis_url, migrated, clock)
+    again = await inv.stub.Dispense(lost.requests["d1"])
+    assert again.outcome == pb.INVENTORY_OUTCOME_DISPENSED and again.replayed
+    assert taken(again) == lost.given["d1"]
+    assert await refused_as_reused(inv, dispense("d1", "card", 3)) == "ORDER_ID_REUSED"
+    assert await refused_as_reused(inv, hold("d1", "card", 2)) == "ORDER_ID_REUSED"
+
+
+async def test_a_hold_keeps_its_expiry(
+    inv: InventoryGateway, db: asyncpg.Connection, redis: Redis, redis_url: str, migrated: str, clock: ManualClock
+) -> None:
+    lost = await lose_and_rebuild(inv, db, redis, redis_url, migrated, clock)
+    held_in = uses_of(lost.before["h-in"])
+    again = await inv.stub.Hold(lost.requests["h-in"])
+    assert again.replayed and again.expires_at == lost.held["h-in"].expires_at
+    # Within its TTL: Confirm dispenses the held secrets (not a late confirm).
+    confirmed = await inv.stub.Confirm(pb.ConfirmRequest(order_id="h-in"))
+    assert confirmed.outcome == pb.INVENTORY_OUTCOME_DISPENSED and not confirmed.late and not confirmed.replayed
+    assert taken(confirmed) == held_in
+    # Past its TTL: the next call on the shard expires it, its stock returns (the earliest to expire: taken next).
+    clock.value = int(lost.before["h-past"]["exp"])
+    back = await inv.stub.Dispense(dispense("n-back", "card"))
+    assert back.outcome == pb.INVENTORY_OUTCOME_DISPENSED and taken(back) == uses_of(lost.before["h-past"])
+    assert (await order(redis, lost.sku, 0, "h-past"))["st"] == "expired"
+    late = await inv.stub.Confirm(pb.ConfirmRequest(order_id="h-past"))
+    assert late.outcome == pb.INVENTORY_OUTCOME_DISPENSED and late.late
+    await drain(redis, migrated)
+    assert await db.fetchval("SELECT count(*) FROM dispense_alarms") == 0
+    assert (reconciled := rgw(redis_url, migrated, "reconcile", "--inventory")).returncode == 0, reconciled.stdout
+
+
+async def test_a_released_order_answers_as_released(
+    inv: InventoryGateway, db: asyncpg.Connection, redis: Redis, redis_url: str, migrated: str, clock: ManualClock
+) -> None:
+    lost = await lose_and_rebuild(inv, db, redis, redis_url, migrated, clock)
+    confirmed = await inv.stub.Confirm(pb.ConfirmRequest(order_id="h-rel"))
+    assert (confirmed.outcome, confirmed.reason) == (pb.INVENTORY_OUTCOME_ORDER_NOT_FOUND, "NOT_HELD")
+    released = await inv.stub.Release(pb.ReleaseRequest(order_id="h-rel"))
+    assert released.outcome == pb.INVENTORY_OUTCOME_RELEASED and released.replayed and released.released == 0
+    assert await refused_as_reused(inv, dispense("h-rel", "card", 1)) == "ORDER_ID_REUSED"
+    assert await refused_as_reused(inv, hold("h-rel", "card", 2, ttl_s=900)) == "ORDER_ID_REUSED"
+    again = await inv.stub.Hold(lost.requests["h-rel"])  # as before the loss: a Hold retried answers HELD
+    assert again.replayed and again.expires_at == lost.held["h-rel"].expires_at
+
+
+async def test_an_expired_order_is_confirmed_late_by_its_own_strategy(
+    inv: InventoryGateway, db: asyncpg.Connection, redis: Redis, redis_url: str, migrated: str, clock: ManualClock
+) -> None:
+    lost = await lose_and_rebuild(inv, db, redis, redis_url, migrated, clock)
+    # Available: sup-a's last secret (expiring first) and the 3 of sup-b; the order takes sup-b's, as it held.
+    late = await inv.stub.Confirm(pb.ConfirmRequest(order_id="h-exp"))
+    assert late.outcome == pb.INVENTORY_OUTCOME_DISPENSED and late.late and not late.replayed
+    assert [s.supplier for s in late.secrets] == ["sup-b"] and taken(late) == [(lost.sup_b[0], 1)]
+    assert (await inv.stub.Confirm(pb.ConfirmRequest(order_id="h-exp"))).replayed
+    assert (await inv.stub.Dispense(dispense("n-b", "card", strategy=pb.STRATEGY_SUPPLIER, supplier="sup-b"))).secrets
+    # One secret of sup-b is left (and one of sup-a): h-exp2's 2 of sup-b are not there.
+    refund = await inv.stub.Confirm(pb.ConfirmRequest(order_id="h-exp2"))
+    assert refund.outcome == pb.INVENTORY_OUTCOME_HOLD_EXPIRED
+    assert await refused_as_reused(inv, dispense("h-exp2", "card", 2)) == "ORDER_ID_REUSED"
+    await drain(redis, migrated)
+    assert await db.fetchval("SELECT count(*) FROM dispense_alarms") == 0
+    assert (reconciled := rgw(redis_url, migrated, "reconcile", "--inventory")).returncode == 0, reconciled.stdout
+
+
+async def test_orders_of_events_without_the_order_fields_are_restored_failing_closed(
+    inv: InventoryGateway, db: asyncpg.Connection, redis: Redis, redis_url: str, migrated: str, clock: ManualClock
+) -> None:
+    """Events of older gateways (recorded as migration 0009 left them: no fingerprint, expiry, strategy or
+    supplier): a retry is refused as a different request, an open hold expires at the rebuild."""
+    card = await create_sku(db, redis, brand_id=1, code="card", name="Card")
+    await import_stock(db, redis, migrated, [csv_row("card", n, supplier="sup-a", cost=100) for n in range(3)])
+    given = taken(await inv.stub.Dispense(dispense("d1", "card")))
+    held = await inv.stub.Hold(hold("h1", "card", ttl_s=900))
+    await drain(redis, migrated)
+    await db.execute("UPDATE inventory_events SET fingerprint = '', hold_expires_at = NULL, strategy = '',"
+                     " supplier = ''")  # fmt: skip
+    await redis.flushall()
+    started = int(time.time() * 1000)
+    assert (rebuilt := rgw(redis_url, migrated, "rebuild-redis")).returncode == 0, rebuilt.stdout + rebuilt.stderr
+    finished = int(time.time() * 1000)
+
+    dispensed, open_hold = await order(redis, card, 0, "d1"), await order(redis, card, 0, "h1")
+    assert (dispensed["st"], dispensed["fp"], uses_of(dispensed)) == ("dispensed", "", given)
+    assert (open_hold["st"], open_hold["fp"]) == ("held", "")
+    assert started <= int(open_hold["exp"]) <= finished  # not its own expiry, an hour earlier on the gateway's clock
+    assert held.expires_at.ToMilliseconds() < started - HOUR_MS / 2
+    assert await refused_as_reused(inv, dispense("d1", "card")) == "ORDER_ID_REUSED"
+    assert await refused_as_reused(inv, hold("h1", "card", ttl_s=900)) == "ORDER_ID_REUSED"
+    # The hold comes due at the rebuild's time (the wall clock, an hour ahead of the gateway's).
+    clock.value = int(open_hold["exp"])
+    late = await inv.stub.Confirm(pb.ConfirmRequest(order_id="h1"))
+    assert late.outcome == pb.INVENTORY_OUTCOME_DISPENSED and late.late

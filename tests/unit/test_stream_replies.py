@@ -1,4 +1,5 @@
-"""The size of a RedeemStream reply is bounded by construction (gateway/grpc_api/stream_replies.py)."""
+"""The size of a RedeemStream or DispenseStream reply is bounded by construction
+(gateway/grpc_api/stream_replies.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.grpc_api.errors import Fault
-from gateway.grpc_api.stream_replies import item_error, send_limit, worst_item_bytes, worst_reply_bytes
+from gateway.grpc_api.stream_replies import (
+    DISPENSE_STREAM_MAX_SECRETS,
+    item_error,
+    send_limit,
+    worst_dispense_reply_bytes,
+    worst_item_bytes,
+    worst_reply_bytes,
+)
+from gateway.inventory.importing import MAX_SECRET as MAX_SECRET_BYTES
+from gateway.pb.redemption.v1 import inventory_pb2 as inventory_pb
 from gateway.pb.redemption.v1 import redemption_pb2 as pb
 from gateway.validation import MAX_BATCH_ID_CHARS, FieldViolation
 
@@ -63,6 +73,43 @@ def test_captions_are_cut_on_character_boundaries() -> None:
 
 
 def test_the_send_limit_grows_with_the_item_limit_and_never_falls_below_the_configured_one() -> None:
-    assert send_limit(16_384, 1) == 16_384
-    assert send_limit(16_384, 64) == worst_reply_bytes(64) > 16_384
+    # a DispenseStream message may carry up to 1,000 secrets whatever its item count: that reply is the larger
+    assert send_limit(16_384, 1) == worst_dispense_reply_bytes(1) > 16_384
+    assert send_limit(16_384, 64) == max(worst_reply_bytes(64), worst_dispense_reply_bytes(64)) > 16_384
+    assert send_limit(500_000, 1) == 500_000
     assert send_limit(10_000_000, 64) == 10_000_000
+
+
+def _secret(n: int) -> inventory_pb.DispensedSecret:
+    secret = inventory_pb.DispensedSecret(secret_id=2**63 - 1 - n, secret="卡" * (MAX_SECRET_BYTES // 3) + "x",
+                                          supplier="s" * 64, use_number=2**31 - 1)  # fmt: skip
+    secret.expires_at.seconds, secret.expires_at.nanos = 253402300799, 999_999_999
+    return secret
+
+
+def test_the_largest_dispense_stream_reply_fits_its_bound() -> None:
+    """64 orders sharing the most secrets a message may ask for, every secret as long as the import allows, with
+    the largest ids and times: within worst_dispense_reply_bytes, and the bound is not loose beyond what it
+    reserves per order for an error."""
+    per_order = DISPENSE_STREAM_MAX_SECRETS // 64
+    results = []
+    for order in range(64):
+        count = per_order + (1 if order < DISPENSE_STREAM_MAX_SECRETS % 64 else 0)
+        response = inventory_pb.DispenseResponse(outcome=inventory_pb.INVENTORY_OUTCOME_DISPENSED, reason="DISPENSED",
+                                                 replayed=True, secrets=[_secret(n) for n in range(count)])  # fmt: skip
+        results.append(inventory_pb.DispenseStreamResult(response=response))
+    reply = inventory_pb.DispenseStreamResponse(batch_id="b" * MAX_BATCH_ID_CHARS, results=results)
+    assert sum(len(r.response.secrets) for r in reply.results) == DISPENSE_STREAM_MAX_SECRETS
+    assert reply.ByteSize() <= worst_dispense_reply_bytes(64) <= send_limit(16_384, 64)
+    # loose by each order's room for a worst-case error (~1.2 KB) it did not use, and a few varint bytes per secret
+    assert worst_dispense_reply_bytes(64) - reply.ByteSize() < 64 * 1_300 + DISPENSE_STREAM_MAX_SECRETS * 20
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(faults, max_size=64))
+def test_dispense_stream_item_errors_fit_the_bound(faults_: list[Fault]) -> None:
+    reply = inventory_pb.DispenseStreamResponse(
+        batch_id="b" * MAX_BATCH_ID_CHARS,
+        results=[inventory_pb.DispenseStreamResult(error=item_error(f)) for f in faults_],
+    )
+    assert reply.ByteSize() <= worst_dispense_reply_bytes(len(faults_), 0)

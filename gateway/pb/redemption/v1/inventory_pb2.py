@@ -24,37 +24,44 @@ _sym_db = _symbol_database.Default()
 
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from gateway.pb.redemption.v1 import redemption_pb2 as redemption_dot_v1_dot_redemption__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dredemption/v1/inventory.proto\x12\rredemption.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x7f\n\x0f\x44ispenseRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x0b\n\x03sku\x18\x02 \x01(\t\x12\x10\n\x08quantity\x18\x03 \x01(\x05\x12)\n\x08strategy\x18\x04 \x01(\x0e\x32\x17.redemption.v1.Strategy\x12\x10\n\x08supplier\x18\x05 \x01(\t\"\x8a\x01\n\x0f\x44ispensedSecret\x12\x11\n\tsecret_id\x18\x01 \x01(\x03\x12\x0e\n\x06secret\x18\x02 \x01(\t\x12\x10\n\x08supplier\x18\x03 \x01(\t\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nuse_number\x18\x05 \x01(\x05\"\xa3\x01\n\x10\x44ispenseResponse\x12\x30\n\x07outcome\x18\x01 \x01(\x0e\x32\x1f.redemption.v1.InventoryOutcome\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12/\n\x07secrets\x18\x03 \x03(\x0b\x32\x1e.redemption.v1.DispensedSecret\x12\x10\n\x08replayed\x18\x04 \x01(\x08J\x04\x08\x05\x10\x06R\x04late\"\xa4\x01\n\x0f\x43onfirmResponse\x12\x30\n\x07outcome\x18\x01 \x01(\x0e\x32\x1f.redemption.v1.InventoryOutcome\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12/\n\x07secrets\x18\x03 \x03(\x0b\x32\x1e.redemption.v1.DispensedSecret\x12\x10\n\x08replayed\x18\x04 \x01(\x08\x12\x0c\n\x04late\x18\x05 \x01(\x08\"\xa3\x01\n\x0bHoldRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x0b\n\x03sku\x18\x02 \x01(\t\x12\x10\n\x08quantity\x18\x03 \x01(\x05\x12)\n\x08strategy\x18\x04 \x01(\x0e\x32\x17.redemption.v1.Strategy\x12\x10\n\x08supplier\x18\x05 \x01(\t\x12&\n\x03ttl\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x92\x01\n\x0cHoldResponse\x12\x30\n\x07outcome\x18\x01 \x01(\x0e\x32\x1f.redemption.v1.InventoryOutcome\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08replayed\x18\x04 \x01(\x08\"\"\n\x0e\x43onfirmRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\"\"\n\x0eReleaseRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\"w\n\x0fReleaseResponse\x12\x30\n\x07outcome\x18\x01 \x01(\x0e\x32\x1f.redemption.v1.InventoryOutcome\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x10\n\x08released\x18\x03 \x01(\x05\x12\x10\n\x08replayed\x18\x04 \x01(\x08*p\n\x08Strategy\x12\x18\n\x14STRATEGY_UNSPECIFIED\x10\x00\x12\x1c\n\x18STRATEGY_EARLIEST_EXPIRY\x10\x01\x12\x15\n\x11STRATEGY_CHEAPEST\x10\x02\x12\x15\n\x11STRATEGY_SUPPLIER\x10\x03*\xd0\x02\n\x10InventoryOutcome\x12!\n\x1dINVENTORY_OUTCOME_UNSPECIFIED\x10\x00\x12\x1f\n\x1bINVENTORY_OUTCOME_DISPENSED\x10\x01\x12\x1a\n\x16INVENTORY_OUTCOME_HELD\x10\x02\x12\"\n\x1eINVENTORY_OUTCOME_OUT_OF_STOCK\x10\x03\x12!\n\x1dINVENTORY_OUTCOME_UNKNOWN_SKU\x10\x04\x12*\n&INVENTORY_OUTCOME_QUANTITY_ABOVE_LIMIT\x10\x05\x12\"\n\x1eINVENTORY_OUTCOME_HOLD_EXPIRED\x10\x06\x12%\n!INVENTORY_OUTCOME_ORDER_NOT_FOUND\x10\x07\x12\x1e\n\x1aINVENTORY_OUTCOME_RELEASED\x10\x08\x32\xb4\x02\n\x10InventoryService\x12K\n\x08\x44ispense\x12\x1e.redemption.v1.DispenseRequest\x1a\x1f.redemption.v1.DispenseResponse\x12?\n\x04Hold\x12\x1a.redemption.v1.HoldRequest\x1a\x1b.redemption.v1.HoldResponse\x12H\n\x07\x43onfirm\x12\x1d.redemption.v1.ConfirmRequest\x1a\x1e.redemption.v1.ConfirmResponse\x12H\n\x07Release\x12\x1d.redemption.v1.ReleaseRequest\x1a\x1e.redemption.v1.ReleaseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dredemption/v1/inventory.proto\x12\rredemption.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1eredemption/v1/redemption.proto\"\x7f\n\x0f\x44ispenseRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x0b\n\x03sku\x18\x02 \x01(\t\x12\x10\n\x08quantity\x18\x03 \x01(\x05\x12)\n\x08strategy\x18\x04 \x01(\x0e\x32\x17.redemption.v1.Strategy\x12\x10\n\x08supplier\x18\x05 \x01(\t\"\x8a\x01\n\x0f\x44ispensedSecret\x12\x11\n\tsecret_id\x18\x01 \x01(\x03\x12\x0e\n\x06secret\x18\x02 \x01(\t\x12\x10\n\x08supplier\x18\x03 \x01(\t\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nuse_number\x18\x05 \x01(\x05\"\xa3\x01\n\x10\x44ispenseResponse\x12\x30\n\x07outcome\x18\x01 \x01(\x0e\x32\x1f.redemption.v1.InventoryOutcome\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12/\n\x07secrets\x18\x03 \x03(\x0b\x32\x1e.redemption.v1.DispensedSecret\x12\x10\n\x08replayed\x18\x04 \x01(\x08J\x04\x08\x05\x10\x06R\x04late\"X\n\x15\x44ispenseStreamRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12-\n\x05items\x18\x02 \x03(\x0b\x32\x1e.redemption.v1.DispenseRequest\"`\n\x16\x44ispenseStreamResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x34\n\x07results\x18\x02 \x03(\x0b\x32#.redemption.v1.DispenseStreamResult\"\x80\x01\n\x14\x44ispenseStreamResult\x12\x33\n\x08response\x18\x01 \x01(\x0b\x32\x1f.redemption.v1.DispenseResponseH\x00\x12)\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x18.redemption.v1.ItemErrorH\x00\x42\x08\n\x06result\"\xa4\x01\n\x0f\x43onfirmResponse\x12\x30\n\x07outcome\x18\x01 \x01(\x0e\x32\x1f.redemption.v1.InventoryOutcome\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12/\n\x07secrets\x18\x03 \x03(\x0b\x32\x1e.redemption.v1.DispensedSecret\x12\x10\n\x08replayed\x18\x04 \x01(\x08\x12\x0c\n\x04late\x18\x05 \x01(\x08\"\xa3\x01\n\x0bHoldRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x0b\n\x03sku\x18\x02 \x01(\t\x12\x10\n\x08quantity\x18\x03 \x01(\x05\x12)\n\x08strategy\x18\x04 \x01(\x0e\x32\x17.redemption.v1.Strategy\x12\x10\n\x08supplier\x18\x05 \x01(\t\x12&\n\x03ttl\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x92\x01\n\x0cHoldResponse\x12\x30\n\x07outcome\x18\x01 \x01(\x0e\x32\x1f.redemption.v1.InventoryOutcome\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08replayed\x18\x04 \x01(\x08\"\"\n\x0e\x43onfirmRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\"\"\n\x0eReleaseRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\"w\n\x0fReleaseResponse\x12\x30\n\x07outcome\x18\x01 \x01(\x0e\x32\x1f.redemption.v1.InventoryOutcome\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x10\n\x08released\x18\x03 \x01(\x05\x12\x10\n\x08replayed\x18\x04 \x01(\x08*p\n\x08Strategy\x12\x18\n\x14STRATEGY_UNSPECIFIED\x10\x00\x12\x1c\n\x18STRATEGY_EARLIEST_EXPIRY\x10\x01\x12\x15\n\x11STRATEGY_CHEAPEST\x10\x02\x12\x15\n\x11STRATEGY_SUPPLIER\x10\x03*\xd0\x02\n\x10InventoryOutcome\x12!\n\x1dINVENTORY_OUTCOME_UNSPECIFIED\x10\x00\x12\x1f\n\x1bINVENTORY_OUTCOME_DISPENSED\x10\x01\x12\x1a\n\x16INVENTORY_OUTCOME_HELD\x10\x02\x12\"\n\x1eINVENTORY_OUTCOME_OUT_OF_STOCK\x10\x03\x12!\n\x1dINVENTORY_OUTCOME_UNKNOWN_SKU\x10\x04\x12*\n&INVENTORY_OUTCOME_QUANTITY_ABOVE_LIMIT\x10\x05\x12\"\n\x1eINVENTORY_OUTCOME_HOLD_EXPIRED\x10\x06\x12%\n!INVENTORY_OUTCOME_ORDER_NOT_FOUND\x10\x07\x12\x1e\n\x1aINVENTORY_OUTCOME_RELEASED\x10\x08\x32\x97\x03\n\x10InventoryService\x12K\n\x08\x44ispense\x12\x1e.redemption.v1.DispenseRequest\x1a\x1f.redemption.v1.DispenseResponse\x12\x61\n\x0e\x44ispenseStream\x12$.redemption.v1.DispenseStreamRequest\x1a%.redemption.v1.DispenseStreamResponse(\x01\x30\x01\x12?\n\x04Hold\x12\x1a.redemption.v1.HoldRequest\x1a\x1b.redemption.v1.HoldResponse\x12H\n\x07\x43onfirm\x12\x1d.redemption.v1.ConfirmRequest\x1a\x1e.redemption.v1.ConfirmResponse\x12H\n\x07Release\x12\x1d.redemption.v1.ReleaseRequest\x1a\x1e.redemption.v1.ReleaseResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'redemption.v1.inventory_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STRATEGY']._serialized_start=1224
-  _globals['_STRATEGY']._serialized_end=1336
-  _globals['_INVENTORYOUTCOME']._serialized_start=1339
-  _globals['_INVENTORYOUTCOME']._serialized_end=1675
-  _globals['_DISPENSEREQUEST']._serialized_start=113
-  _globals['_DISPENSEREQUEST']._serialized_end=240
-  _globals['_DISPENSEDSECRET']._serialized_start=243
-  _globals['_DISPENSEDSECRET']._serialized_end=381
-  _globals['_DISPENSERESPONSE']._serialized_start=384
-  _globals['_DISPENSERESPONSE']._serialized_end=547
-  _globals['_CONFIRMRESPONSE']._serialized_start=550
-  _globals['_CONFIRMRESPONSE']._serialized_end=714
-  _globals['_HOLDREQUEST']._serialized_start=717
-  _globals['_HOLDREQUEST']._serialized_end=880
-  _globals['_HOLDRESPONSE']._serialized_start=883
-  _globals['_HOLDRESPONSE']._serialized_end=1029
-  _globals['_CONFIRMREQUEST']._serialized_start=1031
-  _globals['_CONFIRMREQUEST']._serialized_end=1065
-  _globals['_RELEASEREQUEST']._serialized_start=1067
-  _globals['_RELEASEREQUEST']._serialized_end=1101
-  _globals['_RELEASERESPONSE']._serialized_start=1103
-  _globals['_RELEASERESPONSE']._serialized_end=1222
-  _globals['_INVENTORYSERVICE']._serialized_start=1678
-  _globals['_INVENTORYSERVICE']._serialized_end=1986
+  _globals['_STRATEGY']._serialized_start=1575
+  _globals['_STRATEGY']._serialized_end=1687
+  _globals['_INVENTORYOUTCOME']._serialized_start=1690
+  _globals['_INVENTORYOUTCOME']._serialized_end=2026
+  _globals['_DISPENSEREQUEST']._serialized_start=145
+  _globals['_DISPENSEREQUEST']._serialized_end=272
+  _globals['_DISPENSEDSECRET']._serialized_start=275
+  _globals['_DISPENSEDSECRET']._serialized_end=413
+  _globals['_DISPENSERESPONSE']._serialized_start=416
+  _globals['_DISPENSERESPONSE']._serialized_end=579
+  _globals['_DISPENSESTREAMREQUEST']._serialized_start=581
+  _globals['_DISPENSESTREAMREQUEST']._serialized_end=669
+  _globals['_DISPENSESTREAMRESPONSE']._serialized_start=671
+  _globals['_DISPENSESTREAMRESPONSE']._serialized_end=767
+  _globals['_DISPENSESTREAMRESULT']._serialized_start=770
+  _globals['_DISPENSESTREAMRESULT']._serialized_end=898
+  _globals['_CONFIRMRESPONSE']._serialized_start=901
+  _globals['_CONFIRMRESPONSE']._serialized_end=1065
+  _globals['_HOLDREQUEST']._serialized_start=1068
+  _globals['_HOLDREQUEST']._serialized_end=1231
+  _globals['_HOLDRESPONSE']._serialized_start=1234
+  _globals['_HOLDRESPONSE']._serialized_end=1380
+  _globals['_CONFIRMREQUEST']._serialized_start=1382
+  _globals['_CONFIRMREQUEST']._serialized_end=1416
+  _globals['_RELEASEREQUEST']._serialized_start=1418
+  _globals['_RELEASEREQUEST']._serialized_end=1452
+  _globals['_RELEASERESPONSE']._serialized_start=1454
+  _globals['_RELEASERESPONSE']._serialized_end=1573
+  _globals['_INVENTORYSERVICE']._serialized_start=2029
+  _globals['_INVENTORYSERVICE']._serialized_end=2436
 # @@protoc_insertion_point(module_scope)

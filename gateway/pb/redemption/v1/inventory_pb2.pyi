@@ -23,6 +23,7 @@ from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from gateway.pb.redemption.v1 import redemption_pb2 as _redemption_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -231,6 +232,98 @@ class DispenseResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DispenseResponse: _TypeAlias = DispenseResponse  # noqa: Y015
+
+@_typing.final
+class DispenseStreamRequest(_message.Message):
+    """DispenseStreamRequest is one batch of paid orders."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    ITEMS_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.str
+    """Chosen by the caller and echoed in the response, to match responses with requests. Up to 128 characters of
+    [A-Za-z0-9._:-]; may be empty.
+    """
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___DispenseRequest]:
+        """The orders, each exactly as a DispenseRequest."""
+
+    def __init__(
+        self,
+        *,
+        batch_id: _builtins.str = ...,
+        items: _abc.Iterable[Global___DispenseRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "items", b"items"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DispenseStreamRequest: _TypeAlias = DispenseStreamRequest  # noqa: Y015
+
+@_typing.final
+class DispenseStreamResponse(_message.Message):
+    """DispenseStreamResponse answers one DispenseStreamRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.str
+    """The request's batch_id."""
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___DispenseStreamResult]:
+        """One result per item of the request, in the same order."""
+
+    def __init__(
+        self,
+        *,
+        batch_id: _builtins.str = ...,
+        results: _abc.Iterable[Global___DispenseStreamResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DispenseStreamResponse: _TypeAlias = DispenseStreamResponse  # noqa: Y015
+
+@_typing.final
+class DispenseStreamResult(_message.Message):
+    """DispenseStreamResult is the fate of one order of a batch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def response(self) -> Global___DispenseResponse:
+        """The answer Dispense would have given for this order."""
+
+    @_builtins.property
+    def error(self) -> _redemption_pb2.ItemError:
+        """The order failed as Dispense would have failed (INVALID_ARGUMENT with field violations or reason
+        ORDER_ID_REUSED, UNAVAILABLE: retry with the same order id, INTERNAL); nothing was taken for it.
+        """
+
+    def __init__(
+        self,
+        *,
+        response: Global___DispenseResponse | None = ...,
+        error: _redemption_pb2.ItemError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "response", b"response", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "response", b"response", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["response", "error"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___DispenseStreamResult: _TypeAlias = DispenseStreamResult  # noqa: Y015
 
 @_typing.final
 class ConfirmResponse(_message.Message):

@@ -41,6 +41,11 @@ class InventoryServiceStub:
                 request_serializer=redemption_dot_v1_dot_inventory__pb2.DispenseRequest.SerializeToString,
                 response_deserializer=redemption_dot_v1_dot_inventory__pb2.DispenseResponse.FromString,
                 _registered_method=True)
+        self.DispenseStream = channel.stream_stream(
+                '/redemption.v1.InventoryService/DispenseStream',
+                request_serializer=redemption_dot_v1_dot_inventory__pb2.DispenseStreamRequest.SerializeToString,
+                response_deserializer=redemption_dot_v1_dot_inventory__pb2.DispenseStreamResponse.FromString,
+                _registered_method=True)
         self.Hold = channel.unary_unary(
                 '/redemption.v1.InventoryService/Hold',
                 request_serializer=redemption_dot_v1_dot_inventory__pb2.HoldRequest.SerializeToString,
@@ -67,6 +72,20 @@ class InventoryServiceServicer:
         """Dispense takes `quantity` secrets of a SKU for a paid order, all or none. A repeated call with the same order
         id and request (a payment notice delivered twice, a retry) returns exactly the same secrets with
         `replayed = true`; the same order id with a different request is INVALID_ARGUMENT (ORDER_ID_REUSED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DispenseStream(self, request_iterator, context):
+        """DispenseStream is the batch path for order systems at launch-day peaks: each request message carries many
+        orders (at most the server's RGW_STREAM_MAX_ITEMS, default 64, and at most 1,000 secrets in all), each decided
+        exactly as Dispense decides it - atomically, never one secret to two orders, idempotent per (brand, order id),
+        a retry on any path (this one or Dispense) gets the same secrets. The reply to a message carries one result
+        per order, in the same order: the DispenseResponse Dispense would have given, or the error it would have
+        failed with (the order alone; nothing was taken for it). Messages of one stream are answered in order; open
+        several streams for parallelism. A message over either limit, or with a bad batch_id, ends the stream with
+        INVALID_ARGUMENT and nothing of it was decided. Roles as Dispense.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -101,6 +120,11 @@ def add_InventoryServiceServicer_to_server(servicer, server):
                     servicer.Dispense,
                     request_deserializer=redemption_dot_v1_dot_inventory__pb2.DispenseRequest.FromString,
                     response_serializer=redemption_dot_v1_dot_inventory__pb2.DispenseResponse.SerializeToString,
+            ),
+            'DispenseStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.DispenseStream,
+                    request_deserializer=redemption_dot_v1_dot_inventory__pb2.DispenseStreamRequest.FromString,
+                    response_serializer=redemption_dot_v1_dot_inventory__pb2.DispenseStreamResponse.SerializeToString,
             ),
             'Hold': grpc.unary_unary_rpc_method_handler(
                     servicer.Hold,
@@ -147,6 +171,33 @@ class InventoryService:
             '/redemption.v1.InventoryService/Dispense',
             redemption_dot_v1_dot_inventory__pb2.DispenseRequest.SerializeToString,
             redemption_dot_v1_dot_inventory__pb2.DispenseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DispenseStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/redemption.v1.InventoryService/DispenseStream',
+            redemption_dot_v1_dot_inventory__pb2.DispenseStreamRequest.SerializeToString,
+            redemption_dot_v1_dot_inventory__pb2.DispenseStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -53,6 +53,16 @@ class InventoryServiceStub:
     id and request (a payment notice delivered twice, a retry) returns exactly the same secrets with
     `replayed = true`; the same order id with a different request is INVALID_ARGUMENT (ORDER_ID_REUSED).
     """
+    DispenseStream: _grpc.StreamStreamMultiCallable[_inventory_pb2.DispenseStreamRequest, _inventory_pb2.DispenseStreamResponse]
+    """DispenseStream is the batch path for order systems at launch-day peaks: each request message carries many
+    orders (at most the server's RGW_STREAM_MAX_ITEMS, default 64, and at most 1,000 secrets in all), each decided
+    exactly as Dispense decides it - atomically, never one secret to two orders, idempotent per (brand, order id),
+    a retry on any path (this one or Dispense) gets the same secrets. The reply to a message carries one result
+    per order, in the same order: the DispenseResponse Dispense would have given, or the error it would have
+    failed with (the order alone; nothing was taken for it). Messages of one stream are answered in order; open
+    several streams for parallelism. A message over either limit, or with a bad batch_id, ends the stream with
+    INVALID_ARGUMENT and nothing of it was decided. Roles as Dispense.
+    """
     Hold: _grpc.UnaryUnaryMultiCallable[_inventory_pb2.HoldRequest, _inventory_pb2.HoldResponse]
     """Hold reserves `quantity` secrets for an unpaid order until `ttl` runs out; Confirm dispenses them."""
     Confirm: _grpc.UnaryUnaryMultiCallable[_inventory_pb2.ConfirmRequest, _inventory_pb2.ConfirmResponse]
@@ -73,6 +83,16 @@ class InventoryServiceAsyncStub(InventoryServiceStub):
     """Dispense takes `quantity` secrets of a SKU for a paid order, all or none. A repeated call with the same order
     id and request (a payment notice delivered twice, a retry) returns exactly the same secrets with
     `replayed = true`; the same order id with a different request is INVALID_ARGUMENT (ORDER_ID_REUSED).
+    """
+    DispenseStream: _aio.StreamStreamMultiCallable[_inventory_pb2.DispenseStreamRequest, _inventory_pb2.DispenseStreamResponse]  # type: ignore[assignment]
+    """DispenseStream is the batch path for order systems at launch-day peaks: each request message carries many
+    orders (at most the server's RGW_STREAM_MAX_ITEMS, default 64, and at most 1,000 secrets in all), each decided
+    exactly as Dispense decides it - atomically, never one secret to two orders, idempotent per (brand, order id),
+    a retry on any path (this one or Dispense) gets the same secrets. The reply to a message carries one result
+    per order, in the same order: the DispenseResponse Dispense would have given, or the error it would have
+    failed with (the order alone; nothing was taken for it). Messages of one stream are answered in order; open
+    several streams for parallelism. A message over either limit, or with a bad batch_id, ends the stream with
+    INVALID_ARGUMENT and nothing of it was decided. Roles as Dispense.
     """
     Hold: _aio.UnaryUnaryMultiCallable[_inventory_pb2.HoldRequest, _inventory_pb2.HoldResponse]  # type: ignore[assignment]
     """Hold reserves `quantity` secrets for an unpaid order until `ttl` runs out; Confirm dispenses them."""
@@ -97,6 +117,22 @@ class InventoryServiceServicer(metaclass=_abc_1.ABCMeta):
         """Dispense takes `quantity` secrets of a SKU for a paid order, all or none. A repeated call with the same order
         id and request (a payment notice delivered twice, a retry) returns exactly the same secrets with
         `replayed = true`; the same order id with a different request is INVALID_ARGUMENT (ORDER_ID_REUSED).
+        """
+
+    @_abc_1.abstractmethod
+    def DispenseStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_inventory_pb2.DispenseStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_inventory_pb2.DispenseStreamResponse], _abc.AsyncIterator[_inventory_pb2.DispenseStreamResponse]]:
+        """DispenseStream is the batch path for order systems at launch-day peaks: each request message carries many
+        orders (at most the server's RGW_STREAM_MAX_ITEMS, default 64, and at most 1,000 secrets in all), each decided
+        exactly as Dispense decides it - atomically, never one secret to two orders, idempotent per (brand, order id),
+        a retry on any path (this one or Dispense) gets the same secrets. The reply to a message carries one result
+        per order, in the same order: the DispenseResponse Dispense would have given, or the error it would have
+        failed with (the order alone; nothing was taken for it). Messages of one stream are answered in order; open
+        several streams for parallelism. A message over either limit, or with a bad batch_id, ends the stream with
+        INVALID_ARGUMENT and nothing of it was decided. Roles as Dispense.
         """
 
     @_abc_1.abstractmethod
