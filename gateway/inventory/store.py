@@ -22,7 +22,7 @@ SCRIPT_ARGS = ("op", "now_ms", "brand", "order", "fp", "quantity", "strategy", "
 # Due holds a call expires before its own op: enough to keep up with abandoned orders, few enough to bound a call.
 EXPIRE_BOUND = 32
 _HEAD = 6  # reply values before the secrets
-_PER_SECRET = 7
+_PER_SECRET = 5  # id, use, supplier, expiry ms, sealed (key_id|nonce_b64|ct_b64)
 _SECONDS = script_observer("inventory")
 
 
@@ -95,6 +95,11 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _taken(secret_id: int, use: int, supplier: str, expiry: int, sealed: list[str]) -> TakenSecret:
+    key_id, nonce, ct = sealed
+    return TakenSecret(secret_id, use, supplier, expiry, key_id, a2b_base64(nonce), a2b_base64(ct))
+
+
 def to_answer(reply: list[Any]) -> ShardAnswer:
     """The one mapping from the script's reply to a result (str values from the pipelined client, bytes from
     redis-py)."""
@@ -102,8 +107,8 @@ def to_answer(reply: list[Any]) -> ShardAnswer:
     head = [_text(v) for v in values[:_HEAD]]  # Lua numbers arrive as ints
     each = iter(values[_HEAD:])
     secrets = tuple(
-        TakenSecret(int(secret_id), int(use), supplier, int(expiry), key_id, a2b_base64(nonce), a2b_base64(ct))
-        for secret_id, use, supplier, expiry, key_id, nonce, ct in zip(*[each] * _PER_SECRET, strict=True)
+        _taken(int(secret_id), int(use), supplier, int(expiry), sealed.split("|"))
+        for secret_id, use, supplier, expiry, sealed in zip(*[each] * _PER_SECRET, strict=True)
     )
     return ShardAnswer(head[0], head[1] == "1", head[2] == "1", int(head[3]), int(head[4]), int(head[5]), secrets)
 

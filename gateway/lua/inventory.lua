@@ -30,8 +30,8 @@ so a single-use secret held and released is use 1 again), left - 1; at left 0 it
 secret with dispenses left stays available; one call never takes it twice (ZRANGE members are distinct).
 Giving back (release, expiry): left + 1, back into the indexes when it had left them.
 
-Reply: {status, replayed, late, hold_exp_ms, released, holds_left, then per secret 7 values: id, use, supplier,
-expiry_ms, key_id, nonce_b64, ct_b64}. status: DISPENSED, HELD, RELEASED, OUT_OF_STOCK, QUANTITY_ABOVE_LIMIT,
+Reply: {status, replayed, late, hold_exp_ms, released, holds_left, then per secret 5 values: id, use, supplier,
+expiry_ms, sealed = "key_id|nonce_b64|ct_b64"}. status: DISPENSED, HELD, RELEASED, OUT_OF_STOCK, QUANTITY_ABOVE_LIMIT,
 UNKNOWN_SKU, ORDER_ID_REUSED, HOLD_EXPIRED, ORDER_NOT_FOUND, NOT_HELD, SWEPT.
 ]]
 
@@ -45,10 +45,18 @@ local COST_WALK = 10000 -- the cheapest strategy skips expired secrets, at most 
 local PAGE = 256
 local events = 0
 
-local function split(value, sep)
-  local parts = {}
-  for part in string.gmatch(value .. sep, '([^' .. sep .. ']*)' .. sep) do parts[#parts + 1] = part end
-  return parts
+-- A secret's record, layout.SECRET_RECORD joined by '|', read by one match (a generic split is ~4x slower in
+-- Redis' Lua): head = supplier|cost|currency|expiry_ms and sealed = key_id|nonce_b64|ct_b64 are kept as they are,
+-- only left and used change. r = {supplier, cost, currency, expiry_ms, left, used, head = ..., sealed = ...}
+local RECORD = '^(([^|]*)|([^|]*)|([^|]*)|([^|]*))|([^|]*)|([^|]*)|(.*)$'
+
+local function parse(text)
+  local head, supplier, cost, currency, expiry, left, used, sealed = string.match(text, RECORD)
+  return {supplier, cost, currency, expiry, tonumber(left), tonumber(used), head = head, sealed = sealed}
+end
+
+local function unparse(r)
+  return r.head .. '|' .. string.format('%d|%d|', r[5], r[6]) .. r.sealed
 end
 
 local function reply(status, replayed, late, exp, released, holds_left, secrets)
@@ -59,9 +67,7 @@ local function reply(status, replayed, late, exp, released, holds_left, secrets)
     out[#out + 1] = s.use
     out[#out + 1] = r[1]
     out[#out + 1] = r[4]
-    out[#out + 1] = r[7]
-    out[#out + 1] = r[8]
-    out[#out + 1] = r[9]
+    out[#out + 1] = r.sealed
   end
   return out
 end
@@ -69,17 +75,17 @@ end
 -- Secrets: {id, use, r = layout.SECRET_RECORD fields} ----------------------------------------------------------
 
 local function record(id)
-  return split(redis.call('HGET', KEYS[4], id), '|')
+  return parse(redis.call('HGET', KEYS[4], id))
 end
 
 local function save(id, r)
-  redis.call('HSET', KEYS[4], id, table.concat(r, '|'))
+  redis.call('HSET', KEYS[4], id, unparse(r))
 end
 
 local function give_back(id, use)
   local r = record(id)
-  local left = tonumber(r[5])
-  if tonumber(r[6]) == use then r[6] = use - 1 end
+  local left = r[5]
+  if r[6] == use then r[6] = use - 1 end
   r[5] = left + 1
   save(id, r)
   if left <= 0 then
@@ -93,10 +99,7 @@ end
 local function parse_ids(ids)
   local out = {}
   if not ids or ids == '' then return out end
-  for _, item in ipairs(split(ids, ',')) do
-    local pair = split(item, ';')
-    out[#out + 1] = {pair[1], tonumber(pair[2])}
-  end
+  for id, use in string.gmatch(ids, '([^,;]+);(%d+)') do out[#out + 1] = {id, tonumber(use)} end
   return out
 end
 
@@ -108,7 +111,11 @@ end
 
 local function with_records(pairs_)
   local out = {}
-  for _, p in ipairs(pairs_) do out[#out + 1] = {id = p[1], use = p[2], r = record(p[1])} end
+  if #pairs_ == 0 then return out end
+  local ids = {}
+  for i, p in ipairs(pairs_) do ids[i] = p[1] end
+  local records = redis.call('HMGET', KEYS[4], unpack(ids))
+  for i, p in ipairs(pairs_) do out[i] = {id = p[1], use = p[2], r = parse(records[i])} end
   return out
 end
 
@@ -149,12 +156,12 @@ local function take_all(ids)
   local records = redis.call('HMGET', KEYS[4], unpack(ids))
   local taken, writes, gone, sups, by_sup = {}, {}, {}, {}, {}
   for i, id in ipairs(ids) do
-    local r = split(records[i], '|')
-    local use = tonumber(r[6]) + 1
-    local left = tonumber(r[5]) - 1
+    local r = parse(records[i])
+    local use = r[6] + 1
+    local left = r[5] - 1
     r[5], r[6] = left, use
     writes[#writes + 1] = id
-    writes[#writes + 1] = table.concat(r, '|')
+    writes[#writes + 1] = unparse(r)
     if left <= 0 then
       gone[#gone + 1] = id
       local members = by_sup[r[1]]
@@ -188,7 +195,8 @@ end
 local function emit(kind, order, secrets, who, o)
   local parts = {}
   for _, s in ipairs(secrets) do
-    parts[#parts + 1] = table.concat({s.id, s.use, s.r[1], s.r[2], s.r[3]}, ';')
+    local r = s.r
+    parts[#parts + 1] = s.id .. ';' .. string.format('%d', s.use) .. ';' .. r[1] .. ';' .. r[2] .. ';' .. r[3]
   end
   local secrets_ = table.concat(parts, ',')
   local order_fp, order_exp, order_strat, order_sup = o.fp or '', o.exp or 0, o.strat or '', o.sup or ''
