@@ -25,8 +25,8 @@ from gateway.clock import Clock
 from gateway.domain import Caller, ItemFailure, LedgerUnavailable, StoreUnavailable
 from gateway.ids import uuid7
 from gateway.inventory import layout
-from gateway.inventory.crypto import associated_data
-from gateway.inventory.store import InventoryStore, ShardAnswer, ShardCall
+from gateway.inventory.crypto import SecretKeyError, associated_data
+from gateway.inventory.store import BatchOrder, InventoryStore, ShardAnswer, ShardCall
 from gateway.validation import FieldViolation, InvalidRequest, check_id
 
 log = logging.getLogger("rgw.inventory")
@@ -141,6 +141,14 @@ _PLAIN = {
 }
 
 
+def _decided(results: list[OrderResult | ItemFailure | None]) -> list[OrderResult | ItemFailure]:
+    """A batch's results once every order has one."""
+    done = [r for r in results if r is not None]
+    if len(done) != len(results):
+        raise RuntimeError("an order of the batch was left undecided")
+    return done
+
+
 def check_order(request: OrderInput, *, hold: bool) -> int:
     """The hold's ttl ms (0 for a dispense) of a well-formed request; InvalidRequest naming every bad field."""
     violations = check_id(request.order_id, "order_id", 128, required=True)
@@ -217,19 +225,64 @@ class InventoryService:
         return await self._new_order("dispense", request, caller)
 
     async def dispense_many(self, requests: Sequence[OrderInput], caller: Caller) -> list[OrderResult | ItemFailure]:
-        """DispenseStream's batch: every order exactly as Dispense (checks, registry, one atomic script call), all of
-        them concurrently, so their Redis calls share the pipelined connections' writes. An order that fails
-        (malformed, its id reused, Redis unavailable) fails alone, as an ItemFailure of what Dispense raises."""
-        decided = await asyncio.gather(*(self.dispense(r, caller) for r in requests), return_exceptions=True)
-        results: list[OrderResult | ItemFailure] = []
-        for outcome in decided:
-            if isinstance(outcome, OrderResult):
-                results.append(outcome)
-            elif isinstance(outcome, Exception):
-                results.append(ItemFailure(outcome))
-            else:  # CancelledError and the like end the stream, as they would end a unary call
-                raise outcome
-        return results
+        """DispenseStream's batch: every order decided exactly as Dispense decides it - checked, claimed in the
+        registry (all of the message's orders in one round trip), then the orders of each SKU shard in ONE script
+        call (each as its own dispense, in message order; the shards concurrently). An order that fails
+        (malformed, its id reused, Redis unavailable for its shard) fails alone, as what Dispense would raise."""
+        results: list[OrderResult | ItemFailure | None] = [None] * len(requests)
+        now = self._clock.now_ms()
+        claims: list[tuple[int, str, str, Sku, BatchOrder]] = []  # index, order id, route, sku, order
+        for index, request in enumerate(requests):
+            try:
+                check_order(request, hold=False)
+                sku = await self._skus.get(caller.brand_id, request.sku)
+            except (InvalidRequest, LedgerUnavailable) as exc:
+                results[index] = ItemFailure(exc)
+                continue
+            if sku is None:
+                results[index] = UNKNOWN_SKU
+                continue
+            assert request.strategy is not None
+            fingerprint = order_fingerprint("dispense", request)
+            route = f"{sku.id}.{layout.order_shard(request.order_id, sku.shards)}|{fingerprint}"
+            order = BatchOrder(request.order_id, fingerprint, request.quantity, request.strategy.value,
+                               request.supplier, uuid7(now))  # fmt: skip
+            claims.append((index, request.order_id, route, sku, order))
+        if not claims:
+            return _decided(results)
+        try:
+            held = await self._store.register_orders(caller.brand_id, [(c[1], c[2]) for c in claims])
+        except StoreUnavailable as exc:
+            return [r if r is not None else ItemFailure(exc) for r in results]
+        shards: dict[tuple[int, int], list[tuple[int, BatchOrder]]] = {}
+        for (index, order_id, route, sku, order), found in zip(claims, held, strict=True):
+            if found != route:
+                results[index] = ItemFailure(OrderIdReused(order_id))
+                continue
+            shard = int(route.partition("|")[0].partition(".")[2])
+            shards.setdefault((sku.id, shard), []).append((index, order))
+        groups = list(shards.items())
+        decided = await asyncio.gather(
+            *(self._store.dispense_many(now, caller.brand_id, sku_id, shard, caller.client_id, [o for _, o in group])
+              for (sku_id, shard), group in groups),
+            return_exceptions=True,
+        )  # fmt: skip
+        for ((sku_id, _), group), answers in zip(groups, decided, strict=True):
+            for position, (index, _) in enumerate(group):
+                results[index] = self._batch_result(answers, position, caller.brand_id, sku_id)
+        return _decided(results)
+
+    def _batch_result(
+        self, answers: list[ShardAnswer] | BaseException, position: int, brand_id: int, sku_id: int
+    ) -> OrderResult | ItemFailure:
+        if isinstance(answers, Exception):
+            return ItemFailure(answers)
+        if isinstance(answers, BaseException):  # CancelledError and the like end the stream
+            raise answers
+        try:
+            return self._answer(answers[position], brand_id, sku_id)
+        except (OrderIdReused, SecretKeyError) as exc:
+            return ItemFailure(exc)
 
     async def hold(self, request: OrderInput, caller: Caller) -> OrderResult:
         return await self._new_order("hold", request, caller)

@@ -3,6 +3,8 @@ argument layout defined once, its replies as plain results, and Redis' failures 
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import time
 from binascii import a2b_base64
 from dataclasses import dataclass
@@ -19,6 +21,8 @@ from gateway.script_calls import load_lua, wrap_errors
 SCRIPT_KEYS = ("meta", "exp", "cost", "sec", "holds", "outbox", "order")
 SCRIPT_ARGS = ("op", "now_ms", "brand", "order", "fp", "quantity", "strategy", "supplier", "ttl_ms", "event_id",
                "client", "expire_bound", "sku", "shard")  # fmt: skip
+# op dispense_many: after SCRIPT_ARGS, these per order (and the order's key after the six shard keys).
+ORDER_ARGS = ("order", "fp", "quantity", "strategy", "supplier", "event_id")
 # Due holds a call expires before its own op: enough to keep up with abandoned orders, few enough to bound a call.
 EXPIRE_BOUND = 32
 _HEAD = 6  # reply values before the secrets
@@ -82,6 +86,34 @@ def shard_keys(sku_id: int, shard: int, order_id: str) -> list[str]:
         layout.outbox_key(sku_id, shard),
         layout.order_key(sku_id, shard, order_id),
     ]
+
+
+class BatchOrder(NamedTuple):
+    """One order of a dispense_many call (DispenseStream)."""
+
+    order_id: str
+    fingerprint: str
+    quantity: int
+    strategy: str
+    supplier: str
+    event_id: str
+
+
+@functools.cache
+def _shard_keys(sku_id: int, shard: int) -> tuple[str, ...]:
+    return tuple(shard_keys(sku_id, shard, "")[:-1])
+
+
+def batch_keys_args(
+    now_ms: int, brand_id: int, sku_id: int, shard: int, client_id: str, orders: list[BatchOrder]
+) -> tuple[list[str], list[str | int]]:
+    """KEYS and ARGV of one dispense_many call."""
+    script_keys = [*_shard_keys(sku_id, shard), *(layout.order_key(sku_id, shard, o.order_id) for o in orders)]
+    args: list[str | int] = ["dispense_many", now_ms, brand_id, "", "", 0, "", "", 0, "", client_id, EXPIRE_BOUND,
+                             sku_id, shard]  # fmt: skip
+    for order in orders:
+        args += order
+    return script_keys, args
 
 
 def shard_args(call: ShardCall) -> list[str | int]:
@@ -149,6 +181,34 @@ class InventoryStore:
         with wrap_errors():
             found = await self._hget(layout.orders_key(brand_id), order_id)
         return None if found is None else _text(found)
+
+    async def dispense_many(
+        self, now_ms: int, brand_id: int, sku_id: int, shard: int, client_id: str, orders: list[BatchOrder]
+    ) -> list[ShardAnswer]:
+        """Decide the orders of one SKU shard in one script call, each as its own dispense, in turn."""
+        script_keys, args = batch_keys_args(now_ms, brand_id, sku_id, shard, client_id, orders)
+        started = time.perf_counter()
+        try:
+            with wrap_errors():
+                replies = await self._script(keys=script_keys, args=args)
+        finally:
+            _SECONDS(time.perf_counter() - started)
+        return [to_answer(reply) for reply in replies]
+
+    async def register_orders(self, brand_id: int, routes: list[tuple[str, str]]) -> list[str]:
+        """register_order for many orders at once (pipelined: one round trip): the route each has now."""
+        key = layout.orders_key(brand_id)
+        with wrap_errors():
+            if self._pipelined is not None:
+                claimed = await asyncio.gather(*(self._pipelined.call("HSETNX", key, o, r) for o, r in routes))
+            else:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for order_id, route in routes:
+                        pipe.hsetnx(key, order_id, route)
+                    claimed = await pipe.execute()
+            taken = [order_id for (order_id, _), won in zip(routes, claimed, strict=True) if not int(won)]
+            found = dict(zip(taken, await self._redis.hmget(key, taken), strict=True)) if taken else {}
+        return [route if order_id not in found else _text(found[order_id]) for order_id, route in routes]
 
     async def call(self, call: ShardCall) -> ShardAnswer:
         """Run one op of the shard script."""

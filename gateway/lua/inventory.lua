@@ -11,11 +11,12 @@ KEYS[4]  rgw:{k.s}:sec      hash: secret id -> layout.SECRET_RECORD joined by '|
 KEYS[5]  rgw:{k.s}:holds    zset: held order ids by hold expiry ms
 KEYS[6]  rgw:{k.s}:outbox   stream: field i1 = layout.EVENT joined by '|' (with the order's fp, exp, strat, sup)
 KEYS[7]  rgw:{k.s}:order:<order id>   this call's order (layout.ORDER); any key of the tag for op sweep
+KEYS[7..] with op dispense_many: the orders' keys, in the order of their ARGV groups
 The supplier indexes (rgw:{k.s}:sup:<supplier>) of the secrets a call takes or returns, and the orders of expired
 holds, are named by the data (a secret's supplier, a hold's order id): the script builds those keys from KEYS[1]'s
 prefix, so they share the tag (one slot on Redis Cluster).
 
-ARGV[1]  op: dispense | hold | confirm | release | sweep
+ARGV[1]  op: dispense | hold | confirm | release | sweep | dispense_many
 ARGV[2]  now, ms since epoch, the gateway's injected clock (never the server's)
 ARGV[3]  the caller's brand: another brand's shard answers UNKNOWN_SKU and changes nothing
 ARGV[4]  order id          ARGV[5]  request fingerprint (dispense, hold; '' otherwise)
@@ -24,6 +25,9 @@ ARGV[9]  hold ttl ms       ARGV[10] event id (UUIDv7): the k-th event of the cal
 ARGV[11] client id (the events' client)
 ARGV[12] at most this many due holds are expired by the call (before its own op)
 ARGV[13] sku id            ARGV[14] shard   (for the events)
+ARGV[15..] with op dispense_many (DispenseStream): per order, in turn, 6 values - order id, fingerprint, quantity,
+         strategy, supplier, event id (store.ORDER_ARGS); ARGV[4..10] are unused then. Each order is decided
+         exactly as a dispense of its own, one after the other, and the reply is the list of their replies.
 
 Taking a secret: used + 1 (the use number: only grows, except that giving back the last use taken steps it back,
 so a single-use secret held and released is use 1 again), left - 1; at left 0 it leaves every index. A reusable
@@ -39,6 +43,7 @@ local op, now, brand = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local order_id, fp, quantity = ARGV[4], ARGV[5], tonumber(ARGV[6])
 local strategy, supplier, ttl = ARGV[7], ARGV[8], tonumber(ARGV[9])
 local event_base, client, expire_bound = ARGV[10], ARGV[11], tonumber(ARGV[12])
+local order_key = KEYS[7] -- the order being decided (dispense_many: each in turn)
 local sku, shard = ARGV[13], ARGV[14]
 local prefix = string.sub(KEYS[1], 1, -5) -- 'rgw:{k<sku>.<shard>}:' (KEYS[1] ends in 'meta')
 local COST_WALK = 10000 -- the cheapest strategy skips expired secrets, at most this many beyond the quantity
@@ -240,7 +245,7 @@ local function replay(o, pairs_)
 end
 
 local function read_order()
-  local f = redis.call('HMGET', KEYS[7], 'fp', 'st', 'ids', 'exp', 'late', 'strat', 'sup')
+  local f = redis.call('HMGET', order_key, 'fp', 'st', 'ids', 'exp', 'late', 'strat', 'sup')
   if not f[2] then return nil end
   return {fp = f[1], st = f[2], ids = f[3], exp = f[4], late = f[5], strat = f[6], sup = f[7]}
 end
@@ -258,7 +263,7 @@ local function new_order(meta)
   local taken = take_all(ids)
   local state, exp, kind = 'dispensed', 0, 'dispense'
   if op == 'hold' then state, exp, kind = 'held', now + ttl, 'hold' end
-  redis.call('HSET', KEYS[7], 'fp', fp, 'st', state, 'ids', format_ids(taken), 'exp', exp, 'at', now,
+  redis.call('HSET', order_key, 'fp', fp, 'st', state, 'ids', format_ids(taken), 'exp', exp, 'at', now,
     'strat', strategy, 'sup', supplier)
   if op == 'hold' then redis.call('ZADD', KEYS[5], exp, order_id) end
   emit(kind, order_id, taken, client, {fp = fp, exp = exp, strat = strategy, sup = supplier})
@@ -272,7 +277,7 @@ local function late_confirm(o)
   local ids = choose(o.strat or 'expiry', o.sup or '', q)
   if not ids then return reply('HOLD_EXPIRED') end
   local taken = take_all(ids)
-  redis.call('HSET', KEYS[7], 'st', 'dispensed', 'ids', format_ids(taken), 'at', now, 'late', 1)
+  redis.call('HSET', order_key, 'st', 'dispensed', 'ids', format_ids(taken), 'at', now, 'late', 1)
   emit('confirm', order_id, taken, client, o)
   return reply('DISPENSED', 0, 1, 0, 0, 0, taken)
 end
@@ -292,11 +297,11 @@ local function confirm()
   local secrets = with_records(parse_ids(o.ids))
   -- a hold past its TTL, or holding a secret that expired meanwhile (never dispensed), is a late payment
   if o.st == 'held' and (now >= tonumber(o.exp) or any_expired(secrets)) then
-    end_hold(order_id, KEYS[7], 'expired', 'expire', '')
+    end_hold(order_id, order_key, 'expired', 'expire', '')
     o.st = 'expired'
   end
   if o.st == 'expired' then return late_confirm(o) end
-  redis.call('HSET', KEYS[7], 'st', 'dispensed', 'at', now)
+  redis.call('HSET', order_key, 'st', 'dispensed', 'at', now)
   redis.call('ZREM', KEYS[5], order_id)
   emit('confirm', order_id, secrets, client, o)
   return reply('DISPENSED', 0, 0, 0, 0, 0, secrets)
@@ -307,12 +312,28 @@ local function release()
   if not o then return reply('ORDER_NOT_FOUND') end
   if o.st == 'dispensed' then return reply('NOT_HELD') end
   if o.st ~= 'held' then return reply('RELEASED', 1) end
-  local n = end_hold(order_id, KEYS[7], 'released', 'release', client)
+  local n = end_hold(order_id, order_key, 'released', 'release', client)
   return reply('RELEASED', 0, 0, 0, n)
 end
 
+-- DispenseStream: the orders of one message on this shard, each as its own dispense, in turn.
+local function dispense_many(meta, foreign)
+  local out, n = {}, 0
+  if not foreign then expire_due(expire_bound) end
+  for i = 15, #ARGV, 6 do
+    n = n + 1
+    order_id, fp, quantity = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+    strategy, supplier, event_base = ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
+    order_key, events = KEYS[6 + n], 0
+    if foreign then out[n] = reply('UNKNOWN_SKU') else out[n] = new_order(meta) end
+  end
+  return out
+end
+
 local meta = redis.call('HMGET', KEYS[1], 'brand', 'reuse', 'max')
-if meta[1] and meta[1] ~= brand then return reply('UNKNOWN_SKU') end
+local foreign = meta[1] and meta[1] ~= brand
+if op == 'dispense_many' then return dispense_many(meta, foreign) end
+if foreign then return reply('UNKNOWN_SKU') end
 expire_due(expire_bound)
 if op == 'sweep' then return reply('SWEPT', 0, 0, 0, 0, redis.call('ZCARD', KEYS[5])) end
 if op == 'dispense' or op == 'hold' then return new_order(meta) end

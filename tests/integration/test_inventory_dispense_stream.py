@@ -14,8 +14,12 @@ from redis.asyncio import Redis
 
 from gateway.grpc_api.client_auth import authenticated_channel
 from gateway.grpc_api.stream_replies import DISPENSE_STREAM_MAX_SECRETS
+from gateway.ids import uuid7
+from gateway.inventory import layout
+from gateway.inventory.store import BatchOrder, InventoryStore
 from gateway.pb.redemption.v1 import inventory_pb2 as pb
 from gateway.pb.redemption.v1 import inventory_pb2_grpc as pb_grpc
+from tests.conftest import T0_MS
 from tests.integration.grpc_helpers import field_violations
 from tests.integration.inventory_order_helpers import (
     InventoryGateway,
@@ -193,3 +197,36 @@ async def test_other_roles_may_not_open_the_stream(inv: InventoryGateway) -> Non
             await call.read()
         call.cancel()
     assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_orders_over_several_shards_of_a_sku_each_take_their_shards_stock(
+    inv: InventoryGateway, db: asyncpg.Connection, redis: Redis
+) -> None:
+    stock = await create_sku(db, redis, inv.ring, "youku-month", shards=3)
+    for shard in range(3):
+        await stock.add(redis, 4, shard=shard)
+    orders = [dispense(f"multi-{n}", "youku-month") for n in range(9)]
+    [reply] = await exchange(inv.stub, [message("m", orders)])
+    assert [r.response.outcome for r in reply.results] == [pb.INVENTORY_OUTCOME_DISPENSED] * 9
+    for order, result in zip(orders, reply.results, strict=True):
+        shard = layout.order_shard(order.order_id, 3)
+        [(secret_id, _)] = taken(result.response)
+        assert await redis.exists(layout.order_key(stock.sku_id, shard, order.order_id))
+        assert result.response.secrets[0].secret == stock.plain[secret_id]
+    given = [s for r in reply.results for s in taken(r.response)]
+    assert len(set(given)) == 9
+
+
+async def test_another_brands_shard_answers_unknown_sku_to_every_order_and_changes_nothing(
+    inv: InventoryGateway, db: asyncpg.Connection, redis: Redis
+) -> None:
+    """The script's own tenant check (a request routed to another brand's SKU shard, as a stale directory could)."""
+    stock = await create_sku(db, redis, inv.ring, "mgtv-month")
+    await stock.add(redis, 5)
+    store = InventoryStore(redis)
+    orders = [BatchOrder(f"foreign-{n}", "f" * 32, 1, "expiry", "", uuid7(T0_MS)) for n in range(3)]
+    answers = await store.dispense_many(T0_MS, 2, stock.sku_id, 0, "intruder", orders)
+    assert [a.status for a in answers] == ["UNKNOWN_SKU"] * 3
+    assert len(await available(redis, stock)) == 5
+    assert await outbox_events(redis, stock) == []
+    assert not await redis.exists(layout.order_key(stock.sku_id, 0, "foreign-0"))

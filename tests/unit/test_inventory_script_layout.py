@@ -19,7 +19,7 @@ def test_the_keys_and_arguments_are_the_stores() -> None:
 
 
 def test_the_order_fields_and_the_event_are_the_layouts() -> None:
-    found = re.search(r"redis\.call\('HMGET', KEYS\[7\], ([^)]*)\)", SCRIPT)
+    found = re.search(r"redis\.call\('HMGET', order_key, ([^)]*)\)", SCRIPT)
     assert found
     assert set(re.findall(r"'([^']+)'", found.group(1))) <= set(layout.ORDER)
     event = re.search(r"local event = \{event_id\(\), ([^}]*)\}", SCRIPT)
