@@ -51,7 +51,7 @@ SPECS: tuple[Spec, ...] = (
     Spec("RGW_WORKERS", "1", "server processes sharing RGW_GRPC_ADDR (SO_REUSEPORT); needs a fixed port when > 1"),
     Spec("RGW_MAX_MESSAGE_BYTES", "16384", "largest gRPC message accepted or sent"),
     Spec("RGW_MAX_CONCURRENT_RPCS", "1000", "calls in progress at once; more get RESOURCE_EXHAUSTED"),
-    Spec("RGW_STREAM_MAX_ITEMS", "64", "most redemptions in one RedeemStream message"),
+    Spec("RGW_STREAM_MAX_ITEMS", "64", "most items in one RedeemStream or DispenseStream message"),
     Spec("RGW_SHUTDOWN_GRACE_SECONDS", "10", "on SIGTERM, how long in-flight calls may take to finish"),
     Spec(
         "RGW_REDIS_POOL_SIZE", "64", "redis-py connections per process for everything but the hot path (callers queue)"

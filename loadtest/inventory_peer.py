@@ -28,10 +28,9 @@ import uvloop
 from gateway import logs
 from gateway.domain import Caller, ItemFailure
 from gateway.grpc_api.auth import current_caller
-from gateway.grpc_api.errors import fault_for, request_id_of, rpc_boundary, status_for
-from gateway.grpc_api.inventory_servicer import dispense_response, order_input, stream_result
+from gateway.grpc_api.errors import rpc_boundary
+from gateway.grpc_api.inventory_servicer import dispense_response, dispense_stream, order_input
 from gateway.grpc_api.server import Gateway
-from gateway.grpc_api.stream_replies import DISPENSE_STREAM_MAX_SECRETS
 from gateway.inventory.loader import expiry_ms
 from gateway.inventory.service import (
     UNKNOWN_SKU,
@@ -50,7 +49,6 @@ from gateway.inventory.service import (
 from gateway.pb.redemption.v1 import inventory_pb2 as pb
 from gateway.pb.redemption.v1 import inventory_pb2_grpc as pb_grpc
 from gateway.settings import Settings
-from gateway.validation import check_stream_message
 
 POOL_SIZE = 16  # Postgres connections per server process, as the redemption peer (loadtest/bench_server.py)
 
@@ -100,23 +98,13 @@ class PeerInventoryServicer(pb_grpc.InventoryServiceServicer):
     async def DispenseStream(
         self, request_iterator: AsyncIterator[pb.DispenseStreamRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.DispenseStreamResponse]:
-        request_id = request_id_of(context)
-        caller = current_caller()
-        try:
-            async for message in request_iterator:
-                asked = sum(max(item.quantity, 0) for item in message.items)
-                check_stream_message(message.batch_id, len(message.items), self._stream_max_items, secrets=asked,
-                                     max_secrets=DISPENSE_STREAM_MAX_SECRETS)  # fmt: skip
-                orders = [self._order(order_input(item), caller) for item in message.items]
-                done = await asyncio.gather(*orders, return_exceptions=True)
-                results = [r if isinstance(r, OrderResult) else ItemFailure(r) for r in done]  # type: ignore[arg-type]
-                yield pb.DispenseStreamResponse(
-                    batch_id=message.batch_id, results=[stream_result(r, request_id) for r in results]
-                )
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await context.abort_with_status(status_for(fault_for(exc, request_id)))
+        async for reply in dispense_stream(request_iterator, context, self._many, self._stream_max_items):
+            yield reply
+
+    async def _many(self, orders: list[OrderInput], caller: Caller) -> list[OrderResult | ItemFailure]:
+        """A message's orders concurrently, each its own transaction."""
+        done = await asyncio.gather(*(self._order(o, caller) for o in orders), return_exceptions=True)
+        return [r if isinstance(r, OrderResult) else ItemFailure(r) for r in done]  # type: ignore[arg-type]
 
     async def _order(self, order: OrderInput, caller: Caller) -> OrderResult:
         check_order(order, hold=False)

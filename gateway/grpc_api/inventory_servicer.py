@@ -3,11 +3,11 @@ A plaintext secret goes into the response of its own order and nowhere else (nev
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
-from gateway.domain import ItemFailure
+from gateway.domain import Caller, ItemFailure
 from gateway.grpc_api.auth import current_caller
 from gateway.grpc_api.errors import fault_for, request_id_of, rpc_boundary, status_for
 from gateway.grpc_api.observe import item_failed, note
@@ -96,21 +96,9 @@ class InventoryServicer(pb_grpc.InventoryServiceServicer):
     async def DispenseStream(
         self, request_iterator: AsyncIterator[pb.DispenseStreamRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.DispenseStreamResponse]:
-        request_id = request_id_of(context)
-        caller = current_caller()
-        try:
-            async for message in request_iterator:
-                asked = sum(max(item.quantity, 0) for item in message.items)
-                check_stream_message(message.batch_id, len(message.items), self._stream_max_items, secrets=asked,
-                                     max_secrets=DISPENSE_STREAM_MAX_SECRETS)  # fmt: skip
-                results = await self._service.dispense_many([order_input(item) for item in message.items], caller)
-                yield pb.DispenseStreamResponse(
-                    batch_id=message.batch_id, results=[stream_result(r, request_id) for r in results]
-                )
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:  # the stream's boundary: every failure leaves as a precise status
-            await context.abort_with_status(status_for(fault_for(exc, request_id)))
+        replies = dispense_stream(request_iterator, context, self._service.dispense_many, self._stream_max_items)
+        async for reply in replies:
+            yield reply
 
     @rpc_boundary
     async def Hold(self, request: pb.HoldRequest, context: grpc.aio.ServicerContext) -> pb.HoldResponse:
@@ -131,6 +119,32 @@ class InventoryServicer(pb_grpc.InventoryServiceServicer):
             outcome=_noted("Release", result), reason=result.reason, released=result.released,
             replayed=result.replayed,
         )  # fmt: skip
+
+
+DecideMany = Callable[[list[OrderInput], Caller], Awaitable[list[OrderResult | ItemFailure]]]
+
+
+async def dispense_stream(
+    request_iterator: AsyncIterator[pb.DispenseStreamRequest], context: grpc.aio.ServicerContext,
+    decide: DecideMany, max_items: int,
+) -> AsyncIterator[pb.DispenseStreamResponse]:  # fmt: skip
+    """DispenseStream's protocol around `decide` (a message's orders -> one result each): each message checked as a
+    whole first (a bad one ends the stream, nothing of it decided), then answered in order."""
+    request_id = request_id_of(context)
+    caller = current_caller()
+    try:
+        async for message in request_iterator:
+            asked = sum(max(item.quantity, 0) for item in message.items)
+            check_stream_message(message.batch_id, len(message.items), max_items, secrets=asked,
+                                 max_secrets=DISPENSE_STREAM_MAX_SECRETS)  # fmt: skip
+            results = await decide([order_input(item) for item in message.items], caller)
+            yield pb.DispenseStreamResponse(
+                batch_id=message.batch_id, results=[stream_result(r, request_id) for r in results]
+            )
+    except grpc.aio.AbortError:
+        raise
+    except Exception as exc:  # the stream's boundary: every failure leaves as a precise status
+        await context.abort_with_status(status_for(fault_for(exc, request_id)))
 
 
 def stream_result(result: OrderResult | ItemFailure, request_id: Callable[[], str]) -> pb.DispenseStreamResult:

@@ -4,10 +4,11 @@ during dispensing loses no acknowledged dispense and duplicates none.
 Real processes: `rgw serve` and `rgw writer` subprocesses, a redis-server of the test's own (AOF always) and the
 test Postgres. The stock comes in through the real path (`rgw sku create`, `rgw inventory import` of a CSV). A load
 client dispenses to fresh order ids (1 to 3 secrets each, both strategies, some order ids sent twice at once, some
-repeated after their answer, as a repeated payment notice would) while the gateway is SIGKILLed and restarted, then
+repeated after their answer, as a repeated payment notice would; a third of the orders by DispenseStream, the
+rest by Dispense, a retry on the path its order started on) while the gateway is SIGKILLed and restarted, then
 redis-server is SIGKILLed and restarted on its data directory, then the gateway again. The contract: a call that
 failed in transit (UNAVAILABLE, DEADLINE_EXCEEDED, a reset stream) is retried with the same order id and request
-until it is answered. Afterwards:
+until it is answered (on the stream: also an item answered UNAVAILABLE). Afterwards:
 - every order was answered DISPENSED (the stock is ample), with the same secrets (ids, use numbers, plaintexts) on
   every answer it got, the plaintexts being the imported ones;
 - no secret use is in two orders: in the answers, in Redis's order records, in the ledger (`dispenses`, no
@@ -66,6 +67,14 @@ KNOBS = {"RGW_REDIS_DURABILITY": "always", "RGW_REDIS_TIMEOUT_SECONDS": "1", "RG
 # --- the load client -------------------------------------------------------------------------------------------
 
 
+class _ItemUnavailable(Exception):
+    """A DispenseStream item answered UNAVAILABLE: retried with the same order id, as a failure in transit."""
+
+
+class _ItemFailed(Exception):
+    """A DispenseStream item answered with any other error: a bug here."""
+
+
 @dataclass
 class Answer:
     outcome: int
@@ -79,6 +88,7 @@ class Order:
     """One order id, its request, and every answer and failure it got."""
 
     request: pb.DispenseRequest
+    via_stream: bool = False  # sent as a one-order DispenseStream message, not by Dispense
     answers: list[Answer] = field(default_factory=list)
     in_transit: int = 0  # calls that failed in transit (retried with the same request)
     other_failures: list[str] = field(default_factory=list)  # anything else: a bug
@@ -99,20 +109,39 @@ class DispenseLoad:
     calls: int = 0
     transit_starts: list[float] = field(default_factory=list)
 
+    async def _call(self, order: Order) -> pb.DispenseResponse:
+        if not order.via_stream:
+            reply: pb.DispenseResponse = await self.stub.Dispense(order.request, timeout=self.timeout)
+            return reply
+        message = pb.DispenseStreamRequest(batch_id=order.order_id[-16:], items=[order.request])
+        replies = [r async for r in self.stub.DispenseStream(iter([message]), timeout=self.timeout)]
+        [result] = replies[0].results
+        if result.WhichOneof("result") == "error":
+            if result.error.code == grpc.StatusCode.UNAVAILABLE.value[0]:
+                raise _ItemUnavailable
+            raise _ItemFailed(f"item error {result.error.code}: {result.error.reason}")
+        response: pb.DispenseResponse = result.response
+        return response
+
     async def send(self, order: Order) -> Answer:
         """Send the order's request until it is answered: a failure in transit is retried with the same order id
         and request (the contract); any other failure is recorded and ends the order."""
         while True:
             self.calls += 1
             try:
-                reply = await self.stub.Dispense(order.request, timeout=self.timeout)
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() in TRANSPORT_FAILURES and not str(exc.details()).startswith("internal error"):
+                reply = await self._call(order)
+            except (grpc.aio.AioRpcError, _ItemUnavailable) as exc:
+                if isinstance(exc, _ItemUnavailable) or (
+                    exc.code() in TRANSPORT_FAILURES and not str(exc.details()).startswith("internal error")
+                ):
                     order.in_transit += 1
                     self.transit_starts.append(time.monotonic())
                     await asyncio.sleep(0.1)
                     continue
                 order.other_failures.append(f"{exc.code()}: {str(exc.details())[:120]}")
+                return Answer(-1, "", (), False)
+            except _ItemFailed as exc:
+                order.other_failures.append(str(exc))
                 return Answer(-1, "", (), False)
             answer = Answer(
                 int(reply.outcome),
@@ -135,7 +164,7 @@ class DispenseLoad:
                 quantity=self.rng.randint(1, 3),
                 strategy=self.rng.choice(STRATEGIES),
             )
-            order = self.orders[request.order_id] = Order(request)
+            order = self.orders[request.order_id] = Order(request, via_stream=self.rng.random() < 0.34)
             roll = self.rng.random()
             if roll < 0.15:  # the same payment notice twice at once
                 await asyncio.gather(self.send(order), self.send(order))
@@ -281,6 +310,7 @@ async def _dispense_through_kills(r: Rig, server: RedisServer, client: Redis, db
     failed = {o.order_id: o.other_failures for o in orders.values() if o.other_failures}
     assert not failed, f"{len(failed)} orders failed other than in transit: {list(failed.items())[:5]}"
     assert sum(o.in_transit for o in orders.values()) > 0, "no call was caught by the kills: the test proved nothing"
+    assert sum(1 for o in orders.values() if o.via_stream and o.answers) > 50, "too few orders went by the stream"
 
     # The answers: all DISPENSED, the same secrets on every answer of an order, the imported plaintexts.
     by_id = await plaintexts(db, r.procs.env, sku_id)
