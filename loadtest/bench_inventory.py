@@ -376,7 +376,7 @@ def markdown(report: dict[str, Any]) -> str:
     ours, peer = report["designs"]["ours"], report["designs"]["peer"]
     p, stock = report["profile"], report["stock"]
     lines = [
-        f"Measured {report['date']} on {report['machine']} with `make bench-inventory`: InventoryService.Dispense on",
+        f"Measured {report['date']} on {report['machine']} with `make bench-inventory`: InventoryService on",
         f"the gateway's own gRPC stack ({p['workers']} server processes), unique order ids, earliest expiry first,",
         f"on both paths: `Dispense` (one call per order) and `DispenseStream` ({ITEMS} orders per message, {STREAMS}",
         "streams; each order decided on its own - the peer's a transaction each, concurrently),",
