@@ -47,6 +47,9 @@ from gateway.validation import FieldViolation, InvalidRequest
 BRAND_FIELD = f"metadata.{BRAND_METADATA}"
 DOCUMENT_JSON = "document_json"
 DEFAULT_AUDIT_LIMIT = 100
+# A list reply (a page) is at most this big, and never above the server's send limit: the send limit is sized for
+# the largest stream reply (stream_replies.py, ~450 KB), far more than a page of stores or audit entries needs.
+MAX_PAGE_BYTES = 64 * 1024
 
 
 def _actor(caller: Caller) -> str:
@@ -140,11 +143,11 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         keyring: KeyRing | None = None,
         clock: Clock | None = None,
     ) -> AdminServicer:
-        """The servicer of a gateway: new keys in RGW_KEY_ENV, replies within the server's send limit, codes of
+        """The servicer of a gateway: new keys in RGW_KEY_ENV, list pages within MAX_PAGE_BYTES, codes of
         new campaigns and batches under `keyring` (default: the settings'), campaign statistics on `clock`
         (default: the wall clock)."""
         grace = timedelta(seconds=settings.key_rotation_grace_seconds)
-        limit = send_limit(settings.max_message_bytes, settings.stream_max_items)
+        limit = min(MAX_PAGE_BYTES, send_limit(settings.max_message_bytes, settings.stream_max_items))
         ring = settings.secret_ring() if settings.secret_keys else None
         return cls(pool, redis, key_env=settings.key_env, rotation_grace=grace, reply_limit=limit,
                    risk_redis=risk_redis, keyring=keyring or settings.keyring(), clock=clock,
