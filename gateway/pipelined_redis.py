@@ -9,6 +9,8 @@ also amortise its AOF fsync.
 
 Only what the hot path needs: EVALSHA with NOSCRIPT fallback, and timeouts (a connection whose oldest request
 is older than the timeout is closed and all its requests fail with TimeoutError). Everything else uses redis-py.
+Redis Cluster's MOVED, ASK, TRYAGAIN and CLUSTERDOWN replies fail as redis-py's classes for them, which
+gateway/pipelined_cluster.py acts on (a single Redis never sends them).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import collections
 import hashlib
 import itertools
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Any, Protocol, cast
 from urllib.parse import urlparse
 
 import hiredis
@@ -90,7 +92,24 @@ def _response_error(message: str) -> redis_errors.ResponseError:
         return redis_errors.NoScriptError(message)
     if message.startswith("READONLY"):
         return redis_errors.ReadOnlyError(message)
+    if message.startswith(("MOVED ", "ASK ", "TRYAGAIN", "CLUSTERDOWN")):
+        return _cluster_error(message)
     return redis_errors.ResponseError(message)
+
+
+def _cluster_error(message: str) -> redis_errors.ResponseError:
+    """Redis Cluster's redirections and refusals, as redis-py's classes (PipelinedCluster acts on them)."""
+    code, _, rest = message.partition(" ")
+    try:
+        if code == "MOVED":
+            return redis_errors.MovedError(rest)  # .slot_id, .host, .port
+        if code == "ASK":
+            return redis_errors.AskError(rest)
+    except ValueError:  # not "<slot> <host>:<port>": leave it a plain error
+        return redis_errors.ResponseError(message)
+    if code == "TRYAGAIN":
+        return redis_errors.TryAgainError(message)
+    return redis_errors.ClusterDownError(message)
 
 
 class PipelinedRedis:
@@ -202,6 +221,21 @@ class PipelinedRedis:
                 self._reconnect(index)
         raise redis_errors.ConnectionError("no connection to Redis")
 
+    def call_after(self, first: Sequence[Arg], *args: Arg) -> asyncio.Future[Any]:
+        """Send `first` and then this command back to back on one connection, nothing of other calls between them
+        (Redis Cluster's ASKING must come right before the command it lets through). The future is the command's;
+        `first`'s reply is dropped."""
+        for _ in range(self._size):
+            index = next(self._next)
+            conn = self._connections[index]
+            if conn is not None and conn.transport is not None and not conn.transport.is_closing():
+                now = asyncio.get_running_loop().time()
+                conn.send(hiredis.pack_command(tuple(first)), now).add_done_callback(_drop)  # type: ignore[arg-type]
+                return conn.send(hiredis.pack_command(args), now)  # type: ignore[arg-type]
+            if conn is None:
+                self._reconnect(index)
+        raise redis_errors.ConnectionError("no connection to Redis")
+
     async def close(self) -> None:
         """Close every connection and stop reconnecting."""
         self._closed = True
@@ -215,10 +249,22 @@ class PipelinedRedis:
                 await conn.closed
 
 
+def _drop(future: asyncio.Future[Any]) -> None:
+    """Retrieve a reply no one awaits, so an error in it is not reported as never retrieved."""
+    if not future.cancelled():
+        future.exception()
+
+
+class Caller(Protocol):
+    """What Script needs of a client: PipelinedRedis, or PipelinedCluster (which sends SCRIPT LOAD to every node)."""
+
+    def call(self, *args: Arg) -> asyncio.Future[Any]: ...
+
+
 class Script:
     """A Lua script run by EVALSHA; on NOSCRIPT (a restarted or flushed Redis) it is loaded and run again."""
 
-    def __init__(self, client: PipelinedRedis, source: str) -> None:
+    def __init__(self, client: Caller, source: str) -> None:
         self._client = client
         self._source = source
         self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
