@@ -23,10 +23,9 @@ from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
 
 from gateway.domain import StoreUnavailable
-from gateway.redis_store import connect
+from gateway.redis_client import RedisClient, connect
 from gateway.settings import Settings
 from gateway.tenancy import admin_risk, admin_store, api_keys, lockouts, notify
 from gateway.tenancy.admin_store import IssuedKey
@@ -79,7 +78,7 @@ class _Session:
     """One command's connections and settings, and the registry version it committed but could not announce."""
 
     conn: asyncpg.Connection
-    redis: Redis
+    redis: RedisClient
     settings: Settings
     actor: str
     unannounced: int = 0  # 0: none
@@ -123,7 +122,7 @@ async def _run(settings: Settings, args: argparse.Namespace, work: Work) -> int:
     except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
         print(f"rgw: cannot reach Postgres (RGW_DATABASE_URL): {type(exc).__name__}", file=sys.stderr)
         return 1
-    redis = connect(settings.redis_url, pool_size=1, timeout_s=max(settings.redis_timeout_seconds, 5))
+    redis = connect(*settings.redis_target, pool_size=1, timeout_s=max(settings.redis_timeout_seconds, 5))
     session = _Session(conn, redis, settings, _actor())
     try:
         return await _outcome(session, args, work)
@@ -143,7 +142,10 @@ async def _outcome(session: _Session, args: argparse.Namespace, work: Work) -> i
         print(f"rgw: {exc}; nothing was changed", file=sys.stderr)
         return 1
     except (*_REDIS_DOWN, StoreUnavailable) as exc:  # the ping before a change, or a lockout call: nothing changed
-        print(f"rgw: Redis (RGW_REDIS_URL) is unreachable ({type(exc).__name__}); nothing was changed", file=sys.stderr)
+        print(
+            f"rgw: RedisClient (RGW_REDIS_URL) is unreachable ({type(exc).__name__}); nothing was changed",
+            file=sys.stderr,
+        )
         return 1
     if session.unannounced:
         print(f"rgw: committed as registry version {session.unannounced}, but Redis did not take the announcement: "

@@ -23,7 +23,6 @@ from typing import Any, TypeAlias
 
 import asyncpg
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
 
 from gateway.campaigns import admin, stats
 from gateway.campaigns.budget import NOWHERE, RebalanceReport
@@ -32,7 +31,7 @@ from gateway.campaigns.schedule import hours_to_json
 from gateway.clock import SystemClock
 from gateway.domain import StoreUnavailable
 from gateway.durability import is_initialised
-from gateway.redis_store import connect
+from gateway.redis_client import RedisClient, connect
 from gateway.settings import Settings
 from gateway.tenancy import notify
 from gateway.tenancy.admin_tx import Committed
@@ -129,7 +128,7 @@ def _hours(text: str) -> dict[str, object]:
 @dataclasses.dataclass
 class _Session:
     conn: asyncpg.Connection
-    redis: Redis
+    redis: RedisClient
     settings: Settings
     actor: str
 
@@ -179,7 +178,7 @@ def _command(work: Work, *, changes: bool = True) -> Callable[[argparse.Namespac
         except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
             print(f"rgw: cannot reach Postgres (RGW_DATABASE_URL): {type(exc).__name__}", file=sys.stderr)
             return 1
-        redis = connect(settings.redis_url, pool_size=2, timeout_s=max(settings.redis_timeout_seconds, 10))
+        redis = connect(*settings.redis_target, pool_size=2, timeout_s=max(settings.redis_timeout_seconds, 10))
         try:
             session = _Session(conn, redis, settings, _actor())
             if changes and not await is_initialised(redis):

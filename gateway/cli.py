@@ -11,7 +11,6 @@ from datetime import UTC, datetime
 
 import asyncpg
 import uvloop
-from redis.asyncio import Redis
 
 from gateway import issuance, logs
 from gateway.admin_cli import add_registry_commands
@@ -25,7 +24,7 @@ from gateway.inventory.status_cli import add_status_command
 from gateway.inventory_cli import add_inventory_commands
 from gateway.rebuild import rebuild_redis
 from gateway.reconcile import reconcile
-from gateway.redis_store import connect
+from gateway.redis_client import RedisClient, connect
 from gateway.settings import Settings, SettingsError
 
 Command = Callable[[argparse.Namespace, Settings], Awaitable[int]]
@@ -57,7 +56,7 @@ async def _with_stores(
     settings: Settings, action: Callable[..., Awaitable[int]], *, needs_initialised: bool = True
 ) -> int:
     conn = await asyncpg.connect(settings.database_url)
-    redis = connect(settings.redis_url, pool_size=4, timeout_s=max(settings.redis_timeout_seconds, 10))
+    redis = connect(*settings.redis_target, pool_size=4, timeout_s=max(settings.redis_timeout_seconds, 10))
     try:
         if needs_initialised and not await is_initialised(redis):
             raise NotInitialised("Redis is not initialised from Postgres; run `rgw rebuild-redis` first")
@@ -83,7 +82,7 @@ async def _writer(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _rebuild(args: argparse.Namespace, settings: Settings) -> int:
-    async def rebuild(conn: asyncpg.Connection, redis: Redis) -> int:
+    async def rebuild(conn: asyncpg.Connection, redis: RedisClient) -> int:
         report = await rebuild_redis(conn, redis)
         print(f"restored {report.campaigns} campaigns, {report.codes} codes, {report.uses_restored} uses, "
               f"{report.reversals_restored} reversals; Redis is initialised")  # fmt: skip
@@ -93,7 +92,7 @@ async def _rebuild(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _reconcile(args: argparse.Namespace, settings: Settings) -> int:
-    async def run(conn: asyncpg.Connection, redis: Redis) -> int:
+    async def run(conn: asyncpg.Connection, redis: RedisClient) -> int:
         if args.inventory:
             stock = await reconcile_inventory(conn, redis, args.brand, repair=args.repair, sku=args.sku)
             print(stock.summary())

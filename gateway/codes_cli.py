@@ -21,13 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from redis.asyncio import Redis
 
 from gateway import issuance
 from gateway.campaigns import importing
 from gateway.campaigns import issuance as batches
 from gateway.durability import is_initialised
-from gateway.redis_store import connect
+from gateway.redis_client import RedisClient, connect
 from gateway.settings import Settings
 
 Command = Callable[[argparse.Namespace, Settings], Awaitable[int]]
@@ -49,9 +48,9 @@ def _actor() -> str:
 
 
 @asynccontextmanager
-async def _stores(settings: Settings) -> AsyncIterator[tuple[asyncpg.Connection, Redis]]:
+async def _stores(settings: Settings) -> AsyncIterator[tuple[asyncpg.Connection, RedisClient]]:
     conn = await asyncpg.connect(settings.database_url)
-    redis = connect(settings.redis_url, pool_size=4, timeout_s=max(settings.redis_timeout_seconds, 10))
+    redis = connect(*settings.redis_target, pool_size=4, timeout_s=max(settings.redis_timeout_seconds, 10))
     try:
         if not await is_initialised(redis):
             raise _Failed("Redis is not initialised from Postgres; run `rgw rebuild-redis` first")

@@ -13,8 +13,10 @@ import json
 import time
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from gateway import keys
+from gateway.redis_client import RedisClient, each_primary
 
 LOSS_WINDOW = {"always": "none", "everysec": "about 1 s (2 s with a slow disk)", "none": "unbounded"}
 
@@ -39,29 +41,74 @@ def durability_problems(config: dict[str, str], required: str) -> list[str]:
     return problems
 
 
-async def check_durability(redis: Redis, required: str) -> dict[str, str]:
-    """The persistence settings of Redis; DurabilityError when they fall short of `required`."""
+async def check_durability(redis: RedisClient, required: str) -> dict[str, str]:
+    """The persistence settings of Redis (of every master of a cluster: one that may lose data is enough to lose
+    redemptions); DurabilityError when they fall short of `required`."""
     try:
-        config: dict[str, str] = {}
-        for name in ("appendonly", "appendfsync", "maxmemory-policy"):
-            config.update({str(k): str(v) for k, v in (await redis.config_get(name)).items()})
+        async with each_primary(redis) as nodes:
+            configs = [await _config(node) for node in nodes]
     except Exception as exc:
         if required == "none":
             return {}
         raise DurabilityError(f"cannot read the Redis persistence settings (CONFIG GET: {exc})") from exc
-    problems = durability_problems(config, required)
+    problems = []
+    for node, config in zip(nodes, configs, strict=True):
+        where = "{host}:{port}: ".format(**node.connection_pool.connection_kwargs)
+        problems += [(where if len(nodes) > 1 else "") + p for p in durability_problems(config, required)]
     if problems:
         raise DurabilityError(
             f"Redis could lose acknowledged redemptions (RGW_REDIS_DURABILITY={required}): " + "; ".join(problems)
         )
+    return configs[0]
+
+
+async def _config(node: Redis) -> dict[str, str]:
+    config: dict[str, str] = {}
+    for name in ("appendonly", "appendfsync", "maxmemory-policy"):
+        config.update({str(k): str(v) for k, v in (await node.config_get(name)).items()})
     return config
 
 
-async def is_initialised(redis: Redis) -> bool:
-    """Whether Redis state was built from Postgres (and has not been lost since)."""
-    return bool(await redis.exists(keys.INITIALISED))
+async def is_initialised(redis: RedisClient) -> bool:
+    """Whether Redis state was built from Postgres (and has not been lost since). On a cluster every master kept a
+    marker of its own: a master restarted empty (or a replica promoted without the data) loses its marker, and
+    with it the whole cluster counts as not initialised, though the main marker lives on another master."""
+    marker = await redis.get(keys.INITIALISED)
+    if marker is None:
+        return False
+    nodes = _node_markers(marker if isinstance(marker, str) else marker.decode())
+    return not nodes or await redis.exists(*nodes) == len(nodes)
 
 
-async def mark_initialised(redis: Redis, source: str) -> None:
-    """Record that Redis now holds everything Postgres says it must."""
-    await redis.set(keys.INITIALISED, json.dumps({"at": int(time.time()), "by": source}))
+def _node_markers(marker: str) -> list[str]:
+    try:
+        nodes = json.loads(marker).get("nodes", [])
+    except (ValueError, AttributeError):
+        return []
+    return [str(n) for n in nodes] if isinstance(nodes, list) else []
+
+
+async def mark_initialised(redis: RedisClient, source: str) -> None:
+    """Record that Redis now holds everything Postgres says it must (on a cluster: on every master too)."""
+    nodes = await _marker_per_master(redis) if isinstance(redis, RedisCluster) else []
+    for node in nodes:
+        await redis.set(node, source)
+    await redis.set(keys.INITIALISED, json.dumps({"at": int(time.time()), "by": source, "nodes": nodes}))
+
+
+async def _marker_per_master(redis: RedisCluster) -> list[str]:
+    """A marker key per master, each in a slot that master serves now (a marker migrates with its slot)."""
+    await redis.initialize()
+    masters = {node.name for node in redis.get_primaries()}
+    found: dict[str, str] = {}
+    for n in range(_MAX_MARKER_TRIES):
+        key = keys.node_marker_key(n)
+        owner = redis.get_node_from_key(key)
+        if owner is not None and owner.name in masters and owner.name not in found:
+            found[owner.name] = key
+            if len(found) == len(masters):
+                break
+    return sorted(found.values())
+
+
+_MAX_MARKER_TRIES = 100_000  # 16,384 slots: a master serving a single slot is found within ~16k candidates on average

@@ -18,17 +18,16 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import asyncpg
-from redis.asyncio import Redis
 
 from gateway.durability import is_initialised
 from gateway.inventory import importing, model, rotation
-from gateway.redis_store import connect
+from gateway.redis_client import RedisClient, connect
 from gateway.settings import Settings
 from gateway.tenancy import admin_store
 from gateway.tenancy.model import AlreadyExists
 from gateway.validation import InvalidRequest
 
-Body = Callable[[asyncpg.Connection, Redis], Awaitable[int]]
+Body = Callable[[asyncpg.Connection, RedisClient], Awaitable[int]]
 
 
 class _Failed(Exception):
@@ -45,9 +44,11 @@ def _actor() -> str:
 
 
 @asynccontextmanager
-async def _stores(settings: Settings, *, redis_initialised: bool) -> AsyncIterator[tuple[asyncpg.Connection, Redis]]:
+async def _stores(
+    settings: Settings, *, redis_initialised: bool
+) -> AsyncIterator[tuple[asyncpg.Connection, RedisClient]]:
     conn = await asyncpg.connect(settings.database_url)
-    redis = connect(settings.redis_url, pool_size=4, timeout_s=max(settings.redis_timeout_seconds, 10))
+    redis = connect(*settings.redis_target, pool_size=4, timeout_s=max(settings.redis_timeout_seconds, 10))
     try:
         if redis_initialised and not await is_initialised(redis):
             raise _Failed("Redis is not initialised from Postgres; run `rgw rebuild-redis` first")
@@ -92,7 +93,7 @@ def _print_sku(sku: model.Sku) -> None:
 
 
 async def _sku_create(args: argparse.Namespace, settings: Settings) -> int:
-    async def body(conn: asyncpg.Connection, redis: Redis) -> int:
+    async def body(conn: asyncpg.Connection, redis: RedisClient) -> int:
         brand_id = await _brand(conn, args.brand)
         assert brand_id is not None
         sku = await model.create_sku(conn, redis, brand_id=brand_id, code=args.code, name=args.name, reuse=args.reuse,
@@ -105,7 +106,7 @@ async def _sku_create(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _sku_list(args: argparse.Namespace, settings: Settings) -> int:
-    async def body(conn: asyncpg.Connection, redis: Redis) -> int:
+    async def body(conn: asyncpg.Connection, redis: RedisClient) -> int:
         brand_id = await _brand(conn, args.brand)
         after = 0
         while page := await model.list_skus(conn, brand_id, after, model.MAX_LIST):
@@ -120,7 +121,7 @@ async def _sku_list(args: argparse.Namespace, settings: Settings) -> int:
 async def _import(args: argparse.Namespace, settings: Settings) -> int:
     ring = settings.secret_ring()
 
-    async def body(conn: asyncpg.Connection, redis: Redis) -> int:
+    async def body(conn: asyncpg.Connection, redis: RedisClient) -> int:
         brand_id = await _brand(conn, args.brand)
         assert brand_id is not None
         try:
@@ -143,7 +144,7 @@ async def _import(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _resume(args: argparse.Namespace, settings: Settings) -> int:
-    async def body(conn: asyncpg.Connection, redis: Redis) -> int:
+    async def body(conn: asyncpg.Connection, redis: RedisClient) -> int:
         done = await importing.resume(conn, redis, brand_id=await _brand(conn, args.brand))
         for batch in done:
             print(f"secret batch {batch.batch_id} of brand {batch.brand_id}: {batch.secrets} secrets loaded "
@@ -158,7 +159,7 @@ async def _resume(args: argparse.Namespace, settings: Settings) -> int:
 async def _rotate(args: argparse.Namespace, settings: Settings) -> int:
     ring = settings.secret_ring()
 
-    async def body(conn: asyncpg.Connection, redis: Redis) -> int:
+    async def body(conn: asyncpg.Connection, redis: RedisClient) -> int:
         done = await rotation.rotate(conn, redis, ring, brand_id=await _brand(conn, args.brand))
         print(f"re-encrypted {done.reencrypted} secret(s) under key {ring.active_id!r}; {done.redis_records} Redis "
               f"record(s) updated; {done.left} secret(s) still under another key")  # fmt: skip

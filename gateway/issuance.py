@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from redis.asyncio import Redis
 
 from gateway import codes
 from gateway.campaigns import loader, model, publish
@@ -35,6 +34,7 @@ from gateway.campaigns.issuance import (
 from gateway.campaigns.model import Campaign
 from gateway.campaigns.schedule import hours_to_json
 from gateway.coderefs import KeyRing
+from gateway.redis_client import RedisClient
 from gateway.tenancy.model import DEFAULT_BRAND_ID
 
 __all__ = [
@@ -66,7 +66,7 @@ def _rule_value(name: str, value: Any) -> object:
 
 async def create_campaign(
     conn: asyncpg.Connection,
-    redis: Redis,
+    redis: RedisClient,
     keyring: KeyRing,
     *,
     name: str,
@@ -104,14 +104,14 @@ async def get_campaign(conn: asyncpg.Connection, campaign_id: int) -> Campaign:
     return await model.get_campaign(conn, campaign_id)
 
 
-async def load_campaign(redis: Redis, campaign: Campaign) -> None:
+async def load_campaign(redis: RedisClient, campaign: Campaign) -> None:
     """Publish the campaign's rules to every shard (gateway/campaigns/publish.py; a restricted store list needs
     publish_from_postgres)."""
     await publish.publish(redis, campaign)
 
 
 async def load_codes(
-    conn: asyncpg.Connection, redis: Redis, *, campaign_id: int, batch_id: uuid.UUID | None = None
+    conn: asyncpg.Connection, redis: RedisClient, *, campaign_id: int, batch_id: uuid.UUID | None = None
 ) -> int:
     """Load the issued codes of a campaign (or one batch) from Postgres into Redis, with their overrides and the
     directory entries of imported ones; returns the codes loaded. Never resets a code's state, and counts each
@@ -133,7 +133,7 @@ def _open_exclusive(path: Path) -> int:
 
 async def issue_to_file(
     conn: asyncpg.Connection,
-    redis: Redis,
+    redis: RedisClient,
     keyring: KeyRing,
     campaign: Campaign,
     *,
@@ -183,7 +183,7 @@ async def issue_to_file(
 
 async def issue_codes(
     conn: asyncpg.Connection,
-    redis: Redis,
+    redis: RedisClient,
     keyring: KeyRing,
     campaign: Campaign,
     *,

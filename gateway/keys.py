@@ -138,4 +138,12 @@ OUTBOXES = f"{PREFIX}:outboxes"
 REGISTRY_CHANNEL = f"{PREFIX}:registry"
 REGISTRY_VERSION = f"{PREFIX}:registry:version"
 INITIALISED = f"{PREFIX}:initialised"
+
+
+def node_marker_key(n: int) -> str:
+    """The n-th candidate for a Redis Cluster master's own "initialised" marker (durability.mark_initialised picks,
+    per master, the first whose slot that master serves)."""
+    return f"{PREFIX}:{{n{n}}}:initialised"
+
+
 LEDGER_GROUP = "ledger"

@@ -22,13 +22,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import asyncpg
-from redis.asyncio import Redis
 
 from gateway import issuance, keys
 from gateway.campaigns.model import Campaign, get_campaign, split
 from gateway.campaigns.publish import publish_from_postgres
 from gateway.durability import mark_initialised
 from gateway.inventory.rebuild import rebuild_inventory
+from gateway.redis_client import RedisClient
 from gateway.uses import History, Reversal, Use, UseRepairs, ledger_reversals, ledger_uses
 
 log = logging.getLogger("rgw.rebuild")
@@ -72,7 +72,7 @@ def _shares(budget: int | None, granted: list[int]) -> list[int] | None:
     return [mine + more for mine, more in zip(granted, rest, strict=True)]
 
 
-async def _set_shares(redis: Redis, campaign: Campaign, shares: Shares) -> None:
+async def _set_shares(redis: RedisClient, campaign: Campaign, shares: Shares) -> None:
     async with redis.pipeline(transaction=False) as pipe:
         for shard in range(campaign.shards):
             budget = keys.budget_key(campaign.id, shard)
@@ -96,7 +96,7 @@ def _applicable(uses: dict[tuple[str, int], Use], reversals: Iterable[Reversal])
     return found
 
 
-async def rebuild_campaign(conn: asyncpg.Connection, redis: Redis, campaign: Campaign) -> tuple[int, int, int]:
+async def rebuild_campaign(conn: asyncpg.Connection, redis: RedisClient, campaign: Campaign) -> tuple[int, int, int]:
     """Restore one campaign: budget shares, rules, codes, uses, reversals; returns (codes, uses, reversals)."""
     uses = await ledger_uses(conn, campaign.id)
     reversals = _applicable(uses, (await ledger_reversals(conn, campaign.id)).values())
@@ -112,7 +112,7 @@ async def rebuild_campaign(conn: asyncpg.Connection, redis: Redis, campaign: Cam
     return codes, restored, applied.applied
 
 
-async def rebuild_redis(conn: asyncpg.Connection, redis: Redis) -> RebuildReport:
+async def rebuild_redis(conn: asyncpg.Connection, redis: RedisClient) -> RebuildReport:
     """Restore everything Redis needs from Postgres and mark it initialised."""
     rows = await conn.fetch("SELECT id FROM campaigns ORDER BY id")
     codes = uses = reversals = 0

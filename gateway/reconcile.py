@@ -13,7 +13,7 @@
   plus the outbox: reported; repair corrects them by the difference (HINCRBY, never a SET: redemptions go on
   meanwhile, and each one counts).
 
-Reading order makes a live campaign safe to check: Redis records first, then the outbox, then the ledger. An event
+Reading order makes a live campaign safe to check: RedisClient records first, then the outbox, then the ledger. An event
 leaves the outbox only after the ledger committed it, so a record read first is in one or the other. The counters
 are read in one MULTI with the outbox and its last entry id, and compared with the ledger's events up to that id
 plus the outbox's: events after the read count on neither side.
@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
-from redis.asyncio import Redis
 
 from gateway import issuance, keys
 from gateway.campaigns.model import Campaign, get_campaign
 from gateway.ledger.events import PoisonEntry, decode_event, decode_reversal_event, is_reversal_entry
+from gateway.redis_client import RedisClient
 from gateway.uses import (
     History,
     Key,
@@ -186,7 +186,7 @@ class RedisRecords:
                 self.reversals[reversal.key] = reversal
 
 
-async def _redis_records(conn: asyncpg.Connection, redis: Redis, report: ReconcileReport) -> RedisRecords:
+async def _redis_records(conn: asyncpg.Connection, redis: RedisClient, report: ReconcileReport) -> RedisRecords:
     records = RedisRecords()
     query = "SELECT code_ref, shard, key_id FROM issued_codes WHERE campaign_id = $1"
     async with conn.transaction():
@@ -198,7 +198,7 @@ async def _redis_records(conn: asyncpg.Connection, redis: Redis, report: Reconci
     return records
 
 
-async def _code_states(redis: Redis, report: ReconcileReport, rows: list[asyncpg.Record]) -> list[dict[str, str]]:
+async def _code_states(redis: RedisClient, report: ReconcileReport, rows: list[asyncpg.Record]) -> list[dict[str, str]]:
     """Each code's own hash (empty when it has none), and the count of codes not issued in Redis: one round trip
     asks whether each is issued and has a hash, a second reads only the hashes that exist."""
     cid = report.campaign_id
@@ -247,7 +247,7 @@ def _stream_id(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-async def _snapshot(redis: Redis, campaign_id: int, shard: int) -> ShardSnapshot:
+async def _snapshot(redis: RedisClient, campaign_id: int, shard: int) -> ShardSnapshot:
     outbox = keys.outbox_key(campaign_id, shard)
     async with redis.pipeline(transaction=True) as pipe:
         pipe.hmget(keys.budget_key(campaign_id, shard), list(COUNTERS))
@@ -261,7 +261,7 @@ async def _snapshot(redis: Redis, campaign_id: int, shard: int) -> ShardSnapshot
     return snapshot
 
 
-async def _snapshots(redis: Redis, campaign: Campaign) -> list[ShardSnapshot]:
+async def _snapshots(redis: RedisClient, campaign: Campaign) -> list[ShardSnapshot]:
     return [await _snapshot(redis, campaign.id, shard) for shard in range(campaign.shards)]
 
 
@@ -296,7 +296,7 @@ def _uuids(ids: list[str]) -> list[str]:
     return valid
 
 
-async def _correct_budget(redis: Redis, campaign_id: int, differences: list[BudgetDifference]) -> int:
+async def _correct_budget(redis: RedisClient, campaign_id: int, differences: list[BudgetDifference]) -> int:
     """Add each shard's difference to its counters (atomically per shard); returns the shards corrected."""
     for difference in differences:
         async with redis.pipeline(transaction=True) as pipe:
@@ -327,7 +327,7 @@ def _compare_reversals(
                                     if k in ledger and ledger[k].reversal_id != x.reversal_id]  # fmt: skip
 
 
-async def reconcile(conn: asyncpg.Connection, redis: Redis, campaign_id: int, *, repair: bool) -> ReconcileReport:
+async def reconcile(conn: asyncpg.Connection, redis: RedisClient, campaign_id: int, *, repair: bool) -> ReconcileReport:
     """Find (and with `repair`, fix) every difference between Redis, the outbox and the ledger."""
     campaign = await get_campaign(conn, campaign_id)
     report = ReconcileReport(campaign_id, shards=campaign.shards)
@@ -343,7 +343,7 @@ async def reconcile(conn: asyncpg.Connection, redis: Redis, campaign_id: int, *,
 
 
 async def _repair(
-    conn: asyncpg.Connection, redis: Redis, campaign: Campaign, report: ReconcileReport, history: History
+    conn: asyncpg.Connection, redis: RedisClient, campaign: Campaign, report: ReconcileReport, history: History
 ) -> None:
     repairs = UseRepairs(redis)
     if report.codes_missing_in_redis:

@@ -8,11 +8,6 @@ import time
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from redis import exceptions as redis_errors
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-
 from gateway import keys, risk_plan
 from gateway.domain import (
     CodeLookup,
@@ -26,7 +21,8 @@ from gateway.domain import (
     Throttled,
 )
 from gateway.gateway_metrics import script_observer
-from gateway.pipelined_redis import PipelinedRedis, Script
+from gateway.pipelined_redis import Script
+from gateway.redis_client import HotClient, RedisClient
 from gateway.risk_counters import PlanArg, SeparateCounters
 from gateway.script_calls import (
     ITEM_ARGS,
@@ -54,22 +50,6 @@ __all__ = [  # the script layout and helpers, for the store's callers and tests
 DEFAULT_BRAND_ID = 1
 
 Mode = Literal["redeem", "validate"]
-
-
-def connect(url: str, *, pool_size: int, timeout_s: float) -> Redis:
-    """A client whose pool queues callers beyond `pool_size` instead of failing (bursts are normal here)."""
-    pool = BlockingConnectionPool.from_url(
-        url,
-        max_connections=pool_size,
-        # A pooled connection that died with a restarted Redis fails once; retry that once on a fresh one.
-        retry=Retry(NoBackoff(), 1),
-        retry_on_error=[redis_errors.ConnectionError],
-        timeout=timeout_s,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        decode_responses=True,
-    )
-    return Redis.from_pool(pool)  # the client owns the pool: aclose() closes its connections
 
 
 def _risk_arg(command: RedeemCommand, assessment: Assessment | None, script_keys: risk_plan.ScriptKeys) -> str:
@@ -123,10 +103,11 @@ def to_result(reply: Sequence[Any], campaign_id: int) -> RedeemResult:
 class RedisCodeStore:
     """Redeem, validate and inspect codes; the script is registered once (EVALSHA, reloaded on NOSCRIPT).
 
-    With a PipelinedRedis the redeem script runs on it (the hot path); otherwise on redis-py."""
+    With a pipelined client (PipelinedRedis, or PipelinedCluster on a cluster) the redeem script runs on it (the
+    hot path); otherwise on redis-py."""
 
     def __init__(
-        self, redis: Redis, pipelined: PipelinedRedis | None = None, *, counters: SeparateCounters | None = None
+        self, redis: RedisClient, pipelined: HotClient | None = None, *, counters: SeparateCounters | None = None
     ) -> None:
         self.redis = redis
         # None: the risk counters ride in the redeem script (one call); else they are their own call

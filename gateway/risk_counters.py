@@ -15,13 +15,12 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
-from redis.asyncio import Redis
-
 from gateway import keys, risk_plan
 from gateway.domain import FailedAttempt, Location, RedeemCommand, StoreUnavailable
 from gateway.gateway_metrics import script_observer
-from gateway.pipelined_redis import PipelinedRedis, Script
+from gateway.pipelined_redis import Script
 from gateway.ratelimited_log import RateLimitedLog
+from gateway.redis_client import HotClient, RedisClient
 from gateway.script_calls import count_failure_args, item_args, load_lua, wrap_errors
 from risk.model import Assessment, CounterPlan, Finding, Mode, Reason, Rule
 
@@ -65,7 +64,7 @@ def unavailable(plan: CounterPlan) -> tuple[Finding | None, tuple[Finding, ...]]
 class SeparateCounters:
     """lua/risk.lua and the reports after a redemption, on the Redis holding the risk tags."""
 
-    def __init__(self, redis: Redis, pipelined: PipelinedRedis | None = None) -> None:
+    def __init__(self, redis: RedisClient, pipelined: HotClient | None = None) -> None:
 
         self.redis = redis
         self._pipelined = pipelined

@@ -16,9 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import asyncpg
-from redis.asyncio import Redis
 
 from gateway import keys as gateway_keys
+from gateway.redis_client import RedisClient
 from gateway.tenancy import admin_store, notify
 from gateway.tenancy.model import AlreadyExists, NotFoundError, Status
 from gateway.tenancy.snapshot import Registry
@@ -101,7 +101,7 @@ class RegistryRiskFacts:
         self._pending[key] = store_id
         self._queued[(brand_id, store_id, terminal_id)] = None
 
-    async def flush_binds(self, pool: asyncpg.Pool, redis: Redis) -> int:
+    async def flush_binds(self, pool: asyncpg.Pool, redis: RedisClient) -> int:
         """Register the terminals bound since the last flush; returns how many were registered."""
         queued, self._queued = self._queued, {}
         version = 0
@@ -132,7 +132,7 @@ class RegistryRiskFacts:
             del self._pending[key]
 
 
-async def register_event_streams(redis: Redis, registry: Registry) -> None:
+async def register_event_streams(redis: RedisClient, registry: Registry) -> None:
     """Every brand's risk-event stream in the ledger writer's directory (rgw:outboxes). A separate call, not the
     redeem script's: on Redis Cluster the directory and a brand's risk tag are different slots."""
     streams = [risk_keys.events_key(brand_id) for brand_id in registry.brands]
@@ -140,7 +140,7 @@ async def register_event_streams(redis: Redis, registry: Registry) -> None:
         await redis.sadd(gateway_keys.OUTBOXES, *streams)
 
 
-async def maintain(facts: RegistryRiskFacts, pool: asyncpg.Pool, redis: Redis, interval_s: float) -> None:
+async def maintain(facts: RegistryRiskFacts, pool: asyncpg.Pool, redis: RedisClient, interval_s: float) -> None:
     """Forever (until cancelled): register bound terminals, and list every brand's event stream each round - a
     Redis that lost its data and was rebuilt must get the directory entries back (SADD of members present is a
     no-op)."""

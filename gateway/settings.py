@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from gateway import redis_client
 from gateway.coderefs import MIN_KEY_BYTES, KeyRing
 from gateway.inventory import crypto
 
@@ -31,7 +32,16 @@ class Spec:
 
 SPECS: tuple[Spec, ...] = (
     Spec("RGW_GRPC_ADDR", "127.0.0.1:50051", "host:port the gRPC server listens on"),
-    Spec("RGW_REDIS_URL", "redis://127.0.0.1:6379/0", "Redis holding live code state and the outboxes"),
+    Spec(
+        "RGW_REDIS_URL",
+        "redis://127.0.0.1:6379/0",
+        "Redis holding live code state and the outboxes; for a Redis Cluster, seed nodes: redis://HOST:PORT,HOST:PORT",
+    ),
+    Spec(
+        "RGW_REDIS_MODE",
+        "auto",
+        "single, cluster, or auto (several seeds in RGW_REDIS_URL: a cluster); cluster with one seed works too",
+    ),
     Spec("RGW_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres", "Postgres: the system of record"),
     Spec("RGW_CODE_KEYS", None, "HMAC keys for code_refs: comma-separated KEY_ID:BASE64 (32+ bytes each)"),
     Spec("RGW_CODE_KEY_ID", "", "key id that hashes new campaigns' codes (default: the first of RGW_CODE_KEYS)"),
@@ -51,6 +61,17 @@ SPECS: tuple[Spec, ...] = (
     Spec("RGW_WORKERS", "1", "server processes sharing RGW_GRPC_ADDR (SO_REUSEPORT); needs a fixed port when > 1"),
     Spec("RGW_MAX_MESSAGE_BYTES", "16384", "largest gRPC message accepted or sent"),
     Spec("RGW_MAX_CONCURRENT_RPCS", "1000", "calls in progress at once; more get RESOURCE_EXHAUSTED"),
+    Spec(
+        "RGW_GRPC_MAX_CONNECTION_AGE_SECONDS",
+        "300",
+        "a client connection older than this is asked to reconnect (GOAWAY), so connections spread over new "
+        "replicas after a scale-up; 0: never",
+    ),
+    Spec(
+        "RGW_GRPC_MAX_CONNECTION_AGE_GRACE_SECONDS",
+        "30",
+        "how long calls in flight on such a connection may still take before it is closed",
+    ),
     Spec("RGW_STREAM_MAX_ITEMS", "64", "most items in one RedeemStream or DispenseStream message"),
     Spec("RGW_SHUTDOWN_GRACE_SECONDS", "10", "on SIGTERM, how long in-flight calls may take to finish"),
     Spec(
@@ -107,6 +128,7 @@ class Settings:
 
     grpc_addr: str
     redis_url: str
+    redis_mode: str
     database_url: str
     code_keys: Mapping[str, bytes]
     code_key_id: str
@@ -116,6 +138,8 @@ class Settings:
     workers: int
     max_message_bytes: int
     max_concurrent_rpcs: int
+    grpc_max_connection_age_seconds: float
+    grpc_max_connection_age_grace_seconds: float
     stream_max_items: int
     shutdown_grace_seconds: float
     redis_pool_size: int
@@ -155,6 +179,16 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read and validate every variable; SettingsError lists all bad ones at once."""
         return _Reader(os.environ if environ is None else environ).settings()
+
+    @property
+    def redis_target(self) -> tuple[str, str]:
+        """(RGW_REDIS_URL, RGW_REDIS_MODE): where the code Redis is and whether it is a cluster."""
+        return self.redis_url, self.redis_mode
+
+    @property
+    def redis_cluster(self) -> bool:
+        """Whether the code Redis is a Redis Cluster (RGW_REDIS_MODE, or a list of seeds)."""
+        return redis_client.is_cluster(self.redis_url, self.redis_mode)
 
     def keyring(self) -> KeyRing:
         """The code_ref keys; SettingsError when none are configured."""
@@ -283,6 +317,17 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+# gRPC takes the connection age as a C int of milliseconds.
+_GRPC_MAX_SECONDS = (2**31 - 1) // 1000
+
+
+def _grpc_seconds(text: str) -> float:
+    value = _non_negative_float(text)
+    if value > _GRPC_MAX_SECONDS:
+        raise ValueError(f"must be at most {_GRPC_MAX_SECONDS} (gRPC counts it in 32-bit milliseconds)")
+    return value
+
+
 def _one_of(*choices: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if text not in choices:
@@ -347,6 +392,7 @@ class _Reader:
         values = Settings(
             grpc_addr=self.get("RGW_GRPC_ADDR", _host_port),
             redis_url=self.get("RGW_REDIS_URL", _url("redis", "rediss", "unix")),
+            redis_mode=self.get("RGW_REDIS_MODE", _one_of(*redis_client.MODES)),
             database_url=self.get("RGW_DATABASE_URL", _url("postgresql", "postgres")),
             code_keys=self.get("RGW_CODE_KEYS", _code_keys),
             code_key_id=self.get("RGW_CODE_KEY_ID", str),
@@ -356,6 +402,8 @@ class _Reader:
             workers=self.get("RGW_WORKERS", _positive_int),
             max_message_bytes=self.get("RGW_MAX_MESSAGE_BYTES", _positive_int),
             max_concurrent_rpcs=self.get("RGW_MAX_CONCURRENT_RPCS", _positive_int),
+            grpc_max_connection_age_seconds=self.get("RGW_GRPC_MAX_CONNECTION_AGE_SECONDS", _grpc_seconds),
+            grpc_max_connection_age_grace_seconds=self.get("RGW_GRPC_MAX_CONNECTION_AGE_GRACE_SECONDS", _grpc_seconds),
             stream_max_items=self.get("RGW_STREAM_MAX_ITEMS", _positive_int),
             shutdown_grace_seconds=self.get("RGW_SHUTDOWN_GRACE_SECONDS", _positive_float),
             redis_pool_size=self.get("RGW_REDIS_POOL_SIZE", _positive_int),
@@ -392,6 +440,8 @@ class _Reader:
             tls_client_auth=self.get("RGW_TLS_CLIENT_AUTH", _one_of(*TLS_CLIENT_AUTH)),
         )
         self._check_tls(values)
+        if values.redis_url and values.redis_mode and (problem := redis_client.url_problem(*values.redis_target)):
+            self.errors.append(f"RGW_REDIS_URL={values.redis_url[:80]!r}: {problem}")
         if values.code_keys and values.code_key_id and values.code_key_id not in values.code_keys:
             self.errors.append(f"RGW_CODE_KEY_ID={values.code_key_id!r}: not a key id of RGW_CODE_KEYS")
         if values.secret_keys and values.secret_key_id and values.secret_key_id not in values.secret_keys:

@@ -11,11 +11,13 @@ from itertools import islice
 from typing import Any, TypeVar
 
 import asyncpg
-from redis.asyncio import Redis
+from redis import exceptions as redis_errors
+from redis.commands.core import AsyncScript
 
 from gateway import keys
 from gateway.campaigns import layout
 from gateway.ledger.events import encode_event, encode_reversal_event
+from gateway.redis_client import RedisClient, ScriptCall, evalsha_many
 from gateway.script_calls import load_lua
 
 # Script calls per pipelined round trip when repairing (a rebuild replays every use of the ledger).
@@ -233,7 +235,7 @@ def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
 class UseRepairs:
     """Writes that bring Redis and the outbox in line with the ledger, and the other way round."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: RedisClient) -> None:
         self.redis = redis
         self._mark_used = redis.register_script(load_lua("mark_used.lua"))
         self._mark_reversed = redis.register_script(load_lua("mark_reversed.lua"))
@@ -244,10 +246,7 @@ class UseRepairs:
         history = history or History()
         added, missing = 0, []
         for chunk in _chunks(uses, REPAIR_BATCH):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for use in chunk:
-                    await self._call_mark_used(pipe, use, history)
-                results: list[Any] = await pipe.execute()
+            results = await self._run(self._mark_used, [_mark_used_call(use, history) for use in chunk])
             added += sum(1 for r in results if r == 1)
             missing += [use for use, r in zip(chunk, results, strict=True) if r == -1]
         if missing:
@@ -256,42 +255,25 @@ class UseRepairs:
                               f"(code_ref {use.code_ref[:12]}, …): load the codes first")  # fmt: skip
         return added
 
-    async def _call_mark_used(self, pipe: Redis, use: Use, history: History) -> None:
-        left = history.after_use.get(use.key, max(use.uses_total - use.use_number, 0))
-        idem_record = f"{use.fingerprint}|{use.redemption_id}|{use.at_ms}|{use.use_number}|{left}"
-        script_keys = [
-            keys.bucket_key(use.campaign_id, use.shard, use.code_ref),
-            keys.code_key(use.campaign_id, use.shard, use.code_ref),
-            keys.budget_key(use.campaign_id, use.shard),
-        ]
-        args: list[str | int] = [keys.bucket_field(use.code_ref), use.use_number, use.record(), use.at_ms,
-                                 use.idem, idem_record, use.face_value]  # fmt: skip
-        await self._mark_used(keys=script_keys, args=args, client=pipe)
-
     async def mark_reversed(self, reversals: Iterable[Reversal], history: History | None = None) -> ReversalRepairs:
         """Apply ledger reversals in Redis (their uses must be recorded: mark them used first): each gives its use
         and budget back once; one already applied is left alone."""
         history = history or History()
         outcome = ReversalRepairs()
         for chunk in _chunks(reversals, REPAIR_BATCH):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for reversal in chunk:
-                    await self._call_mark_reversed(pipe, reversal, history)
-                results: list[Any] = await pipe.execute()
+            results = await self._run(self._mark_reversed, [_mark_reversed_call(x, history) for x in chunk])
             outcome.applied += sum(1 for r in results if r == 1)
             outcome.skipped += [(x, _SKIPPED[r]) for x, r in zip(chunk, results, strict=True) if r in _SKIPPED]
         return outcome
 
-    async def _call_mark_reversed(self, pipe: Redis, reversal: Reversal, history: History) -> None:
-        left = history.after_reversal.get(reversal.key, 0)
-        idem_record = f"{reversal.fingerprint}|{reversal.reversal_id}|{reversal.at_ms}|{reversal.use_number}|{left}"
-        script_keys = [
-            keys.code_key(reversal.campaign_id, reversal.shard, reversal.code_ref),
-            keys.budget_key(reversal.campaign_id, reversal.shard),
-        ]
-        record = reversal.record()
-        args: list[str | int] = [reversal.use_number, reversal.redemption_id, record, reversal.idem, idem_record]
-        await self._mark_reversed(keys=script_keys, args=args, client=pipe)
+    async def _run(self, script: AsyncScript, calls: list[ScriptCall]) -> list[Any]:
+        """One pipelined round of script calls (per master on a cluster); a Redis that forgot the script (it
+        restarted) gets it again and the round is repeated - the scripts are idempotent."""
+        try:
+            return await evalsha_many(self.redis, script.sha, calls)
+        except redis_errors.NoScriptError:
+            await self.redis.script_load(script.script)
+            return await evalsha_many(self.redis, script.sha, calls)
 
     async def reenqueue(self, uses: Iterable[Use]) -> int:
         """Append the outbox events of uses the ledger is missing (the writer inserts them idempotently)."""
@@ -307,3 +289,28 @@ class UseRepairs:
             await self.redis.xadd(stream, dict(fields))  # type: ignore[arg-type]
             count += 1
         return count
+
+
+def _mark_used_call(use: Use, history: History) -> ScriptCall:
+    left = history.after_use.get(use.key, max(use.uses_total - use.use_number, 0))
+    idem_record = f"{use.fingerprint}|{use.redemption_id}|{use.at_ms}|{use.use_number}|{left}"
+    script_keys = [
+        keys.bucket_key(use.campaign_id, use.shard, use.code_ref),
+        keys.code_key(use.campaign_id, use.shard, use.code_ref),
+        keys.budget_key(use.campaign_id, use.shard),
+    ]
+    args: list[str | int] = [keys.bucket_field(use.code_ref), use.use_number, use.record(), use.at_ms,
+                             use.idem, idem_record, use.face_value]  # fmt: skip
+    return script_keys, args
+
+
+def _mark_reversed_call(reversal: Reversal, history: History) -> ScriptCall:
+    left = history.after_reversal.get(reversal.key, 0)
+    idem_record = f"{reversal.fingerprint}|{reversal.reversal_id}|{reversal.at_ms}|{reversal.use_number}|{left}"
+    script_keys = [
+        keys.code_key(reversal.campaign_id, reversal.shard, reversal.code_ref),
+        keys.budget_key(reversal.campaign_id, reversal.shard),
+    ]
+    record = reversal.record()
+    args: list[str | int] = [reversal.use_number, reversal.redemption_id, record, reversal.idem, idem_record]
+    return script_keys, args

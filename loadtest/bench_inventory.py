@@ -54,7 +54,7 @@ from gateway.ledger.outbox import Outbox
 from gateway.ledger.writer import LedgerWriter, WriterConfig
 from gateway.pb.redemption.v1 import inventory_pb2 as pb
 from gateway.rebuild import rebuild_redis
-from gateway.redis_store import connect
+from gateway.redis_client import connect
 from gateway.tenancy import admin_store, notify
 from gateway.tenancy.model import DEFAULT_BRAND_ID
 from loadtest.inventory_peer import LOAD_PEER_SECRETS, PEER_SCHEMA

@@ -25,14 +25,13 @@ from typing import Any
 
 import asyncpg
 import uvloop
-from redis.asyncio import Redis
 
 from gateway import issuance, keys
 from gateway.coderefs import KeyRing
 from gateway.db.migrate import migrate
 from gateway.dev.servers import PostgresServer, RedisServer
 from gateway.durability import mark_initialised
-from gateway.redis_store import connect
+from gateway.redis_client import RedisClient, connect
 from loadtest.report import update_section
 
 KEYRING = KeyRing({"bench": os.urandom(32)}, "bench")
@@ -40,12 +39,12 @@ REDIS_DEFAULT_LISTPACK_ENTRIES = 128
 SAMPLE_EVERY = 64  # buckets
 
 
-async def used_memory(redis: Redis) -> int:
+async def used_memory(redis: RedisClient) -> int:
     info: Any = await redis.info("memory")
     return int(info["used_memory"])
 
 
-async def sampled_bytes(redis: Redis, campaign_id: int) -> int:
+async def sampled_bytes(redis: RedisClient, campaign_id: int) -> int:
     """MEMORY USAGE of every SAMPLE_EVERY-th bucket of shard 0, scaled to all of them."""
     total = 0
     async with redis.pipeline(transaction=False) as pipe:
@@ -55,7 +54,7 @@ async def sampled_bytes(redis: Redis, campaign_id: int) -> int:
     return total * SAMPLE_EVERY
 
 
-async def encodings(redis: Redis, campaign_id: int) -> dict[str, int]:
+async def encodings(redis: RedisClient, campaign_id: int) -> dict[str, int]:
     """How the sampled buckets are encoded (listpack while small)."""
     found: dict[str, int] = {}
     for n in range(0, 16**keys.BUCKET_CHARS, SAMPLE_EVERY * 16):
@@ -64,7 +63,7 @@ async def encodings(redis: Redis, campaign_id: int) -> dict[str, int]:
     return found
 
 
-async def measure(conn: asyncpg.Connection, redis: Redis, count: int, workdir: Path) -> dict[str, Any]:
+async def measure(conn: asyncpg.Connection, redis: RedisClient, count: int, workdir: Path) -> dict[str, Any]:
     start = datetime.now(UTC)
     campaign = await issuance.create_campaign(conn, redis, KEYRING, name="bench-issuance",
                                               valid_from=start - timedelta(hours=1),
@@ -130,8 +129,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"| end to end (generate, HMAC, COPY, file, commit, Redis load) | {report['codes_per_second']:,} codes/s |",
         f"| of which generate + COPY (in the transaction) | {report['generate_and_copy_seconds']} s |",
         f"| of which Redis load after the commit | {report['redis_load_seconds']} s |",
-        f"| Redis bytes per code, INFO memory delta | {report['redis_bytes_per_code_info_memory']} |",
-        f"| Redis bytes per code, MEMORY USAGE sampled | {report['redis_bytes_per_code_memory_usage']} |",
+        f"| RedisClient bytes per code, INFO memory delta | {report['redis_bytes_per_code_info_memory']} |",
+        f"| RedisClient bytes per code, MEMORY USAGE sampled | {report['redis_bytes_per_code_memory_usage']} |",
         f"| reload from Postgres (rebuild, resume) | {report['reload_from_postgres_codes_per_second']:,} codes/s |",
     ])  # fmt: skip
 

@@ -26,10 +26,10 @@ import asyncpg
 import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from redis.asyncio import Redis
 
 from gateway.pb.redemption.v1 import redemption_pb2 as pb
 from gateway.pb.redemption.v1 import redemption_pb2_grpc as pb_grpc
+from gateway.redis_client import RedisClient
 from gateway.tenancy import admin_risk, admin_store, notify
 from loadtest import frames as fr
 from risk.model import Rule
@@ -70,7 +70,7 @@ BURST_FACTOR = 5
 BURST_CHANNELS = 4  # several connections, so both server processes take part (SO_REUSEPORT spreads connections)
 
 
-async def prepare_default_brand(conn: asyncpg.Connection, redis: Redis, brand_id: int) -> None:
+async def prepare_default_brand(conn: asyncpg.Connection, redis: RedisClient, brand_id: int) -> None:
     """The default brand keeps the shipped modes; only its limits get headroom."""
     made = await admin_risk.set_risk_policy(
         conn, actor=ACTOR, brand_id=brand_id, campaign_id=0, document={"limits": HEADROOM_LIMITS}
@@ -78,7 +78,7 @@ async def prepare_default_brand(conn: asyncpg.Connection, redis: Redis, brand_id
     await notify.publish(redis, made.version)
 
 
-async def prepare_risk_brand(conn: asyncpg.Connection, redis: Redis) -> tuple[int, str]:
+async def prepare_risk_brand(conn: asyncpg.Connection, redis: RedisClient) -> tuple[int, str]:
     """A brand with every rule enforced, its stores and terminals registered; returns its id and a client key."""
     brand = (await admin_store.create_brand(conn, actor=ACTOR, slug="bench-risk", name="bench risk")).value
     stores = {}
@@ -103,7 +103,9 @@ async def prepare_risk_brand(conn: asyncpg.Connection, redis: Redis) -> tuple[in
     return brand.id, made.value.plaintext
 
 
-async def limit_terminal(conn: asyncpg.Connection, redis: Redis, *, brand_id: int, campaign_id: int, n: int) -> None:
+async def limit_terminal(
+    conn: asyncpg.Connection, redis: RedisClient, *, brand_id: int, campaign_id: int, n: int
+) -> None:
     """The burst's campaign: N calls per minute per terminal (counted for this campaign alone)."""
     document = {"limits": {"terminal": {"limit": n, "window_s": 60}}}
     made = await admin_risk.set_risk_policy(

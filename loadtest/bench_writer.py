@@ -23,7 +23,6 @@ from typing import Any
 
 import asyncpg
 import uvloop
-from redis.asyncio import Redis
 
 from gateway import keys
 from gateway.clock import SystemClock
@@ -36,7 +35,8 @@ from gateway.ids import uuid7
 from gateway.issuance import create_campaign, issue_codes
 from gateway.ledger.outbox import Outbox
 from gateway.ledger.writer import LedgerWriter, WriterConfig
-from gateway.redis_store import RedisCodeStore, connect
+from gateway.redis_client import RedisClient, connect
+from gateway.redis_store import RedisCodeStore
 from gateway.validation import check_redeem
 from loadtest.report import update_section
 
@@ -47,7 +47,7 @@ PG_SETTINGS = "SELECT name, setting FROM pg_settings WHERE name IN ('fsync', 'sy
 
 
 async def fill_outbox(
-    conn: asyncpg.Connection, redis: Redis, events: int, workdir: Path
+    conn: asyncpg.Connection, redis: RedisClient, events: int, workdir: Path
 ) -> tuple[int, list[dict[str, str]]]:
     """Issue `events` codes and redeem each once through the real script; returns the campaign and its events."""
     now = SystemClock().now_ms()
@@ -69,7 +69,7 @@ async def fill_outbox(
     return campaign.id, [dict(f) for _, f in entries]
 
 
-async def drain_once(redis: Redis, database_url: str, batch_size: int) -> float:
+async def drain_once(redis: RedisClient, database_url: str, batch_size: int) -> float:
     """Seconds one writer takes to move the whole outbox into the ledger."""
     config = WriterConfig(batch_size=batch_size, batch_wait_s=0.005, poll_s=0.001, claim_idle_ms=60_000)
     writer = LedgerWriter(Outbox(redis, consumer=f"bench-{batch_size}"), partial(asyncpg.connect, database_url), config)
@@ -82,7 +82,7 @@ async def drain_once(redis: Redis, database_url: str, batch_size: int) -> float:
     return time.perf_counter() - started
 
 
-async def reset(conn: asyncpg.Connection, redis: Redis, campaign_id: int, events: list[dict[str, str]]) -> None:
+async def reset(conn: asyncpg.Connection, redis: RedisClient, campaign_id: int, events: list[dict[str, str]]) -> None:
     """Empty the ledger and put the same events back in the outbox."""
     await conn.execute("TRUNCATE redemptions, code_uses, double_spend_alarms")
     stream = keys.outbox_key(campaign_id, 0)

@@ -36,14 +36,13 @@ from pathlib import Path
 
 import asyncpg
 import uvloop
-from redis.asyncio import Redis
 
 from gateway import issuance
 from gateway.coderefs import KeyRing
 from gateway.db.migrate import MigrationError, migrate
 from gateway.durability import is_initialised
 from gateway.rebuild import rebuild_redis
-from gateway.redis_store import connect
+from gateway.redis_client import RedisClient, connect
 from gateway.settings import Settings, SettingsError
 from gateway.tenancy import admin_risk, admin_store, notify
 from gateway.tenancy.model import DEFAULT_BRAND_ID
@@ -107,7 +106,7 @@ class Plan:
     valid_for: timedelta
 
 
-async def _ensure_initialised(conn: asyncpg.Connection, redis: Redis) -> None:
+async def _ensure_initialised(conn: asyncpg.Connection, redis: RedisClient) -> None:
     # Issuance refuses an uninitialised Redis (it may have lost data); a new one only needs the marker, and one
     # that lost data must be restored before codes are added to it - rebuild_redis does both, idempotently.
     if not await is_initialised(redis):
@@ -117,7 +116,7 @@ async def _ensure_initialised(conn: asyncpg.Connection, redis: Redis) -> None:
 
 
 async def _issue(
-    conn: asyncpg.Connection, redis: Redis, keyring: KeyRing, plan: Plan, *, kind: str, count: int, uses: int
+    conn: asyncpg.Connection, redis: RedisClient, keyring: KeyRing, plan: Plan, *, kind: str, count: int, uses: int
 ) -> CampaignData:
     now = datetime.now(UTC)
     campaign = await issuance.create_campaign(
@@ -134,7 +133,7 @@ async def _issue(
     return CampaignData(campaign.id, campaign.shards, uses, count, file)
 
 
-async def _write_key(conn: asyncpg.Connection, redis: Redis, settings: Settings, path: Path, who: str) -> None:
+async def _write_key(conn: asyncpg.Connection, redis: RedisClient, settings: Settings, path: Path, who: str) -> None:
     """An internal client of the default brand (whose campaigns these are) for the users, its key shown only in
     `path` (0600): Locust calls like a real order system. Revoke it with `rgw client revoke` after the run."""
     made = await admin_store.create_client(
@@ -151,7 +150,7 @@ async def prepare(settings: Settings, plan: Plan) -> Manifest:
     """Migrate, make sure Redis is initialised, issue both campaigns, write the manifest."""
     keyring = settings.keyring()
     conn = await asyncpg.connect(settings.database_url)
-    redis = connect(settings.redis_url, pool_size=4, timeout_s=max(settings.redis_timeout_seconds, 10))
+    redis = connect(*settings.redis_target, pool_size=4, timeout_s=max(settings.redis_timeout_seconds, 10))
     try:
         await migrate(conn)
         await _ensure_initialised(conn, redis)

@@ -25,7 +25,7 @@ from gateway.db.migrate import migrate
 from gateway.dev.servers import PostgresServer, RedisServer, free_port
 from gateway.issuance import create_campaign, issue_codes
 from gateway.rebuild import rebuild_redis
-from gateway.redis_store import connect
+from gateway.redis_client import connect
 from gateway.tenancy import admin_store, notify
 from gateway.tenancy.model import DEFAULT_BRAND_ID
 from loadtest import bench_risk

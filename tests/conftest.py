@@ -16,14 +16,14 @@ from pathlib import Path
 import asyncpg
 import pytest
 import pytest_asyncio
-from redis.asyncio import Redis
 
 from gateway.clock import ManualClock
 from gateway.coderefs import KeyRing
 from gateway.db.migrate import migrate
+from gateway.dev.redis_cluster import RedisCluster as LocalCluster
 from gateway.dev.servers import PostgresServer, RedisServer
 from gateway.durability import mark_initialised
-from gateway.redis_store import connect
+from gateway.redis_client import RedisClient, connect
 
 # 2026-06-01T00:00:00Z: tests run on a fixed clock so validity windows are deterministic.
 T0_MS = 1_780_272_000_000
@@ -78,12 +78,35 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 @pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def single_redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if url := os.environ.get("RGW_TEST_REDIS_URL"):
         yield url
         return
     with RedisServer.start(data_dir=tmp_path_factory.mktemp("redis"), appendonly=False) as server:
         yield server.url
+
+
+@pytest.fixture(scope="session")
+def cluster_redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A local 3-master Redis Cluster (or RGW_TEST_REDIS_CLUSTER_URL's seeds), as RGW_REDIS_URL names one."""
+    if url := os.environ.get("RGW_TEST_REDIS_CLUSTER_URL"):
+        yield url
+        return
+    with LocalCluster(tmp_path_factory.mktemp("cluster"), masters=3) as cluster:
+        yield ",".join(f"redis://{seed}" for seed in cluster.seeds)
+
+
+@pytest.fixture(scope="session")
+def redis_url(request: pytest.FixtureRequest) -> str:
+    """One redis-server; in a test marked single_and_cluster, that and then the cluster."""
+    topology = getattr(request, "param", "single")
+    return str(request.getfixturevalue(f"{topology}_redis_url"))
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test marked single_and_cluster runs unchanged on one redis-server and on the 3-master cluster."""
+    if metafunc.definition.get_closest_marker("single_and_cluster") and "redis_url" in metafunc.fixturenames:
+        metafunc.parametrize("redis_url", ["single", "cluster"], indirect=True, scope="session")
 
 
 @pytest.fixture(scope="session")
@@ -106,7 +129,7 @@ async def migrated(database_url: str) -> str:
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
+async def redis(redis_url: str) -> AsyncIterator[RedisClient]:
     client = connect(redis_url, pool_size=16, timeout_s=5)
     await client.flushdb()
     await mark_initialised(client, "tests")  # an empty Redis is the correct state for an empty database

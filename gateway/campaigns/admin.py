@@ -25,7 +25,6 @@ from datetime import UTC, datetime
 
 import asyncpg
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
 
 from gateway import codes
 from gateway.campaigns import budget, rules
@@ -33,6 +32,7 @@ from gateway.campaigns.model import ACTIVE, PAUSED, Campaign, from_row, hours_js
 from gateway.campaigns.publish import publish_from_postgres
 from gateway.campaigns.schedule import hours_to_json
 from gateway.domain import StoreUnavailable
+from gateway.redis_client import RedisClient
 from gateway.tenancy.admin_rules import check, raise_if
 from gateway.tenancy.admin_tx import Committed, audit_row, change, json_default
 from gateway.tenancy.model import NotFoundError
@@ -82,7 +82,7 @@ def _redis_faults() -> Iterator[None]:
     try:
         yield
     except _REDIS_DOWN as exc:
-        log.warning("campaign change: Redis failed (%s)", type(exc).__name__)
+        log.warning("campaign change: RedisClient failed (%s)", type(exc).__name__)
         raise StoreUnavailable(f"Redis is unavailable ({type(exc).__name__}); repeat the change") from None
 
 
@@ -135,7 +135,13 @@ async def _checked(
 
 
 async def create_campaign(
-    conn: asyncpg.Connection, redis: Redis, *, actor: str, brand_id: int, key_id: str, fields: Mapping[str, object]
+    conn: asyncpg.Connection,
+    redis: RedisClient,
+    *,
+    actor: str,
+    brand_id: int,
+    key_id: str,
+    fields: Mapping[str, object],
 ) -> Committed[Campaign]:
     """A new, active campaign of the brand with the rules in `fields` (API names; name, valid_from and
     valid_until required), its codes' refs keyed by `key_id`; published to Redis before it is committed."""
@@ -165,7 +171,7 @@ async def _write(conn: asyncpg.Connection, actor: str, before: Campaign, after: 
 
 async def update_campaign(
     conn: asyncpg.Connection,
-    redis: Redis,
+    redis: RedisClient,
     *,
     actor: str,
     brand_id: int | None,
@@ -190,7 +196,7 @@ async def update_campaign(
 
 
 async def set_status(
-    conn: asyncpg.Connection, redis: Redis, *, actor: str, brand_id: int | None, campaign_id: int, status: str
+    conn: asyncpg.Connection, redis: RedisClient, *, actor: str, brand_id: int | None, campaign_id: int, status: str
 ) -> Committed[Campaign]:
     """Pause or resume a campaign: every gateway answers the next redemption accordingly (the flag is in the
     shards' meta). Setting the status it has is allowed (it publishes again)."""
@@ -222,7 +228,7 @@ async def list_campaigns(
 
 
 async def rebalance(
-    conn: asyncpg.Connection, redis: Redis, *, brand_id: int | None, campaign_id: int
+    conn: asyncpg.Connection, redis: RedisClient, *, brand_id: int | None, campaign_id: int
 ) -> budget.RebalanceReport:
     """Even out the unused budget shares of the campaign's shards (budget.rebalance), under its change lock."""
     async with campaign_lock(conn, campaign_id):
@@ -231,7 +237,7 @@ async def rebalance(
             return await budget.rebalance(redis, campaign)
 
 
-async def republish(conn: asyncpg.Connection, redis: Redis, campaign_id: int) -> Campaign:
+async def republish(conn: asyncpg.Connection, redis: RedisClient, campaign_id: int) -> Campaign:
     """Publish the campaign's committed rules again (read under its change lock)."""
     async with campaign_lock(conn, campaign_id):
         campaign = await get_campaign(conn, campaign_id, None)
@@ -265,7 +271,7 @@ def _group_violations(name: str, stores: Sequence[str]) -> list[FieldViolation]:
 
 
 async def set_store_group(
-    conn: asyncpg.Connection, redis: Redis, *, actor: str, brand_id: int, name: str, stores: Sequence[str]
+    conn: asyncpg.Connection, redis: RedisClient, *, actor: str, brand_id: int, name: str, stores: Sequence[str]
 ) -> Committed[StoreGroup]:
     """Create or replace the brand's store group `name`; every campaign allowing it is republished with it."""
     raise_if(_group_violations(name, stores))

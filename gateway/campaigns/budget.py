@@ -22,10 +22,9 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from redis.asyncio import Redis
-
 from gateway import keys
 from gateway.campaigns.model import Campaign, split
+from gateway.redis_client import RedisClient
 from gateway.script_calls import load_lua
 from gateway.validation import FieldViolation, InvalidRequest
 
@@ -107,7 +106,7 @@ def _share(shard: int, fields: Mapping[str, str]) -> Share:
     )
 
 
-async def read_shares(redis: Redis, campaign_id: int, shards: int) -> list[Share]:
+async def read_shares(redis: RedisClient, campaign_id: int, shards: int) -> list[Share]:
     """Every shard's budget hash, in one pipelined round trip."""
     async with redis.pipeline(transaction=False) as pipe:
         for shard in range(shards):
@@ -124,7 +123,7 @@ def in_flight_total(shares: Sequence[Share], dim: Dimension) -> int:
 class Moves:
     """The steps of lua/budget_move.lua on the shards of one campaign."""
 
-    def __init__(self, redis: Redis, campaign_id: int) -> None:
+    def __init__(self, redis: RedisClient, campaign_id: int) -> None:
         self._script = redis.register_script(load_lua("budget_move.lua"))
         self._campaign_id = campaign_id
 
@@ -241,7 +240,7 @@ async def complete_in_flight(moves: Moves, campaign: Campaign, shares: Sequence[
     return completed
 
 
-async def _limit_every_shard(redis: Redis, moves: Moves, campaign: Campaign, dim: Dimension) -> None:
+async def _limit_every_shard(redis: RedisClient, moves: Moves, campaign: Campaign, dim: Dimension) -> None:
     """Match the shards to the campaign's budget of this kind: no budget, no shares; a budget, a share on every
     shard (a shard found without one is capped at what it granted)."""
     shares = await read_shares(redis, campaign.id, campaign.shards)
@@ -257,7 +256,7 @@ async def _limit_every_shard(redis: Redis, moves: Moves, campaign: Campaign, dim
             await moves.cap(share.shard, dim)
 
 
-async def _settle(redis: Redis, moves: Moves, campaign: Campaign, dim: Dimension) -> tuple[list[Step], int]:
+async def _settle(redis: RedisClient, moves: Moves, campaign: Campaign, dim: Dimension) -> tuple[list[Step], int]:
     """Even out one budget's unused shares, and bring their sum to the campaign's budget; the steps, and what
     was granted beyond the budget (0 but after a budget lowered below what was granted meanwhile)."""
     await _limit_every_shard(redis, moves, campaign, dim)
@@ -280,7 +279,7 @@ async def _settle(redis: Redis, moves: Moves, campaign: Campaign, dim: Dimension
     return steps, max(-(extra + sum(unused)), 0)
 
 
-async def rebalance(redis: Redis, campaign: Campaign) -> RebalanceReport:
+async def rebalance(redis: RedisClient, campaign: Campaign) -> RebalanceReport:
     """Move unused budget between the campaign's shards until every shard's unused share is equal (to one unit),
     for the count and the value budget, while redemptions continue: first complete what an interrupted operation
     left in flight, then match the shares to `campaign`'s budgets (as Postgres holds them), then even them out.
@@ -332,7 +331,7 @@ def levelled_takes(unused: Sequence[int], amount: int) -> list[int]:
     return takes
 
 
-async def take_out(redis: Redis, campaign: Campaign, dim: Dimension, amount: int) -> Taken:
+async def take_out(redis: RedisClient, campaign: Campaign, dim: Dimension, amount: int) -> Taken:
     """Take `amount` of unused share out of the shards - the fullest first, so their unused shares stay level -
     retrying while redemptions race it; fewer if the shards do not have it (the caller gives it back)."""
     moves = Moves(redis, campaign.id)
@@ -352,7 +351,7 @@ async def take_out(redis: Redis, campaign: Campaign, dim: Dimension, amount: int
     return Taken(dim, tuple(parts))
 
 
-async def give_back(redis: Redis, campaign: Campaign, taken: Taken) -> None:
+async def give_back(redis: RedisClient, campaign: Campaign, taken: Taken) -> None:
     """Undo take_out: each part back to its shard (under its own transfer id, so never twice), then done."""
     moves = Moves(redis, campaign.id)
     for shard, transfer_id, amount in taken.parts:
@@ -360,14 +359,14 @@ async def give_back(redis: Redis, campaign: Campaign, taken: Taken) -> None:
         await moves.done(shard, transfer_id)
 
 
-async def settle_taken(redis: Redis, campaign: Campaign, taken: Taken) -> None:
+async def settle_taken(redis: RedisClient, campaign: Campaign, taken: Taken) -> None:
     """take_out is committed (the budget was lowered in Postgres): forget its records."""
     moves = Moves(redis, campaign.id)
     for shard, transfer_id, _ in taken.parts:
         await moves.done(shard, transfer_id)
 
 
-async def give_out(redis: Redis, campaign: Campaign, dim: Dimension, amount: int) -> None:
+async def give_out(redis: RedisClient, campaign: Campaign, dim: Dimension, amount: int) -> None:
     """Give `amount` of new budget to the shards, split evenly (a budget raised, once Postgres holds it)."""
     moves = Moves(redis, campaign.id)
     for shard, part in enumerate(split(amount, campaign.shards)):
@@ -379,7 +378,7 @@ def _refuse(dim: Dimension, message: str) -> InvalidRequest:
     return InvalidRequest([FieldViolation(dim.field, message)])
 
 
-async def _cap_all(redis: Redis, campaign: Campaign, dim: Dimension) -> tuple[list[int], int, int]:
+async def _cap_all(redis: RedisClient, campaign: Campaign, dim: Dimension) -> tuple[list[int], int, int]:
     """Put a limit on every shard of a campaign that had none: each share becomes what the shard granted (so the
     sum is exact: no shard grants more meanwhile). The shards capped here, the shares' sum, and what they granted."""
     moves = Moves(redis, campaign.id)
@@ -390,7 +389,7 @@ async def _cap_all(redis: Redis, campaign: Campaign, dim: Dimension) -> tuple[li
     return capped, sum(s.share(dim) or 0 for s in shares), sum(s.used(dim) for s in shares)
 
 
-async def _uncap(redis: Redis, campaign: Campaign, dim: Dimension, shards: Sequence[int]) -> None:
+async def _uncap(redis: RedisClient, campaign: Campaign, dim: Dimension, shards: Sequence[int]) -> None:
     async with redis.pipeline(transaction=False) as pipe:
         for shard in shards:
             pipe.hdel(keys.budget_key(campaign.id, shard), dim.share)
@@ -398,7 +397,7 @@ async def _uncap(redis: Redis, campaign: Campaign, dim: Dimension, shards: Seque
 
 
 async def _add_limit(
-    redis: Redis, campaign: Campaign, dim: Dimension, new: int, commit: Callable[[], Awaitable[T]]
+    redis: RedisClient, campaign: Campaign, dim: Dimension, new: int, commit: Callable[[], Awaitable[T]]
 ) -> T:
     capped, total, granted = await _cap_all(redis, campaign, dim)
     # shares left by an earlier limit (an interrupted removal) count too: above the new budget, they are taken
@@ -417,7 +416,7 @@ async def _add_limit(
 
 
 async def _lower(
-    redis: Redis, campaign: Campaign, dim: Dimension, old: int, new: int, commit: Callable[[], Awaitable[T]]
+    redis: RedisClient, campaign: Campaign, dim: Dimension, old: int, new: int, commit: Callable[[], Awaitable[T]]
 ) -> T:
     shares = await read_shares(redis, campaign.id, campaign.shards)
     granted = sum(share.used(dim) for share in shares)
@@ -439,7 +438,7 @@ async def _lower(
 
 
 async def change_budget(
-    redis: Redis, before: Campaign, after: Campaign, dim: Dimension, commit: Callable[[], Awaitable[T]]
+    redis: RedisClient, before: Campaign, after: Campaign, dim: Dimension, commit: Callable[[], Awaitable[T]]
 ) -> T:
     """Change one budget of a live campaign from `before`'s to `after`'s around `commit` (the Postgres change),
     never letting the shards' shares exceed either: a budget raised or removed is committed first and then given
@@ -462,7 +461,9 @@ async def change_budget(
     return result
 
 
-async def change_budgets(redis: Redis, before: Campaign, after: Campaign, commit: Callable[[], Awaitable[T]]) -> T:
+async def change_budgets(
+    redis: RedisClient, before: Campaign, after: Campaign, commit: Callable[[], Awaitable[T]]
+) -> T:
     """change_budget for the count and the value budget, around one commit."""
 
     async def value_then_commit() -> T:

@@ -13,11 +13,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import asyncpg
-from redis.asyncio import Redis
 
 from gateway import keys
 from gateway.coderefs import KeyRing
 from gateway.codes import Route
+from gateway.redis_client import RedisClient
 from gateway.tenancy import notify
 from gateway.tenancy.admin_tx import audit_row, change
 
@@ -43,7 +43,7 @@ class Entry:
         return self.brand_id, self.dir_ref, self.key_id, self.campaign_id, self.shard, self.code_ref
 
 
-async def find_route(redis: Redis, keyring: KeyRing, brand_id: int, normalised_code: str) -> Route | None:
+async def find_route(redis: RedisClient, keyring: KeyRing, brand_id: int, normalised_code: str) -> Route | None:
     """The route of the brand's imported code (normalised, see codes.normalise_imported), or None: one HGET per
     key of the keyring, pipelined in one round trip (an import hashes with its campaign's key, which may no longer
     be the active one). The request path calls it through gateway/campaigns/lookup.py."""
@@ -81,7 +81,7 @@ async def copy_entries(conn: asyncpg.Connection, entries: Iterable[Entry]) -> No
     )
 
 
-async def mark_brand_imports(conn: asyncpg.Connection, redis: Redis, *, brand_id: int, actor: str) -> bool:
+async def mark_brand_imports(conn: asyncpg.Connection, redis: RedisClient, *, brand_id: int, actor: str) -> bool:
     """Set the brand's imports_codes flag as a registry change (version bump, row version, audit row) and announce
     it to every gateway; False when it was set already. Done before the import's own transaction (which must not
     hold the registry's version lock for minutes): a gateway that looks a code up before it is loaded finds

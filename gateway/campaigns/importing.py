@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import TypeVar
 
 import asyncpg
-from redis.asyncio import Redis
 
 from gateway import codes as code_format
 from gateway.campaigns import directory
@@ -44,6 +43,7 @@ from gateway.campaigns.issuance import (
 from gateway.campaigns.loader import BucketLoader, Overrides, Progress
 from gateway.campaigns.model import Campaign
 from gateway.coderefs import KeyRing
+from gateway.redis_client import RedisClient
 
 log = logging.getLogger("rgw.issuance")
 T = TypeVar("T")
@@ -217,7 +217,7 @@ async def _record(conn: asyncpg.Connection, campaign: Campaign, batch_id: uuid.U
     await directory.copy_entries(conn, entries)
 
 
-async def _load(redis: Redis, campaign: Campaign, codes: list[_Prepared], issued_s: int,
+async def _load(redis: RedisClient, campaign: Campaign, codes: list[_Prepared], issued_s: int,
                 progress: Progress | None) -> int:  # fmt: skip
     batch_loader = BucketLoader(redis, campaign.id, progress=progress)
     for c in codes:
@@ -231,7 +231,7 @@ async def _load(redis: Redis, campaign: Campaign, codes: list[_Prepared], issued
 
 async def import_rows(
     conn: asyncpg.Connection,
-    redis: Redis,
+    redis: RedisClient,
     keyring: KeyRing,
     campaign: Campaign,
     rows: list[ImportRow],
@@ -270,7 +270,7 @@ async def import_rows(
 
 async def import_file(
     conn: asyncpg.Connection,
-    redis: Redis,
+    redis: RedisClient,
     keyring: KeyRing,
     campaign: Campaign,
     path: Path,

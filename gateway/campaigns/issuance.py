@@ -21,7 +21,6 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
 import asyncpg
-from redis.asyncio import Redis
 
 from gateway import codes as code_format
 from gateway.campaigns import loader
@@ -29,6 +28,7 @@ from gateway.campaigns.codegen import CodeFactory
 from gateway.campaigns.loader import BucketLoader, Overrides, Progress
 from gateway.campaigns.model import Campaign
 from gateway.coderefs import KeyRing
+from gateway.redis_client import RedisClient
 
 log = logging.getLogger("rgw.issuance")
 
@@ -228,7 +228,7 @@ class _Generation:
                 with contextlib.suppress(asyncio.CancelledError, asyncpg.PostgresError):
                     await pending
 
-    async def load(self, redis: Redis, issued_s: int, progress: Progress | None) -> int:
+    async def load(self, redis: RedisClient, issued_s: int, progress: Progress | None) -> int:
         """Load the kept code_refs into Redis (after the commit); the bucket fields added."""
         batch_loader = BucketLoader(redis, self.campaign.id, progress=progress)
         own = self.own.spec()
@@ -261,7 +261,7 @@ def _check_generation(campaign: Campaign, keyring: KeyRing, count: int, face_val
 
 async def generate_stream(
     conn: asyncpg.Connection,
-    redis: Redis,
+    redis: RedisClient,
     keyring: KeyRing,
     campaign: Campaign,
     count: int,
@@ -280,7 +280,7 @@ async def generate_stream(
       INSIDE the batch's Postgres transaction (nothing is committed, nothing is in Redis yet);
     - `BatchCommitted`: once the consumer has taken every chunk and asked for more, the transaction committed:
       the codes exist from here on (hand them out for good, e.g. rename the file);
-    - `BatchDone`: Redis holds every code (loaded after the commit) and the batch is 'active'.
+    - `BatchDone`: RedisClient holds every code (loaded after the commit) and the batch is 'active'.
     A consumer that stops before BatchCommitted - closing the generator (`aclose()`, best with
     `contextlib.aclosing`), an exception thrown into it, or a cancelled task - rolls the batch back: no row, no
     code, nothing in Redis. A failure after BatchCommitted raises IssuanceIncomplete (the batch stays 'loading';
@@ -320,7 +320,7 @@ async def generate_stream(
 
 
 async def resume(
-    conn: asyncpg.Connection, redis: Redis, *, campaign_id: int | None = None, progress: Progress | None = None
+    conn: asyncpg.Connection, redis: RedisClient, *, campaign_id: int | None = None, progress: Progress | None = None
 ) -> list[BatchDone]:
     """Load every 'loading' batch (of one campaign, or all) from Postgres into Redis and mark it active.
     Idempotent: a batch partly (or wholly) loaded before is completed without counting a code twice."""
@@ -336,7 +336,7 @@ async def resume(
 
 
 async def load_campaign_codes(
-    conn: asyncpg.Connection, redis: Redis, campaign_id: int, *, progress: Progress | None = None
+    conn: asyncpg.Connection, redis: RedisClient, campaign_id: int, *, progress: Progress | None = None
 ) -> int:
     """Load every code of the campaign (`rgw codes load`); the batches that were 'loading' before become active."""
     waiting = await loading_batches(conn, campaign_id)

@@ -21,10 +21,10 @@ from typing import Any
 
 import asyncpg
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
 
 from gateway import keys
 from gateway.campaigns.model import Campaign, get_campaign
+from gateway.redis_client import RedisClient, evalsha_many
 from gateway.script_calls import load_lua
 
 ISSUED_COUNTER = "iss"
@@ -93,7 +93,7 @@ class BucketLoader:
     `full`). `loaded` counts the codes sent, `added` the bucket fields that were new."""
 
     def __init__(
-        self, redis: Redis, campaign_id: int, *, window: int = WINDOW, progress: Progress | None = None
+        self, redis: RedisClient, campaign_id: int, *, window: int = WINDOW, progress: Progress | None = None
     ) -> None:
         self._redis = redis
         self._campaign_id = campaign_id
@@ -184,10 +184,7 @@ class BucketLoader:
             return await self._pipelined(calls)
 
     async def _pipelined(self, calls: list[Call]) -> int:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for call_keys, call_args in calls:
-                pipe.evalsha(self._sha, len(call_keys), *call_keys, *call_args)
-            replies: list[Any] = await pipe.execute()
+        replies = await evalsha_many(self._redis, self._sha, calls)
         return sum(int(reply) for reply in replies)
 
 
@@ -253,7 +250,7 @@ def _own_of_row(campaign: Campaign, row: asyncpg.Record) -> str:
 
 async def load_from_postgres(
     conn: asyncpg.Connection,
-    redis: Redis,
+    redis: RedisClient,
     *,
     campaign_id: int,
     batch_id: uuid.UUID | None = None,

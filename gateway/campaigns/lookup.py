@@ -6,18 +6,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from redis.asyncio import Redis
-
 from gateway.campaigns.directory import find_route
 from gateway.coderefs import KeyRing
 from gateway.codes import Route
+from gateway.redis_client import RedisClient
 from gateway.script_calls import wrap_errors
 
 
 class CodeDirectory:
     """Finds imported codes' routes; `imports(brand_id)` says whether a brand has any (the registry's flag)."""
 
-    def __init__(self, redis: Redis, keyring: KeyRing, imports: Callable[[int], bool]) -> None:
+    def __init__(self, redis: RedisClient, keyring: KeyRing, imports: Callable[[int], bool]) -> None:
         self._redis = redis
         self._keyring = keyring
         self.imports = imports

@@ -8,14 +8,15 @@ from collections.abc import Collection
 from datetime import datetime
 
 import asyncpg
-from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterPipeline
 from redis.typing import EncodableT, FieldT
 
 from gateway import keys
 from gateway.campaigns.model import Campaign, split
 from gateway.campaigns.schedule import encode_hours, offset_table
 from gateway.ledger.outbox import ensure_group
+from gateway.redis_client import RedisClient
 
 
 def _ms(moment: datetime) -> int:
@@ -42,7 +43,7 @@ def meta_fields(campaign: Campaign) -> dict[FieldT, EncodableT]:
     }
 
 
-async def publish(redis: Redis, campaign: Campaign, stores: Collection[str] = ()) -> None:
+async def publish(redis: RedisClient, campaign: Campaign, stores: Collection[str] = ()) -> None:
     """Write the campaign's rules to every shard (and `stores`, the flattened store list, when it restricts
     stores), register its outboxes with the writer, and give each shard its share of the budget if it has
     none yet (a republish never resets what a shard granted or received)."""
@@ -64,7 +65,7 @@ async def publish(redis: Redis, campaign: Campaign, stores: Collection[str] = ()
         await pipe.execute()
 
 
-def queue_stores(pipe: Pipeline, campaign: Campaign, shard: int, stores: Collection[str]) -> None:
+def queue_stores(pipe: Pipeline | ClusterPipeline, campaign: Campaign, shard: int, stores: Collection[str]) -> None:
     """Queue the replacement of the shard's store list: built aside and renamed over it (one slot), so a
     redemption sees the old list or the new, never half of one."""
     target = keys.stores_key(campaign.id, shard)
@@ -91,6 +92,6 @@ async def allowed_stores(conn: asyncpg.Connection, campaign: Campaign) -> list[s
     return sorted({*campaign.allowed_stores, *(store for row in rows for store in row["stores"])})
 
 
-async def publish_from_postgres(conn: asyncpg.Connection, redis: Redis, campaign: Campaign) -> None:
+async def publish_from_postgres(conn: asyncpg.Connection, redis: RedisClient, campaign: Campaign) -> None:
     """Publish `campaign` with its store groups resolved from Postgres."""
     await publish(redis, campaign, await allowed_stores(conn, campaign))

@@ -17,13 +17,13 @@ from enum import StrEnum
 from typing import Any
 
 import asyncpg
-from redis.asyncio import Redis
 
 from gateway import keys
 from gateway.clock import Clock
 from gateway.domain import Caller, IdempotencyConflict, LedgerBehind, LedgerUnavailable, PermissionDenied
 from gateway.gateway_metrics import script_observer
 from gateway.ids import uuid7, uuid7_ms
+from gateway.redis_client import RedisClient
 from gateway.script_calls import load_lua, wrap_errors
 from gateway.validation import FieldViolation, InvalidRequest, check_id
 
@@ -117,7 +117,7 @@ def reversal_fingerprint(request: ReverseInput) -> str:
 class Reversals:
     """Reverse redemptions: the ledger says where, one script call decides and applies."""
 
-    def __init__(self, pool: asyncpg.Pool, redis: Redis, clock: Clock) -> None:
+    def __init__(self, pool: asyncpg.Pool, redis: RedisClient, clock: Clock) -> None:
         self._pool = pool
         self._redis = redis
         self._clock = clock

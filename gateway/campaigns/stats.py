@@ -9,11 +9,10 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from redis.asyncio import Redis
-
 from gateway import keys
 from gateway.campaigns.layout import DECISION_REASONS
 from gateway.campaigns.model import Campaign
+from gateway.redis_client import RedisClient
 
 HOUR_MINUTES = 60
 # HMGET order of a budget hash: n, v, un, uv, rev, iss (redemptions granted = un + rev)
@@ -81,7 +80,7 @@ def hour_minutes(now_ms: int) -> range:
     return range(current - HOUR_MINUTES + 1, current + 1)
 
 
-async def campaign_stats(redis: Redis, campaign: Campaign, *, now_ms: int) -> CampaignStats:
+async def campaign_stats(redis: RedisClient, campaign: Campaign, *, now_ms: int) -> CampaignStats:
     """The campaign's live figures as of `now_ms` (the minute of the decision counters), in one round trip."""
     minutes = hour_minutes(now_ms)
     async with redis.pipeline(transaction=False) as pipe:

@@ -35,12 +35,12 @@ from typing import Any
 
 import asyncpg
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
 
 from gateway import keys
 from gateway.campaigns import stats
 from gateway.campaigns.model import Campaign, get_campaign
 from gateway.ledger.events import FORMATS, PoisonEntry, decode_event
+from gateway.redis_client import RedisClient
 
 # The reasons the decision counters hold, declines after the redemption (lua/redeem.lua "Decision counters").
 REDEEMED = "REDEEMED"
@@ -135,7 +135,9 @@ def _at(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, UTC)
 
 
-async def campaign_status(conn: asyncpg.Connection, redis: Redis, campaign_id: int, *, now_ms: int) -> CampaignStatus:
+async def campaign_status(
+    conn: asyncpg.Connection, redis: RedisClient, campaign_id: int, *, now_ms: int
+) -> CampaignStatus:
     """The status of a campaign as of `now_ms`; LookupError when there is no such campaign."""
     campaign = await get_campaign(conn, campaign_id)
     brand = await conn.fetchrow("SELECT slug, name FROM brands WHERE id = $1", campaign.brand_id)
@@ -192,7 +194,7 @@ def _risk_window(rows: Sequence[tuple[str, datetime]], minutes: int, now_ms: int
     return Window(minutes, since, (now_ms - since) / 1000, dict(counts))
 
 
-async def _minute_counts(redis: Redis, campaign_id: int, shards: range, now_ms: int) -> dict[int, Counter[str]]:
+async def _minute_counts(redis: RedisClient, campaign_id: int, shards: range, now_ms: int) -> dict[int, Counter[str]]:
     """The decision counters of every shard for the minutes the widest window needs, summed per minute."""
     current = keys.stats_minute(now_ms)
     minutes = range(current - max(*RATE_WINDOWS, *DECLINE_WINDOWS), current + 1)
@@ -209,7 +211,7 @@ async def _minute_counts(redis: Redis, campaign_id: int, shards: range, now_ms: 
     return by_minute
 
 
-async def _outbox_redemptions(redis: Redis, campaign_id: int, shards: int) -> tuple[set[str], int, set[str]]:
+async def _outbox_redemptions(redis: RedisClient, campaign_id: int, shards: int) -> tuple[set[str], int, set[str]]:
     """The redemption ids waiting in the campaign's outbox streams, the number of entries left unread (past
     MAX_ENTRIES_READ), and the ids in its dead-letter streams. Entries that are not redemptions (risk events)
     are skipped; a redemption entry that cannot be parsed is counted under an id of its own (it is waiting, and
@@ -226,7 +228,7 @@ async def _outbox_redemptions(redis: Redis, campaign_id: int, shards: int) -> tu
     return waiting, unread, dead
 
 
-async def _read_ids(redis: Redis, stream: str, into: set[str], budget: int) -> tuple[int, int]:
+async def _read_ids(redis: RedisClient, stream: str, into: set[str], budget: int) -> tuple[int, int]:
     """Read up to `budget` entries of a stream, adding the redemption ids to `into`; the budget left and the
     number of entries not read."""
     start, read = "-", 0
@@ -274,7 +276,7 @@ async def _risk_denials(conn: asyncpg.Connection, campaign: Campaign, now_ms: in
     return [(row["reason"], row["at"]) for row in rows]
 
 
-async def _outbox_lag(redis: Redis, campaign_id: int, shards: int) -> OutboxLag:
+async def _outbox_lag(redis: RedisClient, campaign_id: int, shards: int) -> OutboxLag:
     async with redis.pipeline(transaction=False) as pipe:
         pipe.time()
         for shard in range(shards):
@@ -449,7 +451,7 @@ def render(status: CampaignStatus) -> str:
     return "\n".join(lines)
 
 
-async def show(conn: asyncpg.Connection, redis: Redis, campaign_id: int, *, now_ms: int, as_json: bool) -> str:
+async def show(conn: asyncpg.Connection, redis: RedisClient, campaign_id: int, *, now_ms: int, as_json: bool) -> str:
     """What `rgw campaign status` prints; LookupError when there is no such campaign."""
     status = await campaign_status(conn, redis, campaign_id, now_ms=now_ms)
     return json.dumps(to_json(status), indent=2) if as_json else render(status)

@@ -24,13 +24,12 @@ from pathlib import Path
 
 import asyncpg
 import uvloop
-from redis.asyncio import Redis
 
 from gateway import issuance, logs
 from gateway.db.migrate import migrate
 from gateway.dev.servers import PostgresServer, RedisServer
 from gateway.rebuild import rebuild_redis
-from gateway.redis_store import connect
+from gateway.redis_client import RedisClient, connect
 from gateway.settings import Settings
 from gateway.tenancy import admin_store, notify
 from gateway.tenancy.model import Brand, Store, Terminal
@@ -85,7 +84,7 @@ class Demo:
     api_key: str = field(repr=False)
 
 
-async def _demo_tenant(conn: asyncpg.Connection, redis: Redis, settings: Settings) -> Demo:
+async def _demo_tenant(conn: asyncpg.Connection, redis: RedisClient, settings: Settings) -> Demo:
     """The demo brand, store and terminal (made once, found after) and a new POS key bound to the store."""
     brands = await admin_store.list_brands(conn)
     brand = (
@@ -114,7 +113,7 @@ async def _demo_tenant(conn: asyncpg.Connection, redis: Redis, settings: Setting
 async def prepare_demo(settings: Settings) -> Demo:
     """Migrate, make the demo tenant and a demo campaign with a few fresh codes (plaintext only in .local/)."""
     conn = await asyncpg.connect(settings.database_url)
-    redis = connect(settings.redis_url, pool_size=4, timeout_s=settings.redis_timeout_seconds)
+    redis = connect(*settings.redis_target, pool_size=4, timeout_s=settings.redis_timeout_seconds)
     try:
         await migrate(conn)
         # Our own Redis may be new or may have lost data: restore it from Postgres before adding anything.

@@ -12,9 +12,9 @@ from typing import TypeVar
 
 import asyncpg
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
 
 from gateway.domain import RegistryNotReady
+from gateway.redis_client import RedisClient
 from gateway.tenancy import notify
 from gateway.tenancy.admin_tx import Committed
 
@@ -33,7 +33,7 @@ _ANNOUNCE_FAILED = (redis_errors.RedisError, OSError, TimeoutError)
 class RegistryAccess:
     """Reads and changes through a connection pool; announces each change, retrying in the background."""
 
-    def __init__(self, pool: asyncpg.Pool, redis: Redis) -> None:
+    def __init__(self, pool: asyncpg.Pool, redis: RedisClient) -> None:
         self._pool = pool
         self._redis = redis
         self._unannounced = 0  # the newest committed version not yet announced (0: none)

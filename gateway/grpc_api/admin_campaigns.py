@@ -15,7 +15,6 @@ from functools import partial
 
 import asyncpg
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
 
 from gateway.campaigns import admin, issuance, stats
 from gateway.campaigns.issuance import BatchDone
@@ -26,6 +25,7 @@ from gateway.grpc_api import admin_campaign_messages as cmsg
 from gateway.grpc_api import admin_messages as msg
 from gateway.grpc_api.admin_access import RegistryAccess
 from gateway.pb.redemption.v1 import admin_pb2 as pb
+from gateway.redis_client import RedisClient
 from gateway.validation import FieldViolation, InvalidRequest
 
 CHUNK_CODES = 1000
@@ -41,7 +41,7 @@ class CampaignRpcs:
         self,
         registry: RegistryAccess,
         pool: asyncpg.Pool,
-        redis: Redis,
+        redis: RedisClient,
         *,
         keyring: KeyRing,
         clock: Clock,

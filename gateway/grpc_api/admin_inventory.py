@@ -10,7 +10,6 @@ from datetime import UTC
 from functools import partial
 
 import asyncpg
-from redis.asyncio import Redis
 
 from gateway.grpc_api import admin_campaign_messages as cmsg
 from gateway.grpc_api import admin_messages as msg
@@ -18,6 +17,7 @@ from gateway.grpc_api.admin_access import RegistryAccess
 from gateway.inventory import importing, model
 from gateway.inventory.crypto import SecretRing
 from gateway.pb.redemption.v1 import admin_pb2 as pb
+from gateway.redis_client import RedisClient
 from gateway.validation import FieldViolation, InvalidRequest
 
 MAX_LISTED_REFUSED = 1000
@@ -37,7 +37,9 @@ def _record(position: int, record: pb.SecretRecord) -> importing.Record:
 class InventoryRpcs:
     """The inventory admin RPCs, for a brand the servicer has decided."""
 
-    def __init__(self, registry: RegistryAccess, redis: Redis, *, ring: SecretRing | None, reply_budget: int) -> None:
+    def __init__(
+        self, registry: RegistryAccess, redis: RedisClient, *, ring: SecretRing | None, reply_budget: int
+    ) -> None:
         self._registry = registry
         self._redis = redis
         self._ring = ring

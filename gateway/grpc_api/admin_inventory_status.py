@@ -8,7 +8,6 @@ from functools import partial
 
 import asyncpg
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
 
 from gateway.clock import Clock
 from gateway.domain import StoreUnavailable
@@ -16,6 +15,7 @@ from gateway.grpc_api.admin_access import RegistryAccess
 from gateway.inventory import status
 from gateway.inventory.model import CODE_RULE, is_code
 from gateway.pb.redemption.v1 import admin_pb2 as pb
+from gateway.redis_client import RedisClient
 from gateway.validation import FieldViolation, InvalidRequest
 
 MAX_WITHIN_S = 366 * 86_400
@@ -23,7 +23,7 @@ _REDIS_DOWN = (redis_errors.RedisError, OSError, TimeoutError)
 
 
 async def get_inventory_status(
-    request: pb.GetInventoryStatusRequest, *, registry: RegistryAccess, redis: Redis, clock: Clock,
+    request: pb.GetInventoryStatusRequest, *, registry: RegistryAccess, redis: RedisClient, clock: Clock,
     brand_id: int | None,
 ) -> pb.GetInventoryStatusResponse:  # fmt: skip
     """The stock of the brand's SKUs (or of the one named), by supplier."""
@@ -36,7 +36,7 @@ async def get_inventory_status(
 
 
 async def _status(
-    conn: asyncpg.Connection, *, redis: Redis, brand_id: int | None, code: str | None, now_ms: int, within_ms: int
+    conn: asyncpg.Connection, *, redis: RedisClient, brand_id: int | None, code: str | None, now_ms: int, within_ms: int
 ) -> list[status.SkuStock]:
     skus = await status.find_skus(conn, brand_id, code)
     try:

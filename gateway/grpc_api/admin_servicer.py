@@ -21,7 +21,6 @@ from functools import partial
 import asyncpg
 import grpc
 from google.rpc import code_pb2
-from redis.asyncio import Redis
 
 from gateway.campaigns.issuance import IssuanceError, IssuanceIncomplete
 from gateway.clock import Clock, SystemClock
@@ -39,6 +38,7 @@ from gateway.inventory.crypto import SecretRing
 from gateway.inventory.importing import ImportIncomplete, SecretImportError
 from gateway.pb.redemption.v1 import admin_pb2 as pb
 from gateway.pb.redemption.v1 import admin_pb2_grpc as pb_grpc
+from gateway.redis_client import RedisClient
 from gateway.settings import Settings
 from gateway.tenancy import admin_risk, admin_store, lockouts
 from gateway.tenancy.model import DEFAULT_RADIUS_M, Role
@@ -111,12 +111,12 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
     def __init__(
         self,
         pool: asyncpg.Pool,
-        redis: Redis,
+        redis: RedisClient,
         *,
         key_env: str,
         rotation_grace: timedelta,
         reply_limit: int,
-        risk_redis: Redis | None = None,
+        risk_redis: RedisClient | None = None,
         keyring: KeyRing,
         clock: Clock | None = None,
         secret_ring: SecretRing | None = None,
@@ -137,8 +137,8 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         cls,
         settings: Settings,
         pool: asyncpg.Pool,
-        redis: Redis,
-        risk_redis: Redis | None = None,
+        redis: RedisClient,
+        risk_redis: RedisClient | None = None,
         *,
         keyring: KeyRing | None = None,
         clock: Clock | None = None,

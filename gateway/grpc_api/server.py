@@ -14,15 +14,14 @@ import asyncpg
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from redis.asyncio import Redis
 
-from gateway import keys, risk_facts
+from gateway import risk_facts
 from gateway.campaigns.lookup import CodeDirectory
 from gateway.campaigns.reversal import Reversals
 from gateway.clock import Clock, SystemClock
 from gateway.coderefs import KeyRing
 from gateway.domain import Readiness, RegistryNotReady
-from gateway.durability import LOSS_WINDOW, check_durability
+from gateway.durability import LOSS_WINDOW, check_durability, is_initialised
 from gateway.gateway_metrics import REDIS_DURABILITY, set_build_info, start_metrics_server
 from gateway.grpc_api.admin_servicer import AdminServicer, register_admin_service
 from gateway.grpc_api.auth import Authenticator, AuthInterceptor, RegistrySource
@@ -38,8 +37,8 @@ from gateway.inventory.store import InventoryStore
 from gateway.pb.redemption.v1 import admin_pb2, inventory_pb2
 from gateway.pb.redemption.v1 import redemption_pb2 as pb
 from gateway.pb.redemption.v1 import redemption_pb2_grpc as pb_grpc
-from gateway.pipelined_redis import PipelinedRedis
-from gateway.redis_store import RedisCodeStore, connect
+from gateway.redis_client import HotClient, RedisClient, connect, connect_hot
+from gateway.redis_store import RedisCodeStore
 from gateway.risk_counters import SeparateCounters
 from gateway.risk_facts import RegistryRiskFacts
 from gateway.service import RedemptionService
@@ -58,14 +57,29 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
     """Channel arguments: bounded messages — a reply may need more than a request (stream_replies.py); SO_REUSEPORT
-    so several processes can share the port."""
-    return [
+    so several processes can share the port.
+
+    A maximum connection age (RGW_GRPC_MAX_CONNECTION_AGE_SECONDS, unless 0): gRPC balances per connection, not per
+    call, so a connection through a ClusterIP Service or an L4 load balancer stays pinned to the pod it first
+    landed on; after a scale-up the new replicas would get no traffic from the POS connections already open. Past
+    the age the server sends GOAWAY: the client opens a new connection for its next call (where kube-proxy or the
+    balancer picks again) and calls in flight get the grace (…_GRACE_SECONDS) to finish before the old one is
+    closed. A client balancing itself over the headless Service (round_robin) re-resolves DNS when a connection
+    goes away, which is how it learns of new pods. gRPC adds ±10 % jitter, so connections opened together are not
+    all closed together."""
+    options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", send_limit(settings.max_message_bytes, settings.stream_max_items)),
         ("grpc.so_reuseport", 1),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ]
+    if settings.grpc_max_connection_age_seconds > 0:
+        options += [
+            ("grpc.max_connection_age_ms", max(1, round(settings.grpc_max_connection_age_seconds * 1000))),
+            ("grpc.max_connection_age_grace_ms", round(settings.grpc_max_connection_age_grace_seconds * 1000)),
+        ]
+    return options
 
 
 def default_interceptors(
@@ -100,10 +114,10 @@ class Gateway:
     clock: Clock = field(default_factory=SystemClock)
     port: int = 0
     server: grpc.aio.Server = field(init=False)
-    redis: Redis = field(init=False)
+    redis: RedisClient = field(init=False)
     health: health.aio.HealthServicer = field(init=False)
     readiness: Readiness = field(default_factory=Readiness)
-    pipelined: PipelinedRedis | None = field(init=False, default=None)
+    pipelined: HotClient | None = field(init=False, default=None)
     # Registers the API servicer(s); the default is the real RedemptionServicer. The benchmark passes its own
     # (an empty-handler ceiling, a Postgres peer) to measure them on exactly this server stack.
     register: Callable[[grpc.aio.Server, RedemptionService, Settings], None] | None = None
@@ -121,8 +135,8 @@ class Gateway:
     _health_task: asyncio.Task[None] | None = field(init=False, default=None)
     component_health: ComponentHealth = field(init=False)
     risk_facts: RegistryRiskFacts | None = field(init=False, default=None)
-    risk_redis: Redis | None = field(init=False, default=None)
-    risk_pipelined: PipelinedRedis | None = field(init=False, default=None)
+    risk_redis: RedisClient | None = field(init=False, default=None)
+    risk_pipelined: HotClient | None = field(init=False, default=None)
     _risk_task: asyncio.Task[None] | None = field(init=False, default=None)
     # Decrypts card secrets for InventoryService's answers (gateway/inventory/crypto.py, from settings).
     secret_keys: SecretKeyRing | None = None
@@ -134,7 +148,7 @@ class Gateway:
     async def start(self) -> int:
         """Bind, start serving, and return the bound port (RGW_GRPC_ADDR may name port 0)."""
         s = self.settings
-        self.redis = connect(s.redis_url, pool_size=s.redis_pool_size, timeout_s=s.redis_timeout_seconds)
+        self.redis = connect(*s.redis_target, pool_size=s.redis_pool_size, timeout_s=s.redis_timeout_seconds)
         try:
             config = await check_durability(self.redis, s.redis_durability)
         except BaseException:
@@ -152,13 +166,12 @@ class Gateway:
             max_stale_s=s.registry_max_stale_seconds,
         )
         await self.registry.start()
-        self.pipelined = None
-        if s.redis_url.startswith("redis://"):
-            self.pipelined = PipelinedRedis(
-                s.redis_url, connections=s.redis_hot_connections, timeout_s=s.redis_timeout_seconds
-            )
-            await self.pipelined.connect()
-        counters = await self._separate_counters() if s.risk_engine and s.risk_redis_url else None
+        self.pipelined = await connect_hot(
+            *s.redis_target, connections=s.redis_hot_connections, timeout_s=s.redis_timeout_seconds
+        )
+        # On a cluster a brand's risk counters and a campaign shard are different slots: two calls, always.
+        separate = s.risk_engine and bool(s.risk_redis_url or s.redis_cluster)
+        counters = await self._separate_counters() if separate else None
         store = RedisCodeStore(self.redis, self.pipelined, counters=counters)
         self.risk_facts = RegistryRiskFacts(self.registry.registry) if s.risk_engine else None
         self.pool = await asyncpg.create_pool(s.database_url, min_size=0, max_size=4)
@@ -226,16 +239,16 @@ class Gateway:
         return self.port
 
     async def _separate_counters(self) -> SeparateCounters:
-        """The risk counters as their own call, on RGW_RISK_REDIS_URL (pipelined like the redeem script)."""
+        """The risk counters as their own call (pipelined like the redeem script): on RGW_RISK_REDIS_URL, or on
+        the code Redis Cluster itself when none is named."""
         s = self.settings
+        if not s.risk_redis_url:
+            return SeparateCounters(self.redis, self.pipelined)
         self.risk_redis = connect(s.risk_redis_url, pool_size=s.redis_pool_size, timeout_s=s.redis_timeout_seconds)
-        self.risk_pipelined = None
-        if s.risk_redis_url.startswith("redis://"):
-            self.risk_pipelined = PipelinedRedis(
-                s.risk_redis_url, connections=s.redis_hot_connections, timeout_s=s.redis_timeout_seconds
-            )
-            # never waits for it: an unreachable risk Redis is what the failure policies are for
-            await self.risk_pipelined.connect()
+        # never waits for it: an unreachable risk Redis is what the failure policies are for
+        self.risk_pipelined = await connect_hot(
+            s.risk_redis_url, connections=s.redis_hot_connections, timeout_s=s.redis_timeout_seconds
+        )
         return SeparateCounters(self.risk_redis, self.risk_pipelined)
 
     def _health_checks(self) -> list[Check]:
@@ -250,10 +263,7 @@ class Gateway:
         return checks
 
     async def _redis_probe(self) -> str:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.ping()
-            pipe.exists(keys.INITIALISED)
-            _, initialised = await pipe.execute()
+        initialised = await is_initialised(self.redis)
         return "" if initialised else "Redis is not initialised from Postgres: run `rgw rebuild-redis`"
 
     async def _hot_probe(self) -> str:

@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import asyncpg
-from redis.asyncio import Redis
 
 from gateway.inventory import loader
 from gateway.inventory.crypto import SecretRing, associated_data, normalise
 from gateway.inventory.model import Sku, is_code, skus_by_code
+from gateway.redis_client import RedisClient
 
 log = logging.getLogger("rgw.inventory")
 
@@ -188,7 +188,7 @@ def _rows(ring: SecretRing, brand_id: int, batch_id: uuid.UUID, good: list[_Good
 
 async def import_records(
     conn: asyncpg.Connection,
-    redis: Redis,
+    redis: RedisClient,
     ring: SecretRing,
     brand_id: int,
     records: list[Record],
@@ -253,7 +253,11 @@ class Resumed:
 
 
 async def resume(
-    conn: asyncpg.Connection, redis: Redis, *, brand_id: int | None = None, progress: loader.Progress | None = None
+    conn: asyncpg.Connection,
+    redis: RedisClient,
+    *,
+    brand_id: int | None = None,
+    progress: loader.Progress | None = None,
 ) -> list[Resumed]:
     """Load every 'loading' batch (of one brand, or all) into Redis and mark it active. Idempotent."""
     done = []
@@ -317,7 +321,7 @@ def read_csv_rows(lines: Iterable[str]) -> list[Record | Refused]:
 
 async def import_csv(
     conn: asyncpg.Connection,
-    redis: Redis,
+    redis: RedisClient,
     ring: SecretRing,
     brand_id: int,
     lines: Iterable[str],

@@ -23,16 +23,15 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 import asyncpg
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
 
 from gateway import keys
 from gateway.inventory import layout
 from gateway.inventory.model import Sku, from_row
 from gateway.ledger.outbox import ensure_group
+from gateway.redis_client import RedisClient, evalsha_many
 from gateway.script_calls import load_lua
 
 CALL_SECRETS = 1_000  # secrets per script call (~1 ms of Redis time: dispenses wait little)
@@ -76,7 +75,7 @@ def parse_secret_record(text: str) -> dict[str, str]:
     return dict(zip(layout.SECRET_RECORD, fields, strict=True))
 
 
-async def publish_sku(redis: Redis, sku: Sku) -> None:
+async def publish_sku(redis: RedisClient, sku: Sku) -> None:
     """The SKU's rules in every shard's meta hash (brand, reuse, max), and every shard's outbox stream listed in
     the writer's directory (keys.OUTBOXES) with its consumer group. Idempotent."""
     async with redis.pipeline(transaction=False) as pipe:
@@ -105,7 +104,7 @@ Call = tuple[list[str], list[str]]
 class SecretLoader:
     """Secrets queued by SKU shard and sent in script calls on `flush` (due when `full`)."""
 
-    def __init__(self, redis: Redis, *, progress: Progress | None = None) -> None:
+    def __init__(self, redis: RedisClient, *, progress: Progress | None = None) -> None:
         self._redis = redis
         self._progress = progress
         self._sha = ""
@@ -144,10 +143,7 @@ class SecretLoader:
             return await self._pipelined(calls)
 
     async def _pipelined(self, calls: list[Call]) -> int:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for call_keys, call_args in calls:
-                pipe.evalsha(self._sha, len(call_keys), *call_keys, *call_args)
-            replies: list[Any] = await pipe.execute()
+        replies = await evalsha_many(self._redis, self._sha, calls)
         return sum(int(reply) for reply in replies)
 
 
@@ -175,7 +171,7 @@ def _taken_of(exclude: Taken | None) -> Callable[[int], int]:
 
 async def load_secrets(
     conn: asyncpg.Connection,
-    redis: Redis,
+    redis: RedisClient,
     *,
     sku_id: int | None = None,
     batch_id: uuid.UUID | None = None,
@@ -212,7 +208,7 @@ async def load_secrets(
 
 async def load_sku(
     conn: asyncpg.Connection,
-    redis: Redis,
+    redis: RedisClient,
     sku: Sku,
     *,
     exclude: Taken | None = None,
@@ -225,7 +221,7 @@ async def load_sku(
 
 
 async def load_batch(
-    conn: asyncpg.Connection, redis: Redis, batch_id: uuid.UUID, *, progress: Progress | None = None
+    conn: asyncpg.Connection, redis: RedisClient, batch_id: uuid.UUID, *, progress: Progress | None = None
 ) -> Loaded:
     """Publish the batch's SKUs and load every secret of the batch (an import's, after its commit). Idempotent."""
     for row in await conn.fetch(_BATCH_SKUS, batch_id):

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import asyncpg
-from redis.asyncio import Redis
 
+from gateway.redis_client import RedisClient
 from gateway.tenancy.admin_rules import check
 from gateway.tenancy.model import AlreadyExists, NotFoundError
 from gateway.validation import FieldViolation, InvalidRequest
@@ -83,7 +83,7 @@ def violations(sku: Sku) -> list[FieldViolation]:
 
 async def create_sku(
     conn: asyncpg.Connection,
-    redis: Redis,
+    redis: RedisClient,
     *,
     brand_id: int,
     code: str,

@@ -29,12 +29,12 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 import asyncpg
-from redis.asyncio import Redis
 
 from gateway.inventory import layout
 from gateway.inventory.loader import expiry_ms, load_sku, secret_record
 from gateway.inventory.model import Sku, from_row
 from gateway.ledger.inventory_events import parse_secrets
+from gateway.redis_client import RedisClient
 
 log = logging.getLogger("rgw.rebuild")
 
@@ -126,7 +126,7 @@ async def _ledger_orders(conn: asyncpg.Connection, sku: Sku) -> _Orders:
     return _Orders(dict(dispensed), at_ms, last)
 
 
-async def _keep_used_up(conn: asyncpg.Connection, redis: Redis, sku: Sku, orders: _Orders) -> None:
+async def _keep_used_up(conn: asyncpg.Connection, redis: RedisClient, sku: Sku, orders: _Orders) -> None:
     """The records (left 0, in no index) of the secrets whose every use the restored orders took."""
     taken, last = orders.taken(), orders.last_use()
     used_up = [secret_id for secret_id, n in taken.items() if n >= sku.reuse]
@@ -143,7 +143,7 @@ async def _keep_used_up(conn: asyncpg.Connection, redis: Redis, sku: Sku, orders
         await pipe.execute()
 
 
-async def _restore_order(redis: Redis, sku: Sku, order: str, shard: int, fp: str, fields: dict[str, str]) -> bool:
+async def _restore_order(redis: RedisClient, sku: Sku, order: str, shard: int, fp: str, fields: dict[str, str]) -> bool:
     """The order's hash and registry entry (with its request fingerprint), unless Redis has the order already."""
     key = layout.order_key(sku.id, shard, order)
     if await redis.exists(key):
@@ -173,7 +173,7 @@ def _order_fields(last: _Last | None) -> dict[str, str]:
 _ENDED = {"release": "released", "expire": "expired"}
 
 
-async def rebuild_sku(conn: asyncpg.Connection, redis: Redis, sku: Sku, *, now_ms: int) -> InventoryRebuild:
+async def rebuild_sku(conn: asyncpg.Connection, redis: RedisClient, sku: Sku, *, now_ms: int) -> InventoryRebuild:
     """Restore one SKU: its secrets minus the uses taken, and every order of the ledger (module docstring)."""
     orders = await _ledger_orders(conn, sku)
     loaded = await load_sku(conn, redis, sku, exclude=orders.taken(), last_use=orders.last_use())
@@ -207,7 +207,7 @@ async def rebuild_sku(conn: asyncpg.Connection, redis: Redis, sku: Sku, *, now_m
     return InventoryRebuild(1, loaded.added, restored, held, ended)
 
 
-async def rebuild_inventory(conn: asyncpg.Connection, redis: Redis, *, now_ms: int) -> InventoryRebuild:
+async def rebuild_inventory(conn: asyncpg.Connection, redis: RedisClient, *, now_ms: int) -> InventoryRebuild:
     """Restore every SKU (called by gateway/rebuild.py rebuild_redis before it marks Redis initialised)."""
     total = InventoryRebuild()
     for row in await conn.fetch(_SKUS):

@@ -6,7 +6,7 @@
 - Redis orders against the ledger's dispenses, both ways, minding the outbox: a dispensed order's secret use that
   is neither in `dispenses` nor in an outbox event is missing in the ledger; a ledger dispense whose order Redis
   does not show with it is missing in Redis; the same secret use under different orders on the two sides is a
-  conflict. Reading order makes a live SKU safe to check: Redis orders, then the outbox, then the ledger (an event
+  conflict. Reading order makes a live SKU safe to check: RedisClient orders, then the outbox, then the ledger (an event
   leaves the outbox only after the ledger committed it).
 - dispense_alarms rows (a secret use the writer saw for a second order) are reported.
 Repair: re-enqueues the events missing in the ledger (one dispense event per order, with a deterministic event id,
@@ -24,13 +24,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
-from redis.asyncio import Redis
 
 from gateway.inventory import layout
 from gateway.inventory.model import Sku
 from gateway.inventory.status import find_skus
 from gateway.ledger.events import PoisonEntry
 from gateway.ledger.inventory_events import DISPENSING, decode_inventory_event, encode_inventory_event, parse_secrets
+from gateway.redis_client import RedisClient
 
 Use = tuple[int, int]  # (secret id, use number)
 _NAMESPACE = uuid.UUID("5b0f3f38-7a9e-4c7e-9a43-0d1f3c2b8e61")
@@ -90,7 +90,7 @@ class InventoryReconcile:
             f"  missing in Redis: sku {k} order {o} secret {u[0]} use {u[1]}"
             for k, o, u in self.missing_in_redis[:limit]
         ]
-        lines += [f"  conflicting: sku {k} secret {u[0]} use {u[1]}: Redis order {mine}, ledger order {theirs}"
+        lines += [f"  conflicting: sku {k} secret {u[0]} use {u[1]}: RedisClient order {mine}, ledger order {theirs}"
                   for k, u, mine, theirs in self.conflicting[:limit]]  # fmt: skip
         lines += [f"  dispense alarm: secret {s} use {n}: order {first}, then {second}"
                   for s, n, first, second in self.alarms[:limit]]  # fmt: skip
@@ -104,7 +104,7 @@ class _Shard:
     orders: dict[str, tuple[str, list[Use], str, dict[str, str]]]  # order -> (state, uses, at, the order's fields)
 
 
-async def _read_shard(redis: Redis, sku: Sku, shard: int) -> _Shard:
+async def _read_shard(redis: RedisClient, sku: Sku, shard: int) -> _Shard:
     records = {int(k): str(v).split("|") async for k, v in redis.hscan_iter(layout.secrets_key(sku.id, shard))}
     suppliers = {record[0] for record in records.values()}
     names = {"exp": layout.by_expiry_key(sku.id, shard), "cost": layout.by_cost_key(sku.id, shard)}
@@ -164,7 +164,7 @@ def _check_orders(report: InventoryReconcile, sku: Sku, state: _Shard) -> dict[U
     return owners
 
 
-async def _on_their_way(redis: Redis, sku: Sku, shard: int) -> set[tuple[str, Use]]:
+async def _on_their_way(redis: RedisClient, sku: Sku, shard: int) -> set[tuple[str, Use]]:
     way: set[tuple[str, Use]] = set()
     entries: Any = await redis.xrange(layout.outbox_key(sku.id, shard))
     for _, fields in entries:
@@ -177,7 +177,9 @@ async def _on_their_way(redis: Redis, sku: Sku, shard: int) -> set[tuple[str, Us
     return way
 
 
-async def _check_sku(conn: asyncpg.Connection, redis: Redis, sku: Sku, report: InventoryReconcile) -> dict[int, _Shard]:
+async def _check_sku(
+    conn: asyncpg.Connection, redis: RedisClient, sku: Sku, report: InventoryReconcile
+) -> dict[int, _Shard]:
     shards = {shard: await _read_shard(redis, sku, shard) for shard in range(sku.shards)}
     way = {shard: await _on_their_way(redis, sku, shard) for shard in shards}
     ledger = {(r["secret_id"], r["use_number"]): r["order_id"] for r in await conn.fetch(_LEDGER, sku.id)}
@@ -200,7 +202,7 @@ async def _check_sku(conn: asyncpg.Connection, redis: Redis, sku: Sku, report: I
 
 
 async def reconcile_inventory(
-    conn: asyncpg.Connection, redis: Redis, brand_id: int | None, *, repair: bool = False, sku: str | None = None
+    conn: asyncpg.Connection, redis: RedisClient, brand_id: int | None, *, repair: bool = False, sku: str | None = None
 ) -> InventoryReconcile:
     """Check every SKU of the brand (None: every brand), or the one named; with `repair`, fix what can be."""
     report = InventoryReconcile()
@@ -214,7 +216,7 @@ async def reconcile_inventory(
     return report
 
 
-async def _reenqueue(redis: Redis, sku: Sku, shards: dict[int, _Shard], report: InventoryReconcile) -> int:
+async def _reenqueue(redis: RedisClient, sku: Sku, shards: dict[int, _Shard], report: InventoryReconcile) -> int:
     by_order: defaultdict[tuple[int, str], list[Use]] = defaultdict(list)
     for sku_id, shard, order, use in report.missing_in_ledger:
         if sku_id == sku.id:
@@ -230,7 +232,7 @@ async def _reenqueue(redis: Redis, sku: Sku, shards: dict[int, _Shard], report: 
     return sum(len(uses) for uses in by_order.values())
 
 
-async def _reindex(redis: Redis, report: InventoryReconcile) -> int:
+async def _reindex(redis: RedisClient, report: InventoryReconcile) -> int:
     script = redis.register_script(_REINDEX)
     fixed = 0
     for (sku_id, shard), ids in report.reindex.items():

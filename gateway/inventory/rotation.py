@@ -17,16 +17,15 @@ import base64
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
 
 import asyncpg
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
 
 from gateway.inventory import layout
 from gateway.inventory.crypto import SecretRing, associated_data
 from gateway.inventory.loader import parse_secret_record
 from gateway.inventory.model import Sku, list_skus
+from gateway.redis_client import RedisClient, evalsha_many
 from gateway.script_calls import load_lua
 
 log = logging.getLogger("rgw.inventory")
@@ -57,7 +56,7 @@ def _b64(data: bytes) -> str:
 
 
 class _Rekey:
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: RedisClient) -> None:
         self._redis = redis
         self._sha = ""
 
@@ -73,15 +72,13 @@ class _Rekey:
             return await self._pipelined(calls)
 
     async def _pipelined(self, calls: dict[tuple[int, int], list[str]]) -> int:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for (sku_id, shard), args in calls.items():
-                pipe.evalsha(self._sha, 1, layout.secrets_key(sku_id, shard), *args)
-            replies: list[Any] = await pipe.execute()
+        script_calls = [([layout.secrets_key(sku_id, shard)], args) for (sku_id, shard), args in calls.items()]
+        replies = await evalsha_many(self._redis, self._sha, script_calls)
         return sum(int(r) for r in replies)
 
 
 async def rotate(
-    conn: asyncpg.Connection, redis: Redis, ring: SecretRing, *, brand_id: int | None = None, chunk: int = CHUNK
+    conn: asyncpg.Connection, redis: RedisClient, ring: SecretRing, *, brand_id: int | None = None, chunk: int = CHUNK
 ) -> Rotated:
     """Re-encrypt every secret (of one brand, or all) under `ring.active_id`; see the module's docstring."""
     rekey = _Rekey(redis)
@@ -122,7 +119,7 @@ async def _skus(conn: asyncpg.Connection, brand_id: int | None) -> list[Sku]:
     return found
 
 
-async def _sweep(conn: asyncpg.Connection, redis: Redis, rekey: _Rekey, active: str, brand_id: int | None) -> int:
+async def _sweep(conn: asyncpg.Connection, redis: RedisClient, rekey: _Rekey, active: str, brand_id: int | None) -> int:
     """Swap every Redis record still under another key than `active` to what Postgres holds."""
     swapped = 0
     for sku in await _skus(conn, brand_id):

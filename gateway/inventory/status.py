@@ -27,12 +27,12 @@ from typing import Any
 
 import asyncpg
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
 
 from gateway.clock import Clock
 from gateway.inventory import layout
 from gateway.inventory.model import Sku, from_row
 from gateway.ledger import metrics
+from gateway.redis_client import RedisClient
 from gateway.tenancy.model import NotFoundError
 
 log = logging.getLogger("rgw.inventory.status")
@@ -108,7 +108,7 @@ async def find_skus(conn: asyncpg.Connection, brand_id: int | None, code: str | 
 
 async def inventory_status(
     conn: asyncpg.Connection,
-    redis: Redis,
+    redis: RedisClient,
     skus: list[Sku],
     *,
     now_ms: int,
@@ -141,7 +141,7 @@ def _stock(supplier: str, figures: Counter[str]) -> SupplierStock:
 
 
 async def _redis_counts(
-    redis: Redis, sku: Sku, suppliers: list[str], now_ms: int, within_ms: int
+    redis: RedisClient, sku: Sku, suppliers: list[str], now_ms: int, within_ms: int
 ) -> defaultdict[str, Counter[str]]:
     # every known supplier is listed, even with nothing left
     counts: defaultdict[str, Counter[str]] = defaultdict(Counter, {supplier: Counter() for supplier in suppliers})
@@ -162,7 +162,7 @@ async def _redis_counts(
     return counts
 
 
-async def held_suppliers(redis: Redis, sku_id: int, shard: int, orders: list[str]) -> list[str]:
+async def held_suppliers(redis: RedisClient, sku_id: int, shard: int, orders: list[str]) -> list[str]:
     """The supplier of each secret use the given orders list (UNKNOWN_SUPPLIER where the record is missing)."""
     if not orders:
         return []
@@ -201,7 +201,7 @@ def export_stock_metrics(stocks: list[SkuStock]) -> None:
     _exported.update(available)
 
 
-async def refresh_stock_metrics(conn: asyncpg.Connection, redis: Redis, *, now_ms: int) -> int:
+async def refresh_stock_metrics(conn: asyncpg.Connection, redis: RedisClient, *, now_ms: int) -> int:
     """One refresh of the stock gauges over every SKU (no ledger query: the gauges need Redis only); returns the
     SKUs counted."""
     stocks = await inventory_status(conn, redis, await find_skus(conn, None), now_ms=now_ms, dispensed=False)
@@ -215,7 +215,7 @@ _REFRESH_FAILED = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.Interfa
 
 async def run_stock_exporter(
     connect: Callable[[], Awaitable[asyncpg.Connection]],
-    redis: Redis,
+    redis: RedisClient,
     stop: asyncio.Event,
     *,
     clock: Clock,

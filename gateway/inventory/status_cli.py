@@ -11,7 +11,7 @@ import asyncpg
 
 from gateway.clock import SystemClock
 from gateway.inventory import status
-from gateway.redis_store import connect
+from gateway.redis_client import connect
 from gateway.settings import Settings
 
 _DURATION = re.compile(r"(\d+)([dhms]?)")
@@ -41,7 +41,7 @@ def add_status_command(sub: argparse._SubParsersAction[argparse.ArgumentParser])
 async def run_status(args: argparse.Namespace, settings: Settings) -> int:
     """The command's body."""
     conn = await asyncpg.connect(settings.database_url)
-    redis = connect(settings.redis_url, pool_size=2, timeout_s=max(settings.redis_timeout_seconds, 10))
+    redis = connect(*settings.redis_target, pool_size=2, timeout_s=max(settings.redis_timeout_seconds, 10))
     try:
         skus = await status.find_skus(conn, args.brand, args.sku)
         stocks = await status.inventory_status(conn, redis, skus, now_ms=SystemClock().now_ms(), within_ms=args.within)

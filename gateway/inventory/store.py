@@ -10,11 +10,10 @@ from binascii import a2b_base64
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from redis.asyncio import Redis
-
 from gateway.gateway_metrics import script_observer
 from gateway.inventory import layout
-from gateway.pipelined_redis import PipelinedRedis, Script
+from gateway.pipelined_redis import Script
+from gateway.redis_client import HotClient, RedisClient
 from gateway.script_calls import load_lua, wrap_errors
 
 # lua/inventory.lua's KEYS and ARGV, in order (a test holds them against the script's header).
@@ -146,10 +145,11 @@ def to_answer(reply: list[Any]) -> ShardAnswer:
 
 
 class InventoryStore:
-    """Calls on Redis for the inventory; every Redis failure leaves as StoreUnavailable. With a PipelinedRedis the
-    hot calls (the registry and the script) run on it, as Redeem's do; otherwise on redis-py."""
+    """Calls on Redis for the inventory; every Redis failure leaves as StoreUnavailable. With a pipelined client
+    (PipelinedRedis, or PipelinedCluster on a cluster) the hot calls (the registry and the
+    script) run on it, as Redeem's do; otherwise on redis-py."""
 
-    def __init__(self, redis: Redis, pipelined: PipelinedRedis | None = None) -> None:
+    def __init__(self, redis: RedisClient, pipelined: HotClient | None = None) -> None:
         self._redis = redis
         self._pipelined = pipelined
         source = load_lua("inventory.lua")

@@ -10,16 +10,16 @@ from functools import partial
 import asyncpg
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
-from redis.asyncio import Redis
 
 from gateway.grpc_api.health_checks import Check, ComponentHealth
+from gateway.redis_client import RedisClient
 from gateway.settings import Settings
 
 
 class WriterHealth:
     """A small grpc.aio server with only the health service, and the checks that feed it."""
 
-    def __init__(self, settings: Settings, clients: dict[str, Redis]) -> None:
+    def __init__(self, settings: Settings, clients: dict[str, RedisClient]) -> None:
         self._settings = settings
         self._pg: asyncpg.Connection | None = None
         self._task: asyncio.Task[None] | None = None
@@ -62,6 +62,6 @@ class WriterHealth:
         return ""
 
 
-async def _ping(redis: Redis) -> str:
+async def _ping(redis: RedisClient) -> str:
     await redis.ping()
     return ""

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
 
 from gateway import keys
+from gateway.redis_client import RedisClient
 
 log = logging.getLogger("rgw.outbox")
 
@@ -61,7 +61,7 @@ def _entry_ms(entry_id: str) -> int:
 class Outbox:
     """Consumer-group access to every outbox stream listed in the directory set."""
 
-    def __init__(self, redis: Redis, *, consumer: str, group: str = keys.LEDGER_GROUP) -> None:
+    def __init__(self, redis: RedisClient, *, consumer: str, group: str = keys.LEDGER_GROUP) -> None:
         self.redis = redis
         self.consumer = consumer
         self.group = group
@@ -162,7 +162,7 @@ def _entries(stream: str, reply: Sequence[Any] | None) -> list[Entry]:
     return [Entry(stream, entry_id, dict(fields)) for _, messages in reply for entry_id, fields in messages if fields]
 
 
-async def ensure_group(redis: Redis, stream: str, group: str = keys.LEDGER_GROUP) -> None:
+async def ensure_group(redis: RedisClient, stream: str, group: str = keys.LEDGER_GROUP) -> None:
     """Create the consumer group (and the stream) if missing; reading starts at the beginning."""
     try:
         await redis.xgroup_create(stream, group, id="0", mkstream=True)

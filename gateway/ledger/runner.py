@@ -10,14 +10,13 @@ from collections.abc import AsyncIterator
 from functools import partial
 
 import asyncpg
-from redis.asyncio import Redis
 
 from gateway.clock import SystemClock
 from gateway.gateway_metrics import set_build_info, start_metrics_server
 from gateway.inventory.status import run_stock_exporter
 from gateway.ledger.outbox import Outbox
 from gateway.ledger.writer import LedgerWriter, WriterConfig
-from gateway.redis_store import connect
+from gateway.redis_client import RedisClient, connect
 from gateway.settings import Settings
 
 
@@ -42,11 +41,13 @@ async def run_writer(settings: Settings, stop: asyncio.Event, *, serve_metrics: 
     if serve_metrics and settings.writer_metrics_addr:
         set_build_info()
         start_metrics_server(settings.writer_metrics_addr)
-    urls = {"redis": settings.redis_url}
+    # on a cluster, one client reaches every node's outboxes: each stream is read on the node owning its slot
+    targets = {"redis": settings.redis_target}
     if settings.risk_redis_url and settings.risk_redis_url != settings.redis_url:
-        urls["risk_redis"] = settings.risk_redis_url  # the risk-event streams live there (RGW_RISK_REDIS_URL)
+        targets["risk_redis"] = (settings.risk_redis_url, "auto")  # the risk-event streams live there
     clients = {
-        name: connect(url, pool_size=4, timeout_s=max(settings.redis_timeout_seconds, 5)) for name, url in urls.items()
+        name: connect(*target, pool_size=4, timeout_s=max(settings.redis_timeout_seconds, 5))
+        for name, target in targets.items()
     }
     try:
         async with _health(settings, clients, enabled=serve_metrics):
@@ -64,14 +65,14 @@ async def run_writer(settings: Settings, stop: asyncio.Event, *, serve_metrics: 
             await redis.aclose()
 
 
-async def _run_one(settings: Settings, redis: Redis, stop: asyncio.Event) -> None:
+async def _run_one(settings: Settings, redis: RedisClient, stop: asyncio.Event) -> None:
     connect_pg = partial(asyncpg.connect, settings.database_url, timeout=10, command_timeout=60)
     writer = LedgerWriter(Outbox(redis, consumer=consumer_name(settings)), connect_pg, writer_config(settings))
     await writer.run(stop)
 
 
 @contextlib.asynccontextmanager
-async def _health(settings: Settings, clients: dict[str, Redis], *, enabled: bool) -> AsyncIterator[None]:
+async def _health(settings: Settings, clients: dict[str, RedisClient], *, enabled: bool) -> AsyncIterator[None]:
     """The writer's gRPC health service (RGW_WRITER_HEALTH_ADDR): its Redis servers and Postgres, checked every
     RGW_HEALTH_INTERVAL_SECONDS."""
     if not (enabled and settings.writer_health_addr):

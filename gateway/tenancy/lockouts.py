@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import asyncpg
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
 
 from gateway.domain import StoreUnavailable
+from gateway.redis_client import RedisClient
 from gateway.tenancy.admin_rules import check, raise_if
 from gateway.tenancy.admin_tx import audit_row
 from risk import keys
@@ -57,7 +57,7 @@ async def _redis_errors() -> AsyncIterator[None]:
         raise StoreUnavailable(type(exc).__name__) from exc
 
 
-async def _lock_keys(redis: Redis, brand_id: int) -> tuple[list[str], bool]:
+async def _lock_keys(redis: RedisClient, brand_id: int) -> tuple[list[str], bool]:
     found: list[str] = []
     async for key in redis.scan_iter(match=keys.lock_pattern(brand_id), count=SCAN_COUNT):
         if len(found) == MAX_LISTED:
@@ -72,7 +72,7 @@ def _lockout(prefix: str, key: str, ttl_ms: int) -> Lockout:
     return Lockout(scope, subject, None if ttl_ms == -1 else ttl_ms / 1000)
 
 
-async def list_lockouts(redis: Redis, *, brand_id: int) -> Lockouts:
+async def list_lockouts(redis: RedisClient, *, brand_id: int) -> Lockouts:
     """The brand's current lockouts (at most MAX_LISTED), ordered by scope and subject."""
     prefix = keys.lock_pattern(brand_id).removesuffix("*")
     async with _redis_errors():
@@ -97,7 +97,7 @@ def lift_rules(scope: str, subject: str) -> None:
     )
 
 
-async def lift_lockout(redis: Redis, *, brand_id: int, scope: str, subject: str) -> bool:
+async def lift_lockout(redis: RedisClient, *, brand_id: int, scope: str, subject: str) -> bool:
     """Delete the scope's lock and its failure count; True when it was locked out. Both keys carry the brand's risk
     tag, so one MULTI removes them together (on Redis Cluster too)."""
     lift_rules(scope, subject)
@@ -115,7 +115,7 @@ def _lift_state(scope: str, subject: str, locked: bool) -> str:
 
 
 async def lift_audited(
-    conn: asyncpg.Connection, *, redis: Redis, actor: str, brand_id: int, scope: str, subject: str
+    conn: asyncpg.Connection, *, redis: RedisClient, actor: str, brand_id: int, scope: str, subject: str
 ) -> bool:
     """lift_lockout with its audit row (every attempt, lifted or not: who tried matters too). Redis is changed
     inside the audit's transaction, so a lift Redis refused leaves no audit row; the row records the registry

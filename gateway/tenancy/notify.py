@@ -11,9 +11,8 @@ to read it. After restoring the registry from a backup (its version went back), 
 
 from __future__ import annotations
 
-from redis.asyncio import Redis
-
 from gateway import keys
+from gateway.redis_client import RedisClient
 
 # KEYS[1] the registry version key; ARGV[1] a committed registry version (an integer).
 # Sets the key unless it already holds a greater version - two administrators' publishes may arrive in either
@@ -29,14 +28,14 @@ return held
 """
 
 
-async def publish(redis: Redis, version: int) -> int:
+async def publish(redis: RedisClient, version: int) -> int:
     """Raise the version key to `version` (never lower it) and announce the version it then holds; returns it."""
     held = int(await redis.eval(_RAISE_VERSION, 1, keys.REGISTRY_VERSION, str(version)))
     await redis.publish(keys.REGISTRY_CHANNEL, str(held))
     return held
 
 
-async def current_version(redis: Redis) -> int | None:
+async def current_version(redis: RedisClient) -> int | None:
     """The latest announced registry version, or None when none was (a new or rebuilt Redis: ask Postgres)."""
     value = await redis.get(keys.REGISTRY_VERSION)
     text = value.decode() if isinstance(value, bytes) else str(value)

@@ -20,10 +20,10 @@ import time
 from collections.abc import Callable
 
 import asyncpg
-from redis.asyncio import Redis
 
 from gateway import keys
 from gateway.domain import RegistryNotReady
+from gateway.redis_client import RedisClient
 from gateway.tenancy.loader import load_changes
 from gateway.tenancy.notify import current_version
 from gateway.tenancy.snapshot import Registry
@@ -40,7 +40,7 @@ class RegistryWatcher:
         self,
         *,
         database_url: str,
-        redis: Redis,
+        redis: RedisClient,
         poll_s: float,
         max_stale_s: float,
         clock: Callable[[], float] = time.monotonic,

@@ -24,7 +24,7 @@ from gateway.grpc_api.client_auth import authenticated_channel
 from gateway.grpc_api.server import Gateway
 from gateway.ledger.events import decode_event, is_reversal_entry
 from gateway.pb.redemption.v1 import redemption_pb2 as pb
-from gateway.redis_store import connect
+from gateway.redis_client import connect
 from gateway.settings import Settings
 
 

@@ -20,7 +20,7 @@ from gateway.ledger.writer import LedgerWriter, WriterConfig
 from tests.integration.conftest import Issue, RunningGateway
 from tests.integration.grpc_helpers import redeem_request
 
-pytestmark = pytest.mark.asyncio(loop_scope="session")
+pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.single_and_cluster]
 
 FAST = WriterConfig(batch_wait_s=0.0, poll_s=0.0, claim_idle_ms=60_000)
 CODES = 1000

@@ -11,7 +11,7 @@ import pytest
 
 from gateway.dev.servers import RedisServer, free_port
 from gateway.durability import DurabilityError, check_durability, durability_problems
-from gateway.redis_store import connect
+from gateway.redis_client import connect
 from tests.conftest import gateway_environ
 
 

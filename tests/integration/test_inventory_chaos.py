@@ -43,7 +43,7 @@ from gateway.inventory.crypto import associated_data
 from gateway.ledger.outbox import deadletter_key_for
 from gateway.pb.redemption.v1 import inventory_pb2 as pb
 from gateway.pb.redemption.v1 import inventory_pb2_grpc as pb_grpc
-from gateway.redis_store import connect
+from gateway.redis_client import connect_server as connect
 from gateway.settings import Settings
 from gateway.tenancy.model import DEFAULT_BRAND_ID
 from tests.integration.chaos_helpers import (

@@ -30,7 +30,7 @@ from tests.integration.inventory_order_helpers import (
     taken,
 )
 
-pytestmark = pytest.mark.asyncio(loop_scope="session")
+pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.single_and_cluster]
 
 
 async def test_race_stock_50_orders_200_over_20_channels(inv: InventoryGateway, db: asyncpg.Connection,

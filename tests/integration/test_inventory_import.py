@@ -23,7 +23,7 @@ from gateway.durability import mark_initialised
 from gateway.inventory import importing, layout, model
 from gateway.inventory.importing import Record
 from gateway.inventory.model import Sku
-from gateway.redis_store import connect
+from gateway.redis_client import connect_server as connect
 from gateway.validation import InvalidRequest
 from tests.conftest import gateway_environ
 from tests.integration.inventory_helpers import (

@@ -25,7 +25,7 @@ from gateway.campaigns.codegen import CodeFactory
 from gateway.coderefs import KeyRing
 from gateway.dev.servers import RedisServer
 from gateway.durability import mark_initialised
-from gateway.redis_store import connect
+from gateway.redis_client import connect_server as connect
 from tests.conftest import T0_MS, gateway_environ
 from tests.integration.conftest import DAY_MS, at
 from tests.integration.issuance_helpers import (

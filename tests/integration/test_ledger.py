@@ -10,6 +10,7 @@ from functools import partial
 from typing import Any
 
 import asyncpg
+import pytest
 import pytest_asyncio
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
@@ -22,6 +23,8 @@ from gateway.pb.redemption.v1 import redemption_pb2 as pb
 from tests.conftest import T0_MS
 from tests.integration.conftest import Issue, RunningGateway
 from tests.integration.grpc_helpers import outbox_events, redeem_request
+
+pytestmark = pytest.mark.single_and_cluster
 
 FAST = WriterConfig(batch_size=100, batch_wait_s=0.01, poll_s=0.005, claim_idle_ms=200, backoff_base_s=0.01)
 

@@ -29,7 +29,7 @@ from gateway.db.migrate import migrate
 from gateway.dev.servers import PostgresServer, RedisServer
 from gateway.durability import mark_initialised
 from gateway.pb.redemption.v1 import redemption_pb2 as pb
-from gateway.redis_store import connect
+from gateway.redis_client import connect_server as connect
 from tests.integration.chaos_helpers import (
     NOT_SERVING,
     SERVING,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
+import pytest
 from redis.asyncio import Redis
 
 from gateway import keys
@@ -13,6 +14,8 @@ from gateway.pb.redemption.v1 import redemption_pb2 as pb
 from gateway.pb.redemption.v1 import redemption_pb2_grpc as pb_grpc
 from tests.integration.conftest import Issue, RunningGateway
 from tests.integration.grpc_helpers import outbox_events, redeem_request
+
+pytestmark = pytest.mark.single_and_cluster
 
 
 async def _storm(

@@ -20,6 +20,8 @@ from tests.conftest import gateway_environ
 from tests.integration.conftest import Issue, RunningGateway
 from tests.integration.grpc_helpers import redeem_request
 
+pytestmark = pytest.mark.single_and_cluster
+
 FAST = WriterConfig(batch_size=100, batch_wait_s=0.01, poll_s=0.005, claim_idle_ms=200)
 
 

@@ -17,11 +17,11 @@ from gateway.domain import (
     RedeemResult,
     StoreUnavailable,
 )
+from gateway.redis_client import connect
 from gateway.redis_store import (
     ITEM_ARGS,
     SCRIPT_ARGS,
     RedisCodeStore,
-    connect,
     idempotency_field,
     legacy_idempotency_field,
     load_lua,

@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 
 from gateway.coderefs import KeyRing
 from gateway.domain import Caller, FailedAttempt, Outcome, RedeemCommand, RedeemResult, Throttled
-from gateway.pipelined_redis import PipelinedRedis
+from gateway.redis_client import connect_hot, is_cluster
 from gateway.redis_store import RedisCodeStore
 from gateway.risk_counters import SeparateCounters
 from gateway.tenancy.lockouts import lift_lockout
@@ -45,6 +45,8 @@ from tests.integration.risk_helpers import (
     window_size,
 )
 
+pytestmark = pytest.mark.single_and_cluster
+
 LIMIT = 4
 WINDOW_S = 60
 WINDOW_MS = WINDOW_S * 1000
@@ -58,20 +60,27 @@ ONE_SECOND_LOCK = policy(lockout={"terminal": (3, 60, 1)})  # 3 failures a minut
 @pytest_asyncio.fixture(loop_scope="session", params=["redis-py", "pipelined", "two calls"])
 async def code_store(request: pytest.FixtureRequest, redis: Redis, redis_url: str) -> AsyncIterator[RedisCodeStore]:
     """The store on either client the gateway uses (redis-py, or the pipelined hot-path client), and with the
-    counters as their own call (RGW_RISK_REDIS_URL, as on Redis Cluster) on the pipelined client."""
+    counters as their own call (RGW_RISK_REDIS_URL, as on Redis Cluster) on the pipelined client. On a cluster
+    the counters are always their own call (a brand's tag and a campaign shard's are different slots)."""
+    cluster = is_cluster(redis_url)
     if request.param == "redis-py":
-        yield RedisCodeStore(redis)
+        yield RedisCodeStore(redis, counters=SeparateCounters(redis) if cluster else None)
         return
-    pipelined = PipelinedRedis(redis_url, connections=2, timeout_s=5)
-    await pipelined.connect()
+    if cluster and request.param == "pipelined":
+        pytest.skip("on a cluster the pipelined store always makes two calls: the 'two calls' case")
+    pipelined = await connect_hot(redis_url, connections=2, timeout_s=5)
+    assert pipelined is not None
     counters = SeparateCounters(redis, pipelined) if request.param == "two calls" else None
     yield RedisCodeStore(redis, pipelined, counters=counters)
     await pipelined.close()
 
 
 @pytest.fixture(params=["one call", "two calls"])
-def any_store(request: pytest.FixtureRequest, redis: Redis) -> RedisCodeStore:
-    """The store with the risk counters inside the redeem script, or as their own call before it."""
+def any_store(request: pytest.FixtureRequest, redis: Redis, redis_url: str) -> RedisCodeStore:
+    """The store with the risk counters inside the redeem script, or as their own call before it (on a cluster
+    only the latter: the script cannot reach a brand's counters in another slot)."""
+    if request.param == "one call" and is_cluster(redis_url):
+        pytest.skip("on a cluster the risk counters are their own call: the 'two calls' case")
     return RedisCodeStore(redis, counters=SeparateCounters(redis) if request.param == "two calls" else None)
 
 
@@ -301,11 +310,14 @@ def assert_exact(limit: int, window_ms: int, attempts: list[tuple[int, str]], an
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )  # fmt: skip
 @given(schedule=schedules())
-async def test_the_limiter_is_exact_for_any_schedule(schedule: Schedule, redis: Redis, keyring: KeyRing) -> None:
+async def test_the_limiter_is_exact_for_any_schedule(
+    schedule: Schedule, redis: Redis, redis_url: str, keyring: KeyRing
+) -> None:
     limit, window_ms, attempts = schedule
     await flush_risk_keys(redis)
     engine = engine_of(policy({"terminal": (limit, window_ms // 1000)}))
-    limiter = Limiter(RedisCodeStore(redis), engine, keyring)
+    counters = SeparateCounters(redis) if is_cluster(redis_url) else None  # a cluster: always their own call
+    limiter = Limiter(RedisCodeStore(redis, counters=counters), engine, keyring)
     code = unknown_code(NO_CAMPAIGN)
     answers = [await limiter.attempt(limiter.command(code, terminal=terminal), now) for now, terminal in attempts]
     assert_exact(limit, window_ms, attempts, answers)

@@ -24,7 +24,8 @@ from gateway.ledger.outbox import Outbox
 from gateway.ledger.writer import LedgerWriter, WriterConfig
 from gateway.pb.redemption.v1 import redemption_pb2 as pb
 from gateway.pb.redemption.v1 import redemption_pb2_grpc as pb_grpc
-from gateway.redis_store import RedisCodeStore, connect
+from gateway.redis_client import connect_server as connect
+from gateway.redis_store import RedisCodeStore
 from gateway.risk_counters import SeparateCounters
 from gateway.settings import Settings
 from gateway.tenancy import admin_risk, notify

@@ -23,7 +23,7 @@ from gateway.durability import mark_initialised
 from gateway.grpc_api.client_auth import authenticated_channel
 from gateway.pb.redemption.v1 import redemption_pb2 as pb
 from gateway.pb.redemption.v1 import redemption_pb2_grpc as pb_grpc
-from gateway.redis_store import connect
+from gateway.redis_client import connect_server as connect
 from tests.conftest import gateway_environ
 from tests.integration.conftest import Tenants, issue_into
 from tests.integration.grpc_helpers import redeem_request

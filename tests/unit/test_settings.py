@@ -68,3 +68,30 @@ def test_every_variable_is_documented_in_the_readme() -> None:
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     missing = [spec.name for spec in SPECS if spec.name not in readme]
     assert not missing
+
+
+def test_connection_age_defaults_and_off() -> None:
+    settings = Settings.from_env({})
+    assert settings.grpc_max_connection_age_seconds == 300
+    assert settings.grpc_max_connection_age_grace_seconds == 30
+    off = Settings.from_env(
+        {"RGW_GRPC_MAX_CONNECTION_AGE_SECONDS": "0", "RGW_GRPC_MAX_CONNECTION_AGE_GRACE_SECONDS": "0"}
+    )
+    assert off.grpc_max_connection_age_seconds == 0 and off.grpc_max_connection_age_grace_seconds == 0
+
+
+@pytest.mark.parametrize("name", ["RGW_GRPC_MAX_CONNECTION_AGE_SECONDS", "RGW_GRPC_MAX_CONNECTION_AGE_GRACE_SECONDS"])
+@pytest.mark.parametrize("value", ["-1", "soon", "", "nan", "inf", "3000000"])
+def test_a_bad_connection_age_is_named(name: str, value: str) -> None:
+    with pytest.raises(SettingsError, match=name):
+        Settings.from_env({name: value})
+
+
+def test_connection_age_becomes_server_options() -> None:
+    from gateway.grpc_api.server import server_options
+
+    aged = dict(server_options(Settings.from_env({"RGW_GRPC_MAX_CONNECTION_AGE_SECONDS": "1.5"})))
+    assert aged["grpc.max_connection_age_ms"] == 1500
+    assert aged["grpc.max_connection_age_grace_ms"] == 30_000
+    off = dict(server_options(Settings.from_env({"RGW_GRPC_MAX_CONNECTION_AGE_SECONDS": "0"})))
+    assert "grpc.max_connection_age_ms" not in off and "grpc.max_connection_age_grace_ms" not in off
