@@ -17,6 +17,9 @@ same requests):
                tail latency costs
   stream       RedeemStream on fresh codes, ITEMS redemptions per message
   redeem-hot   Redeem on a few multi-use codes (over-redemption check: exactly their uses are granted)
+  stream-cluster  RedeemStream as `stream`, its Redis a local 3-master Redis Cluster (AOF always; the masters
+               share this machine's cores with everything else)
+  redeem-1worker  Redeem as `redeem` with one server process instead of --workers (what a second process adds)
   peer         SELECT ... FOR UPDATE in a Postgres transaction per call (fsync, synchronous_commit on)
   peer-stream  the peer's batch path: one transaction per message, rows locked in order
   peer-hot     the peer on the same few multi-use codes
@@ -114,6 +117,8 @@ class Variant:
     fsync: str = "always"  # Redis appendfsync (and RGW_REDIS_DURABILITY) while this variant runs
     brand: str = "default"  # whose codes and client (loadtest/bench_risk.py): default | risk
     env: dict[str, str] = field(default_factory=dict)  # extra server settings
+    redis: str = "single"  # single | cluster: the stack's one Redis or its 3-master cluster
+    workers: int = 0  # server processes; 0: the bench's --workers
     results: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -145,6 +150,8 @@ VARIANTS = [
         env={"RGW_RISK_REDIS_URL": SAME_REDIS},
     ),
     Variant("stream", "redeem", STREAM_PATH, "stream", "fresh"),
+    Variant("stream-cluster", "redeem", STREAM_PATH, "stream", "fresh", redis="cluster"),
+    Variant("redeem-1worker", "redeem", REDEEM_PATH, "unary", "fresh", workers=1),
     Variant("redeem-hot", "redeem", REDEEM_PATH, "unary", "hot"),
     Variant("peer", "peer", REDEEM_PATH, "unary", "peer"),
     Variant("peer-stream", "peer", STREAM_PATH, "stream", "peer"),
@@ -172,7 +179,9 @@ class Bench:
             hot = await self.stack.issue(self.profile.hot_codes, uses=self.profile.hot_uses,
                                          peer=variant.codes == "hot-peer", name=variant.name)  # fmt: skip
             return [hot[i % len(hot)] for i in range(count)]
-        return await self.stack.issue(count, peer=variant.codes == "peer", name=variant.name, brand=variant.brand)
+        return await self.stack.issue(
+            count, peer=variant.codes == "peer", name=variant.name, brand=variant.brand, redis=variant.redis
+        )
 
     def frames(self, variant: Variant, codes: list[str], tag: str) -> Path:
         if variant.mode == "stream":
@@ -192,8 +201,8 @@ class Bench:
             allowed = calls * (p.items if variant.mode == "stream" else 1)
         frames = self.frames(variant, codes, tag)
         settle()
-        meter = CpuMeter({"server": pids, "redis": [self.stack.redis.pid], "postgres": [self.stack.postgres.pid or 0]},
-                         with_children=("postgres",))  # fmt: skip
+        meter = CpuMeter({"server": pids, "redis": self.stack.redis_pids(variant.redis),
+                          "postgres": [self.stack.postgres.pid or 0]}, with_children=("postgres",))  # fmt: skip
         meter.start()
         result = run_generator(target, variant, frames, rate, p, self.stack.brand(variant.brand)[1])
         cpu = meter.stop()
@@ -211,7 +220,10 @@ class Bench:
     async def run_variant(self, variant: Variant) -> None:
         p = self.profile
         self.stack.set_fsync(variant.fsync)
-        target, pids = self.stack.start_servers(variant.server, self.workers, durability=variant.fsync, env=variant.env)
+        workers = variant.workers or self.workers
+        target, pids = self.stack.start_servers(
+            variant.server, workers, durability=variant.fsync, env=variant.env, redis=variant.redis
+        )
         try:
             cpu_rate = p.stream_cpu_rate if variant.mode == "stream" else p.unary_cpu_rate
             variant.results["cpu"] = await self.measure(variant, target, pids, cpu_rate, f"{variant.name}-cpu")
@@ -374,7 +386,7 @@ async def run(profile: Profile, workers: int, workdir: Path, only: set[str] | No
     def chosen(name: str) -> bool:
         return only is None or name in only
 
-    stack = start_stack(workdir)
+    stack = start_stack(workdir, cluster=any(chosen(v.name) for v in VARIANTS if v.redis == "cluster"))
     try:
         await stack.prepare()
         bench = Bench(stack, profile, workers)
@@ -389,6 +401,8 @@ async def run(profile: Profile, workers: int, workdir: Path, only: set[str] | No
     finally:
         stack.stop_servers()
         stack.redis.stop()
+        if stack.cluster is not None:
+            stack.cluster.stop()
         stack.postgres.stop()
     report = {
         "profile": asdict(profile),

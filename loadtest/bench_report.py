@@ -86,6 +86,8 @@ def ratios(report: dict[str, Any]) -> dict[str, float | None]:
         "redeem_cpu_per_call_vs_ceiling_single_runs": _ratio(cpu("redeem"), cpu("ceiling")),
         "stream_vs_unary_redeem": _ratio(redemptions("stream"), redemptions("redeem")),
         "stream_vs_peer_stream": _ratio(redemptions("stream"), redemptions("peer-stream")),
+        "stream_cluster_vs_single": _ratio(redemptions("stream-cluster"), redemptions("stream")),
+        "redeem_workers_vs_one": _ratio(redemptions("redeem"), redemptions("redeem-1worker")),
         "redeem_vs_peer_unary": _ratio(redemptions("redeem"), redemptions("peer")),
         "redeem_hot_vs_peer_hot": _ratio(redemptions("redeem-hot"), redemptions("peer-hot")),
         "redeem_p99_ms_at_half_saturation": _ms(p99_half("redeem")),
@@ -271,6 +273,10 @@ def markdown(report: dict[str, Any]) -> str:
         f"{r['redeem_cpu_per_call_vs_ceiling_single_runs']} |",
         f"| stream vs unary redeem, redemptions/s (target >= 5) | {r['stream_vs_unary_redeem']} |",
         f"| stream vs the peer's batch path (target >= 5) | {r['stream_vs_peer_stream']} |",
+        f"| stream on a local 3-master Redis Cluster vs one Redis, redemptions/s (every process on these cores) | "
+        f"{r['stream_cluster_vs_single']} |",
+        f"| unary redeem with {report['workers']} server processes vs 1, redemptions/s | "
+        f"{r['redeem_workers_vs_one']} |",
         f"| unary redeem vs the peer's unary | {r['redeem_vs_peer_unary']} |",
         f"| hot codes: redeem vs the peer | {r['redeem_hot_vs_peer_hot']} |",
         f"| redeem p99 at half its saturation rate, ms (target <= 10) | {r['redeem_p99_ms_at_half_saturation']} |",

@@ -22,6 +22,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.coderefs import KeyRing
 from gateway.db.migrate import migrate
+from gateway.dev.redis_cluster import RedisCluster as LocalCluster
+from gateway.dev.redis_cluster import node_command
 from gateway.dev.servers import PostgresServer, RedisServer, free_port
 from gateway.issuance import create_campaign, issue_codes
 from gateway.rebuild import rebuild_redis
@@ -49,6 +51,24 @@ class Stack:
     api_key: str = field(default="", repr=False)
     risk_brand_id: int = 0
     risk_api_key: str = field(default="", repr=False)
+    cluster: LocalCluster | None = None  # a 3-master Redis Cluster, for the variants that run on one
+
+    @property
+    def cluster_url(self) -> str:
+        """The cluster's seeds as RGW_REDIS_URL names them."""
+        if self.cluster is None:
+            raise RuntimeError("this stack was started without a Redis Cluster")
+        return ",".join(f"redis://{seed}" for seed in self.cluster.seeds)
+
+    def redis_url(self, redis: str = "single") -> str:
+        """RGW_REDIS_URL of the stack's single Redis, or of its cluster."""
+        return self.cluster_url if redis == "cluster" else self.redis.url
+
+    def redis_pids(self, redis: str = "single") -> list[int]:
+        """The redis-server processes serving a variant (every master of the cluster)."""
+        if redis == "cluster" and self.cluster is not None:
+            return [node.pid for node in self.cluster.nodes if node.pid is not None]
+        return [self.redis.pid] if self.redis.pid is not None else []
 
     @property
     def env(self) -> dict[str, str]:
@@ -80,6 +100,13 @@ class Stack:
             self.api_key = made.value.plaintext
             await bench_risk.prepare_default_brand(conn, redis, DEFAULT_BRAND_ID)
             self.risk_brand_id, self.risk_api_key = await bench_risk.prepare_risk_brand(conn, redis)
+            if self.cluster is not None:  # the same state on the cluster: rebuilt from Postgres, as in production
+                cluster = connect(self.cluster_url, pool_size=4, timeout_s=30)
+                try:
+                    await rebuild_redis(conn, cluster)
+                    await notify.publish(cluster, await conn.fetchval("SELECT max(version) FROM registry_version"))
+                finally:
+                    await cluster.aclose()
         finally:
             await redis.aclose()
             await conn.close()
@@ -89,30 +116,45 @@ class Stack:
         return (self.risk_brand_id, self.risk_api_key) if name == "risk" else (DEFAULT_BRAND_ID, self.api_key)
 
     async def issue(
-        self, count: int, *, uses: int = 1, peer: bool = False, name: str = "bench", brand: str = "default"
+        self,
+        count: int,
+        *,
+        uses: int = 1,
+        peer: bool = False,
+        name: str = "bench",
+        brand: str = "default",
+        redis: str = "single",
     ) -> list[str]:
-        """`count` fresh codes of a new campaign (also loaded into the peer's table when `peer`)."""
-        return (await self.issue_campaign(count, uses=uses, peer=peer, name=name, brand=brand))[1]
+        """`count` fresh codes of a new campaign (also loaded into the peer's table when `peer`), in the single
+        Redis or the cluster."""
+        return (await self.issue_campaign(count, uses=uses, peer=peer, name=name, brand=brand, redis=redis))[1]
 
     async def issue_campaign(
-        self, count: int, *, uses: int = 1, peer: bool = False, name: str = "bench", brand: str = "default"
+        self,
+        count: int,
+        *,
+        uses: int = 1,
+        peer: bool = False,
+        name: str = "bench",
+        brand: str = "default",
+        redis: str = "single",
     ) -> tuple[int, list[str]]:
         """A new campaign of the brand and its `count` codes."""
         conn = await asyncpg.connect(self.postgres.url)
-        redis = connect(self.redis.url, pool_size=4, timeout_s=30)
+        client = connect(self.redis_url(redis), pool_size=4, timeout_s=30)
         try:
             now = datetime.now(UTC)
-            campaign = await create_campaign(conn, redis, KEYRING, name=name, valid_from=now - timedelta(hours=1),
+            campaign = await create_campaign(conn, client, KEYRING, name=name, valid_from=now - timedelta(hours=1),
                                              valid_until=now + timedelta(days=1), uses_per_code=uses,
                                              brand_id=self.brand(brand)[0])  # fmt: skip
             self.issued += 1
             out = self.workdir / f"codes-{self.issued}.txt"
-            await issue_codes(conn, redis, KEYRING, campaign, count=count, out=out)
+            await issue_codes(conn, client, KEYRING, campaign, count=count, out=out)
             if peer:
                 await conn.execute(LOAD_PEER_CODES, campaign.id)
             return campaign.id, out.read_text().split()
         finally:
-            await redis.aclose()
+            await client.aclose()
             await conn.close()
 
     async def limit_terminal(self, campaign_id: int, n: int) -> None:
@@ -134,14 +176,20 @@ class Stack:
             client.close()
 
     def start_servers(
-        self, variant: str, workers: int, *, durability: str = "always", env: dict[str, str] | None = None
+        self,
+        variant: str,
+        workers: int,
+        *,
+        durability: str = "always",
+        env: dict[str, str] | None = None,
+        redis: str = "single",
     ) -> tuple[str, list[int]]:
         """Start `workers` processes of a variant on one port (`env`: extra settings); returns the target and
         their pids."""
         port = free_port()
         extra = {name: self.redis.url if value == SAME_REDIS else value for name, value in (env or {}).items()}
         env = {**os.environ, **self.env, "RGW_GRPC_ADDR": f"127.0.0.1:{port}", "RGW_REDIS_DURABILITY": durability,
-               **extra}  # fmt: skip
+               "RGW_REDIS_URL": self.redis_url(redis), **extra}  # fmt: skip
         command = [sys.executable, "-m", "loadtest.bench_server", variant]
         (self.workdir / "logs").mkdir(exist_ok=True)
         started = []
@@ -216,7 +264,8 @@ def _wait_serving(target: str, procs: list[subprocess.Popen[bytes]], logs: dict[
     raise RuntimeError(f"{target} did not become SERVING; the end of its logs:\n{ends}")
 
 
-def start_stack(workdir: Path) -> Stack:
+def start_stack(workdir: Path, *, cluster: bool = False) -> Stack:
+    """Redis and Postgres, and (`cluster`) a 3-master Redis Cluster beside the single Redis."""
     redis = RedisServer.start(data_dir=workdir / "redis", appendonly=True, appendfsync="always")
     # No automatic AOF rewrite during the run: a rewrite that starts mid-variant (the AOF doubles every few
     # variants here) stalls the always-fsync writes for seconds on this disk, and the variant then measures the
@@ -227,4 +276,9 @@ def start_stack(workdir: Path) -> Stack:
     finally:
         client.close()
     postgres = PostgresServer.start(data_dir=workdir / "pg", fsync=True)
-    return Stack(redis, postgres, workdir)
+    local_cluster = LocalCluster(workdir / "cluster", masters=3) if cluster else None
+    if local_cluster is not None:
+        local_cluster.start()
+        for node in local_cluster.nodes:  # as the single Redis: no AOF rewrite mid-variant
+            node_command(node.port, "CONFIG", "SET", "auto-aof-rewrite-percentage", "0")
+    return Stack(redis, postgres, workdir, cluster=local_cluster)
