@@ -16,6 +16,7 @@ from gateway import issuance, logs
 from gateway.admin_cli import add_registry_commands
 from gateway.campaign_cli import add_campaign_commands
 from gateway.client_cli import add_client_commands
+from gateway.cluster_cli import add_cluster_commands
 from gateway.codes_cli import add_codes_commands
 from gateway.db.migrate import MigrationError, migrate
 from gateway.durability import DurabilityError, is_initialised
@@ -120,6 +121,7 @@ def _add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     sub.add_parser("migrate", help="apply pending database migrations").set_defaults(run=_migrate)
     add_campaign_commands(sub)  # rgw campaign ..., rgw store-group ... (gateway/campaign_cli.py)
     add_codes_commands(sub)  # rgw codes generate|import|resume|load (gateway/codes_cli.py)
+    add_cluster_commands(sub)  # rgw cluster spread (gateway/cluster_cli.py)
     # rgw sku, rgw inventory import|resume|status, rgw keys rotate (inventory_cli.py, inventory/status_cli.py)
     add_status_command(add_inventory_commands(sub))
     sub.add_parser("writer", help="move outbox events into the Postgres ledger").set_defaults(run=_writer)

@@ -92,9 +92,11 @@ async def create_campaign(
         values.append(_rule_value(rule, value))
     placeholders = ", ".join(f"${n}" for n in range(1, len(values) + 1))
     query = f"INSERT INTO campaigns ({', '.join(columns)}) VALUES ({placeholders}) RETURNING *"  # noqa: S608 - names are constants
-    campaign = model.from_row(await conn.fetchrow(query, *values))
-    if campaign.id > codes.MAX_CAMPAIGN_ID:
-        raise ValueError("campaign ids are exhausted for this code layout")
+    async with conn.transaction():
+        campaign = model.from_row(await conn.fetchrow(query, *values))
+        if campaign.id > codes.MAX_CAMPAIGN_ID:
+            raise ValueError("campaign ids are exhausted for this code layout")
+        campaign = await model.spread_evenly(conn, redis, campaign)
     await publish.publish_from_postgres(conn, redis, campaign)
     return campaign
 

@@ -136,7 +136,7 @@ async def each_primary(client: RedisClient) -> AsyncIterator[list[Redis]]:
         yield [client]
         return
     await client.initialize()
-    nodes = [_plain_client(client, node.name) for node in client.get_primaries()]
+    nodes = [plain_client(client, node.name) for node in client.get_primaries()]
     try:
         yield nodes
     finally:
@@ -178,7 +178,7 @@ async def _evalsha_on_cluster(client: RedisCluster, sha: str, calls: Sequence[Sc
     replies: list[Any] = [None] * len(calls)
 
     async def on_node(name: str, positions: list[int]) -> None:
-        async with _plain_client(client, name) as node, node.pipeline(transaction=False) as pipe:
+        async with plain_client(client, name) as node, node.pipeline(transaction=False) as pipe:
             for position in positions:
                 call_keys, call_args = calls[position]
                 pipe.evalsha(sha, len(call_keys), *call_keys, *call_args)
@@ -198,7 +198,7 @@ async def _evalsha_on_cluster(client: RedisCluster, sha: str, calls: Sequence[Sc
     return replies
 
 
-def _plain_client(cluster: RedisCluster, name: str) -> Redis:
+def plain_client(cluster: RedisCluster, name: str) -> Redis:
     """A plain client of one cluster node ("host:port"), with the cluster client's credentials and timeouts."""
     host, _, port = name.rpartition(":")
     kwargs = cluster.connection_kwargs

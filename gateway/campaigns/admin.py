@@ -28,7 +28,7 @@ from redis import exceptions as redis_errors
 
 from gateway import codes
 from gateway.campaigns import budget, rules
-from gateway.campaigns.model import ACTIVE, PAUSED, Campaign, from_row, hours_json
+from gateway.campaigns.model import ACTIVE, PAUSED, Campaign, from_row, hours_json, spread_evenly
 from gateway.campaigns.publish import publish_from_postgres
 from gateway.campaigns.schedule import hours_to_json
 from gateway.domain import StoreUnavailable
@@ -154,6 +154,8 @@ async def create_campaign(
         made = from_row(row)
         if made.id > codes.MAX_CAMPAIGN_ID:
             raise RuntimeError("campaign ids are exhausted for this code layout")
+        with _redis_faults():
+            made = await spread_evenly(conn, redis, made)
         await audit_row(conn, version, actor=actor, brand_id=brand_id, action="campaign.create",
                         entity_id=str(made.id), before=None, after=state(made))  # fmt: skip
         with _redis_faults():

@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 import asyncpg
 
+from gateway import codes, keys
 from gateway.campaigns.schedule import HoursWindow, hours_to_json, parse_hours
+from gateway.redis_client import RedisClient
+from gateway.shard_spread import shards_for
 
 ACTIVE = "active"
 PAUSED = "paused"
@@ -98,3 +102,14 @@ def split(total: int, shards: int) -> list[int]:
     """`total` in `shards` shares that differ by at most one and add up to it exactly."""
     share, rest = divmod(total, shards)
     return [share + (1 if shard < rest else 0) for shard in range(shards)]
+
+
+async def spread_evenly(conn: asyncpg.Connection, redis: RedisClient, campaign: Campaign) -> Campaign:
+    """The campaign just inserted, with the shard count that spreads its shards evenly over a Redis Cluster's
+    masters (gateway/shard_spread.py; unchanged on one Redis). Call it in the inserting transaction."""
+    shards = await shards_for(redis, campaign.shards, partial(keys.meta_key, campaign.id), limit=codes.MAX_SHARDS)
+    if shards == campaign.shards:
+        return campaign
+    return from_row(
+        await conn.fetchrow("UPDATE campaigns SET shards = $2 WHERE id = $1 RETURNING *", campaign.id, shards)
+    )

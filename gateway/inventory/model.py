@@ -11,10 +11,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 
 import asyncpg
 
+from gateway.inventory import layout
 from gateway.redis_client import RedisClient
+from gateway.shard_spread import shards_for
 from gateway.tenancy.admin_rules import check
 from gateway.tenancy.model import AlreadyExists, NotFoundError
 from gateway.validation import FieldViolation, InvalidRequest
@@ -29,6 +32,7 @@ MAX_LOW_STOCK = 2**31 - 1
 MAX_LIST = 1000
 
 _COLUMNS = "id, brand_id, code, name, reuse, shards, max_per_order, low_stock, created_at"
+_SPREAD = f"UPDATE skus SET shards = $2 WHERE id = $1 RETURNING {_COLUMNS}"  # noqa: S608 - constant columns
 _INSERT = f"""INSERT INTO skus (brand_id, code, name, reuse, shards, max_per_order, low_stock)
               VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {_COLUMNS}"""  # noqa: S608 - constants only
 _BY_CODE = f"SELECT {_COLUMNS} FROM skus WHERE brand_id = $1 AND code = $2"  # noqa: S608
@@ -110,6 +114,9 @@ async def create_sku(
         except asyncpg.UniqueViolationError:
             raise AlreadyExists(f"the brand has a SKU {code!r} already") from None
         sku = from_row(row)
+        spread = await shards_for(redis, sku.shards, partial(layout.meta_key, sku.id), limit=MAX_SHARDS)
+        if spread != sku.shards:  # a Redis Cluster: as many shards as spread evenly over its masters
+            sku = from_row(await conn.fetchrow(_SPREAD, sku.id, spread))
         await publish_sku(redis, sku)
     return sku
 
