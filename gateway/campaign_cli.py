@@ -246,6 +246,9 @@ async def _create(s: _Session, args: argparse.Namespace) -> None:
         key_id=s.settings.keyring().active_id, fields=fields,
     )  # fmt: skip
     await s.announce(made)
+    if made.value.shards != args.shards:  # a Redis Cluster: the count that spreads over its masters
+        print(f"rgw: campaign {made.value.id} has {made.value.shards} shards ({args.shards} asked): that many "
+              "spread evenly over the cluster's masters", file=sys.stderr)  # fmt: skip
     if args.json:
         _print_campaign(made.value)
     else:
