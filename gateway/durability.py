@@ -9,14 +9,22 @@ against until `rgw rebuild-redis` has restored its state from Postgres (invarian
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
+from collections.abc import Awaitable
+from typing import Any
 
+from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from gateway import keys
+from gateway.ratelimited_log import RateLimitedLog
 from gateway.redis_client import RedisClient, each_primary
+
+log = logging.getLogger("rgw.durability")
 
 LOSS_WINDOW = {"always": "none", "everysec": "about 1 s (2 s with a slow disk)", "none": "unbounded"}
 
@@ -112,3 +120,62 @@ async def _marker_per_master(redis: RedisCluster) -> list[str]:
 
 
 _MAX_MARKER_TRIES = 100_000  # 16,384 slots: a master serving a single slot is found within ~16k candidates on average
+
+
+# What a cluster client raises for a key whose master is down (or whose slot no node serves yet).
+_MASTER_DOWN = (
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    redis_errors.ClusterDownError,
+    redis_errors.SlotNotCoveredError,
+    TimeoutError,
+)
+NOT_INITIALISED = "Redis is not initialised from Postgres: run `rgw rebuild-redis`"
+
+
+class InitialisedProbe:
+    """The health check's view of the "initialised" markers. On one Redis: the marker is there, or not (an
+    unreachable Redis raises). On a cluster, marker by marker within `timeout_s`: a marker missing from a master
+    that answered means that master lost its data - not initialised, every redemption refused; a master that does
+    not answer is only down - its slots' calls fail on their own (UNAVAILABLE) and the other masters' campaigns
+    carry on. The marker list is remembered from the last read, for while the main marker's master is down; until
+    it was read once, an unreachable master fails closed (raises)."""
+
+    def __init__(self, redis: RedisClient, *, timeout_s: float) -> None:
+        self._redis = redis
+        self._timeout_s = timeout_s
+        self._nodes: list[str] | None = None
+        self._down_log = RateLimitedLog(log, interval_s=60, burst=1)
+
+    async def check(self) -> str:
+        """ "" when initialised (every master that answered keeps its marker), else why not."""
+        if not isinstance(self._redis, RedisCluster):
+            return "" if await is_initialised(self._redis) else NOT_INITIALISED
+        down = 0
+        try:
+            marker = await self._answer(self._redis.get(keys.INITIALISED))
+        except _MASTER_DOWN:
+            if self._nodes is None:
+                raise
+            marker, down = json.dumps({"nodes": self._nodes}), 1
+        if marker is None:
+            return NOT_INITIALISED
+        self._nodes = _node_markers(marker if isinstance(marker, str) else marker.decode())
+        found = await asyncio.gather(
+            *(self._answer(self._redis.exists(n)) for n in self._nodes), return_exceptions=True
+        )
+        for answer in found:
+            if isinstance(answer, BaseException) and not isinstance(answer, _MASTER_DOWN):
+                raise answer
+            if answer == 0:
+                return NOT_INITIALISED + " (a Redis Cluster master lost its data)"
+            down += isinstance(answer, BaseException)
+        if down:
+            self._down_log.log(
+                logging.WARNING, "%d Redis Cluster master(s) unreachable: serving the others' slots", down
+            )
+        return ""
+
+    async def _answer(self, call: Awaitable[Any]) -> Any:
+        async with asyncio.timeout(self._timeout_s):
+            return await call

@@ -21,7 +21,7 @@ from gateway.campaigns.reversal import Reversals
 from gateway.clock import Clock, SystemClock
 from gateway.coderefs import KeyRing
 from gateway.domain import Readiness, RegistryNotReady
-from gateway.durability import LOSS_WINDOW, check_durability, is_initialised
+from gateway.durability import LOSS_WINDOW, InitialisedProbe, check_durability
 from gateway.gateway_metrics import REDIS_DURABILITY, set_build_info, start_metrics_server
 from gateway.grpc_api.admin_servicer import AdminServicer, register_admin_service
 from gateway.grpc_api.auth import Authenticator, AuthInterceptor, RegistrySource
@@ -133,6 +133,7 @@ class Gateway:
     sightings: Sightings = field(default_factory=Sightings)
     _sightings_task: asyncio.Task[None] | None = field(init=False, default=None)
     _health_task: asyncio.Task[None] | None = field(init=False, default=None)
+    _initialised: InitialisedProbe = field(init=False)
     component_health: ComponentHealth = field(init=False)
     risk_facts: RegistryRiskFacts | None = field(init=False, default=None)
     risk_redis: RedisClient | None = field(init=False, default=None)
@@ -159,6 +160,8 @@ class Gateway:
             appendfsync=config.get("appendfsync", "unknown"),
             loss_window=LOSS_WINDOW[s.redis_durability],
         ).set(1)
+        # half the health check's time: a cluster client retrying a dead master must not time the whole check out
+        self._initialised = InitialisedProbe(self.redis, timeout_s=s.redis_timeout_seconds / 2)
         self.registry = RegistryWatcher(
             database_url=s.database_url,
             redis=self.redis,
@@ -263,8 +266,7 @@ class Gateway:
         return checks
 
     async def _redis_probe(self) -> str:
-        initialised = await is_initialised(self.redis)
-        return "" if initialised else "Redis is not initialised from Postgres: run `rgw rebuild-redis`"
+        return await self._initialised.check()
 
     async def _hot_probe(self) -> str:
         connected = self.pipelined is not None and self.pipelined.connected

@@ -1,6 +1,7 @@
 """Chaos tests of the redeem path on a Redis Cluster of its own (3 masters, AOF with appendfsync always): the hot
 campaign shard's slot migrated to another master while redemptions run, a master SIGKILLed and restarted under
-load, and a master that comes back empty noticed by the per-master "initialised" markers.
+load, a master that comes back empty noticed by the per-master "initialised" markers, and the other masters'
+campaigns redeeming while one master is down.
 
 The gateway runs in-process (its PipelinedCluster's redirection counters show the migration met the load), the
 ledger writer as a real `rgw writer` process on the cluster's seed list. Afterwards every acknowledged redemption
@@ -139,7 +140,7 @@ def migrate_slot_in_batches(
         moved += len(found)
         time.sleep(pause_s)
     phases.append("moved keys")
-    time.sleep(0.3)
+    time.sleep(0.5)
     for port in (dst, src, *(n.port for n in cluster.nodes if n.port not in (src, dst))):
         node_command(port, "CLUSTER", "SETSLOT", slot, "NODE", dst_id)
     phases.append("assigned")
@@ -249,6 +250,7 @@ async def test_hot_campaign_shard_migrated_during_a_redeem_run_loses_and_doubles
 ) -> None:  # fmt: skip
     issued = await issue(480)
     cid = issued.campaign.id
+    assert issued.campaign.shards == 1  # one shard stays one shard on a cluster (gateway/shard_spread.py)
     attempted, untouched = issued.codes[:450], issued.codes[450:]
     uses = {code: MULTI_USES if n % 10 == 0 else 1 for n, code in enumerate(attempted)}  # 45 codes of 3 uses
     for code, n in uses.items():
@@ -283,8 +285,10 @@ async def test_hot_campaign_shard_migrated_during_a_redeem_run_loses_and_doubles
         assert node_command(cluster.nodes[source].port, "CLUSTER", "COUNTKEYSINSLOT", slot) == 0
         assert node_command(cluster.nodes[target].port, "CLUSTER", "COUNTKEYSINSLOT", slot) >= moved > 400
         assert all(met[p] > 0 for p in ("before", "moving keys", "assigned")), f"the load missed a phase: {met}"
-        assert redirections.get("ASK", 0) + redirections.get("TRYAGAIN", 0) > 0, redirections
-        assert redirections.get("MOVED", 0) > 0, f"no call followed the slot to its new owner: {redirections}"
+        # The gateway's redeem calls met the migration: split keys (TRYAGAIN) and keys gone to the target (ASK). Its
+        # map then follows the slot (by a MOVED reply or its background refresh, whichever comes first).
+        assert redirections.get("TRYAGAIN", 0) > 0 and redirections.get("ASK", 0) > 0, redirections
+        assert hot.owner(slot) == cluster.seeds[target], "the gateway's slot map still names the old owner"
 
         # Every call the load could not get an answer to (redirections that did not settle) is answered now.
         unknown = [c for c in hammer.calls if c.unknown]
@@ -308,6 +312,10 @@ async def test_hot_campaign_shard_migrated_during_a_redeem_run_loses_and_doubles
                 acked[call.code].add(call.redemption_id)
         wrong = {c[:6]: (len(acked[c]), n) for c, n in uses.items() if len(acked[c]) != n}
         assert not wrong, f"codes redeemed a number of times other than their uses (got, uses): {wrong}"
+        fresh_after = sum(
+            1 for c in hammer.calls if c.redeemed and not c.replayed and hammer.phase_of[id(c)] == "assigned"
+        )
+        assert fresh_after > 0, "nothing was redeemed on the slot's new owner: the writer's part proves nothing"
         replays = sum(1 for c in everything if c.redeemed and c.replayed)
         assert replays > 0, "no resend or concurrent duplicate of a key was replayed"
 
@@ -339,8 +347,8 @@ async def test_hot_campaign_shard_migrated_during_a_redeem_run_loses_and_doubles
         assert not any(acked.get(c) for c in untouched)
 
         report("cluster-migration", calls=len(hammer.calls), unknown=len(unknown), redeemed=len(acked_rids),
-               replays=replays, keys_moved=moved, redirections=redirections, calls_per_phase=dict(met),
-               drain_s=drain)  # fmt: skip
+               replays=replays, redeemed_on_new_owner=fresh_after, keys_moved=moved, redirections=redirections,
+               calls_per_phase=dict(met), drain_s=drain)  # fmt: skip
 
 
 # --- a master killed and restarted -----------------------------------------------------------------------------
@@ -358,6 +366,7 @@ async def test_cluster_master_killed_and_restarted_with_aof_always_loses_no_ackn
         assert (config["appendonly"], config["appendfsync"]) == ("yes", "always"), config
     issued = await issue(1500)
     cid = issued.campaign.id
+    assert issued.campaign.shards == 1
     victim = cluster.slot_owner(key_slot(keys.outbox_key(cid, 0)))
     extra = {"RGW_REDIS_DURABILITY": "always", **FAST_FAILURE}
 
@@ -403,7 +412,8 @@ async def test_cluster_master_killed_and_restarted_with_aof_always_loses_no_ackn
         await assert_ledger_matches(db, redis, cid, acked)
         assert writer.started[0][1].poll() is None, "the writer died with the master"
         report("cluster-master-kill", acknowledged=len(acked), calls=len(load.calls), in_flight_at_kill=in_flight,
-               failed_while_down=len(down), unknown=len(retries), resolved_replayed=sum(c.replayed for c in retries),
+               failed_while_down=collections.Counter(f"{c.status.name}: {c.details[:60]}" for c in down),
+               unknown=len(retries), resolved_replayed=sum(c.replayed for c in retries),
                master_down_s=up_at - killed_at, redeemed_after_restart=after, drain_s=drain,
                redirections=dict(hot_client(gw).redirections))  # fmt: skip
 
@@ -432,3 +442,36 @@ async def test_a_master_restarted_empty_makes_the_cluster_uninitialised(
     assert not await is_initialised(redis)
     reasons = await gateway.gateway.component_health.check_once()
     assert "not initialised" in reasons.get("redis", ""), reasons
+
+
+# --- a master down: the other masters' campaigns --------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_campaigns_of_the_other_masters_keep_redeeming_while_one_master_is_down(
+    cluster: RedisCluster, redis: Redis, db: asyncpg.Connection, issue: Issue, clock: ManualClock, redis_url: str,
+    migrated: str,
+) -> None:  # fmt: skip
+    victim_campaign = await issue(5)
+    victim = cluster.slot_owner(key_slot(keys.outbox_key(victim_campaign.campaign.id, 0)))
+    for _ in range(20):
+        other = await issue(10)
+        if cluster.slot_owner(key_slot(keys.outbox_key(other.campaign.id, 0))) != victim:
+            break
+    else:
+        pytest.fail("no campaign landed on another master")
+    extra = {"RGW_REDIS_DURABILITY": "always", **FAST_FAILURE}
+    async with in_process_gateway(redis_url, migrated, clock, **extra) as (_, stub):
+        await asyncio.to_thread(cluster.kill, victim)
+        try:
+            await asyncio.sleep(0.5)
+            dead = await redeem_with_reason(stub, redeem_request(victim_campaign.codes[0], "on-the-dead-master"))
+            alive: list[Call] = []
+            for n, code in enumerate(other.codes):  # 2.5 s: a dozen health rounds, however slow each one is
+                alive.append(await redeem_with_reason(stub, redeem_request(code, f"on-a-live-master-{n}")))
+                await asyncio.sleep(0.25)
+        finally:
+            await asyncio.to_thread(cluster.restart, victim)
+    assert dead.status == grpc.StatusCode.UNAVAILABLE, dead
+    refused = [c.details for c in alive if not c.redeemed]
+    assert not refused, f"a campaign on a live master was refused while another master was down: {refused[:3]}"
