@@ -23,6 +23,8 @@ from gateway.pb.redemption.v1 import redemption_pb2_grpc as pb_grpc
 from gateway.tenancy import admin_store, notify
 from tests.conftest import gateway_environ
 
+pytestmark = pytest.mark.single_and_cluster
+
 BOUND_S = 2.0
 
 

@@ -19,6 +19,8 @@ from gateway.tenancy.watcher import RegistryWatcher
 from tests.conftest import gateway_environ
 from tests.integration.conftest import Tenants
 
+pytestmark = pytest.mark.single_and_cluster
+
 
 async def test_a_gateway_without_its_registry_answers_unavailable(
     redis_url: str, clock: ManualClock, tenants: Tenants
