@@ -143,7 +143,7 @@ async def _outcome(session: _Session, args: argparse.Namespace, work: Work) -> i
         return 1
     except (*_REDIS_DOWN, StoreUnavailable) as exc:  # the ping before a change, or a lockout call: nothing changed
         print(
-            f"rgw: RedisClient (RGW_REDIS_URL) is unreachable ({type(exc).__name__}); nothing was changed",
+            f"rgw: Redis (RGW_REDIS_URL) is unreachable ({type(exc).__name__}); nothing was changed",
             file=sys.stderr,
         )
         return 1

@@ -129,8 +129,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"| end to end (generate, HMAC, COPY, file, commit, Redis load) | {report['codes_per_second']:,} codes/s |",
         f"| of which generate + COPY (in the transaction) | {report['generate_and_copy_seconds']} s |",
         f"| of which Redis load after the commit | {report['redis_load_seconds']} s |",
-        f"| RedisClient bytes per code, INFO memory delta | {report['redis_bytes_per_code_info_memory']} |",
-        f"| RedisClient bytes per code, MEMORY USAGE sampled | {report['redis_bytes_per_code_memory_usage']} |",
+        f"| Redis bytes per code, INFO memory delta | {report['redis_bytes_per_code_info_memory']} |",
+        f"| Redis bytes per code, MEMORY USAGE sampled | {report['redis_bytes_per_code_memory_usage']} |",
         f"| reload from Postgres (rebuild, resume) | {report['reload_from_postgres_codes_per_second']:,} codes/s |",
     ])  # fmt: skip
 
